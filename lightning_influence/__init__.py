@@ -1,0 +1,35 @@
+"""Influence functions for PyTorch Lightning: which training examples made the model predict this?"""
+
+from lightning_influence.api import compute_influence, influence_on_parameters
+from lightning_influence.data import IndexedData, as_indexed
+from lightning_influence.hvp import Curvature
+from lightning_influence.params import FunctionalModel, select_parameters
+from lightning_influence.results import InfluenceResult, Ranking
+from lightning_influence.scores import perturbation_influence
+from lightning_influence.solvers import CG, Exact, LiSSA, Solver, SolverDivergedError
+from lightning_influence.task import ClassificationTask, RegressionTask, Task, TaskError
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "CG",
+    "ClassificationTask",
+    "Curvature",
+    "Exact",
+    "FunctionalModel",
+    "IndexedData",
+    "InfluenceResult",
+    "LiSSA",
+    "Ranking",
+    "RegressionTask",
+    "Solver",
+    "SolverDivergedError",
+    "Task",
+    "TaskError",
+    "__version__",
+    "as_indexed",
+    "compute_influence",
+    "influence_on_parameters",
+    "perturbation_influence",
+    "select_parameters",
+]

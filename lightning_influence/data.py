@@ -1,0 +1,105 @@
+"""Deterministic, index-carrying access to a dataset.
+
+Every score the package produces carries the dataset index of its example, whatever sampler or
+shuffling the training run used. :class:`IndexedData` walks a chosen list of dataset indices in
+order, in batches, and can also fetch any random subset (for stochastic curvature estimates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+
+__all__ = ["IndexedData", "as_indexed"]
+
+
+@dataclass
+class IndexedData:
+    """A dataset, the dataset indices to use (in order), a batch size and a collate function.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> data = as_indexed(TensorDataset(torch.arange(5.0), torch.arange(5)), batch_size=2)
+        >>> [idx.tolist() for idx, _ in data.batches()]
+        [[0, 1], [2, 3], [4]]
+    """
+
+    dataset: Dataset[Any]
+    indices: Tensor
+    batch_size: int
+    collate_fn: Callable[[list[Any]], Any] = default_collate
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+    def fetch(self, indices: Tensor) -> Any:
+        """The collated batch of the given dataset indices."""
+        if isinstance(self.dataset, TensorDataset) and self.collate_fn is default_collate:
+            return [t[indices] for t in self.dataset.tensors]
+        return self.collate_fn([self.dataset[int(i)] for i in indices])
+
+    def batches(self) -> Iterator[tuple[Tensor, Any]]:
+        """Yield ``(dataset_indices, batch)`` in order."""
+        for start in range(0, len(self), self.batch_size):
+            idx = self.indices[start : start + self.batch_size]
+            yield idx, self.fetch(idx)
+
+    def num_batches(self) -> int:
+        """How many batches :meth:`batches` yields."""
+        return -(-len(self) // self.batch_size)
+
+    def subset(self, indices: Tensor) -> IndexedData:
+        """The same data restricted to the given dataset indices."""
+        return IndexedData(self.dataset, indices, self.batch_size, self.collate_fn)
+
+
+def as_indexed(
+    data: Dataset[Any] | DataLoader[Any] | IndexedData,
+    indices: Sequence[int] | Tensor | None = None,
+    batch_size: int | None = None,
+) -> IndexedData:
+    """Wrap a ``Dataset`` or ``DataLoader`` (its dataset and collate function) for ordered access.
+
+    ``indices`` restricts to those dataset indices (all by default). ``batch_size`` defaults to the
+    loader's batch size, else 64.
+    """
+    if isinstance(data, IndexedData):
+        base = data
+    elif isinstance(data, DataLoader):
+        base = IndexedData(
+            data.dataset,
+            torch.arange(_length(data.dataset)),
+            data.batch_size or 64,
+            data.collate_fn or default_collate,
+        )
+    else:
+        base = IndexedData(data, torch.arange(_length(data)), 64)
+    if indices is not None:
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        n = _length(base.dataset)
+        bad = idx[(idx < 0) | (idx >= n)]
+        if bad.numel():
+            raise IndexError(
+                f"Dataset indices {bad[:10].tolist()} are out of range for a dataset of {n} "
+                f"examples; valid indices are 0..{n - 1}."
+            )
+        base = base.subset(idx)
+    if batch_size is not None:
+        base = IndexedData(base.dataset, base.indices, batch_size, base.collate_fn)
+    return base
+
+
+def _length(dataset: Dataset[Any]) -> int:
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError as err:
+        raise TypeError(
+            f"Influence needs a map-style dataset with a length; got {type(dataset).__name__}. "
+            "Iterable datasets cannot be indexed: wrap the data in a map-style Dataset."
+        ) from err

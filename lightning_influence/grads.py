@@ -1,0 +1,74 @@
+"""Per-sample gradients of the loss over the chosen parameters.
+
+The fast path is ``torch.func``: ``vmap`` over ``grad`` of a one-example loss. A model that cannot
+be vmapped (an in-place op on a batched tensor, data-dependent control flow, ...) falls back,
+with one warning, to a loop of batch-size-1 backward passes that gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import grad, vmap
+from torch.utils._pytree import tree_map
+
+from lightning_influence.params import FunctionalModel
+from lightning_influence.task import TaskError
+
+__all__ = ["per_sample_gradients"]
+
+
+def _one(tree: Any, i: int | None = None) -> Any:
+    if i is None:
+        return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, tree)
+    return tree_map(lambda t: t[i : i + 1] if isinstance(t, Tensor) else t, tree)
+
+
+def per_sample_gradients(model: FunctionalModel, inputs: Any, targets: Any) -> Tensor:
+    """Gradients of each example's loss w.r.t. ``model.theta``, shape ``[batch, p]``.
+
+    Inputs and targets must already be cast (see :meth:`FunctionalModel.cast`).
+
+    Example:
+        >>> import torch
+        >>> from lightning_influence.params import FunctionalModel
+        >>> from lightning_influence.task import ClassificationTask
+        >>> fm = FunctionalModel(torch.nn.Linear(4, 3), ClassificationTask())
+        >>> per_sample_gradients(fm, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])).shape
+        torch.Size([5, 15])
+    """
+    theta = model.theta
+    if getattr(model, "_vmap_failed", False):
+        return _loop_gradients(model, inputs, targets)
+
+    def loss_one(th: Tensor, x: Any, y: Any) -> Tensor:
+        return model.losses(th, _one(x), _one(y))[0]
+
+    try:
+        with torch.enable_grad():
+            return vmap(grad(loss_one), in_dims=(None, 0, 0))(theta, inputs, targets)
+    except TaskError:
+        raise
+    except (RuntimeError, ValueError, NotImplementedError) as err:
+        warnings.warn(
+            f"Per-sample gradients with torch.func.vmap failed ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}); falling back to a slower loop over examples. "
+            "Make the model vmap-friendly (no in-place ops on inputs, no .item()) to speed it up.",
+            stacklevel=2,
+        )
+        model._vmap_failed = True  # type: ignore[attr-defined]
+        return _loop_gradients(model, inputs, targets)
+
+
+def _loop_gradients(model: FunctionalModel, inputs: Any, targets: Any) -> Tensor:
+    n = model.task.batch_size(inputs)
+    rows = []
+    with torch.enable_grad():
+        for i in range(n):
+            theta = model.theta.detach().requires_grad_(True)
+            loss = model.losses(theta, _one(inputs, i), _one(targets, i)).sum()
+            rows.append(torch.autograd.grad(loss, theta)[0])
+    return torch.stack(rows)

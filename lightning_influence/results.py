@@ -1,0 +1,155 @@
+"""The result of an influence computation: scores, rankings, and a safe file format."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["InfluenceResult", "Ranking"]
+
+_TENSOR_FIELDS = (
+    "scores",
+    "train_indices",
+    "val_indices",
+    "self_influence",
+    "train_losses",
+    "train_targets",
+    "train_predictions",
+    "val_losses",
+    "val_targets",
+    "val_predictions",
+)
+_FORMAT = "lightning-influence/1"
+
+
+class Ranking(NamedTuple):
+    """Training examples ranked by a score: dataset indices and the scores, best first."""
+
+    indices: Tensor
+    scores: Tensor
+
+
+@dataclass
+class InfluenceResult:
+    """Influence of training examples on validation examples.
+
+    ``scores[i, j]`` is Koh & Liang's ``I_up,loss(z_i, z_val_j) = -g_val_j^T (H + damping I)^-1 g_i``:
+    **positive = harmful** (upweighting training example ``i`` raises the loss of validation
+    example ``j``), negative = helpful. Rows follow ``train_indices`` and columns ``val_indices``,
+    both dataset indices.
+
+    Example:
+        >>> import torch
+        >>> result = InfluenceResult(
+        ...     scores=torch.tensor([[-2.0, 1.0], [3.0, -1.0], [0.5, 0.0]]),
+        ...     train_indices=torch.tensor([10, 11, 12]), val_indices=torch.tensor([7, 8]),
+        ...     self_influence=torch.tensor([0.1, 5.0, 0.2]))
+        >>> result.helpful(k=1).indices      # most helpful training example for each val point
+        tensor([[10],
+                [11]])
+        >>> result.outliers(k=2).indices     # highest self-influence first
+        tensor([11, 12])
+    """
+
+    scores: Tensor
+    train_indices: Tensor
+    val_indices: Tensor
+    self_influence: Tensor | None = None
+    train_losses: Tensor | None = None
+    train_targets: Tensor | None = None
+    train_predictions: Tensor | None = None
+    val_losses: Tensor | None = None
+    val_targets: Tensor | None = None
+    val_predictions: Tensor | None = None
+    damping: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n_train, n_val = self.train_indices.numel(), self.val_indices.numel()
+        if tuple(self.scores.shape) != (n_train, n_val):
+            raise ValueError(
+                f"`scores` has shape {tuple(self.scores.shape)}, expected ({n_train}, {n_val}) "
+                "from train_indices and val_indices."
+            )
+
+    @property
+    def n_train(self) -> int:
+        """Number of training examples scored."""
+        return int(self.train_indices.numel())
+
+    @property
+    def removal_effect(self) -> Tensor:
+        """Predicted change of each validation loss when one training example is removed.
+
+        ``-scores / n_train`` (first order): positive means removing the example raises the loss.
+        """
+        return -self.scores / self.n_train
+
+    def _column(self, val_index: int | None) -> slice | Tensor:
+        if val_index is None:
+            return slice(None)
+        hits = (self.val_indices == val_index).nonzero().flatten()
+        if hits.numel() == 0:
+            raise KeyError(f"Validation dataset index {val_index} is not in `val_indices`.")
+        return hits[:1]
+
+    def helpful(self, k: int = 10, val_index: int | None = None) -> Ranking:
+        """The ``k`` most helpful training examples per validation point (most negative scores).
+
+        Shapes ``[n_val, k]`` (or ``[1, k]`` for one ``val_index``, a dataset index).
+        """
+        scores = self.scores[:, self._column(val_index)].T
+        values, pos = torch.topk(scores, min(k, self.n_train), dim=1, largest=False)
+        return Ranking(self.train_indices[pos], values)
+
+    def harmful(self, k: int = 10, val_index: int | None = None) -> Ranking:
+        """The ``k`` most harmful training examples per validation point (most positive scores)."""
+        scores = self.scores[:, self._column(val_index)].T
+        values, pos = torch.topk(scores, min(k, self.n_train), dim=1, largest=True)
+        return Ranking(self.train_indices[pos], values)
+
+    def outliers(self, k: int = 10) -> Ranking:
+        """The ``k`` training examples with the highest self-influence: suspected mislabels."""
+        if self.self_influence is None:
+            raise ValueError("Self-influence was not computed; pass `self_influence=True`.")
+        values, pos = torch.topk(self.self_influence, min(k, self.n_train))
+        return Ranking(self.train_indices[pos], values)
+
+    def save(self, path: str | Path) -> Path:
+        """Write to ``path`` (tensors and JSON settings; no pickled code)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            name: getattr(self, name).detach().cpu()
+            for name in _TENSOR_FIELDS
+            if getattr(self, name) is not None
+        }
+        meta = {"damping": self.damping, "settings": self.settings, "diagnostics": self.diagnostics}
+        torch.save({"format": _FORMAT, "tensors": tensors, "meta": json.dumps(meta)}, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> InfluenceResult:
+        """Read a file written by :meth:`save`; never unpickles code (``weights_only=True``)."""
+        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a lightning-influence result file.")
+        meta = json.loads(blob["meta"])
+        return cls(**blob["tensors"], **meta)
+
+    def equals(self, other: InfluenceResult) -> bool:
+        """Exact equality of every tensor and setting."""
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(a, Tensor) or isinstance(b, Tensor):
+                if a is None or b is None or not torch.equal(a, b):
+                    return False
+            elif a != b:
+                return False
+        return True

@@ -1,0 +1,120 @@
+"""Influence scores, streamed over the training set one batch of gradients at a time.
+
+Memory holds the validation inverse-HVPs ``[m, p]`` and one batch of training gradients
+``[batch, p]``, never ``[n_train, p]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import grad, vmap
+from tqdm.auto import tqdm
+
+from lightning_influence.data import IndexedData
+from lightning_influence.grads import _one, per_sample_gradients
+from lightning_influence.params import FunctionalModel
+
+__all__ = ["ExamplePass", "example_pass", "perturbation_influence"]
+
+
+@dataclass
+class ExamplePass:
+    """What one streamed pass over a set of examples collected, each row a dataset index."""
+
+    indices: Tensor
+    losses: Tensor
+    targets: Tensor | None
+    predictions: Tensor | None
+    scores: Tensor | None = None
+    self_influence: Tensor | None = None
+    gradients: Tensor | None = None
+
+
+def _labels(t: Any, n: int) -> Tensor | None:
+    if isinstance(t, Tensor) and t.ndim == 1 and t.shape[0] == n:
+        return t.detach().cpu()
+    return None
+
+
+def example_pass(
+    model: FunctionalModel,
+    data: IndexedData,
+    val_inverse: Tensor | None = None,
+    inverse: Callable[[Tensor], Tensor] | None = None,
+    keep_gradients: bool = False,
+    progress: bool = False,
+    desc: str = "Scoring",
+) -> ExamplePass:
+    """Stream per-sample gradients over ``data`` and reduce each batch at once.
+
+    With ``val_inverse`` (``S``, shape ``[m, p]``) it computes ``scores = -G S^T``; with
+    ``inverse`` (``(H + damping I)^-1`` on a block) the self-influence ``g^T (H + damping I)^-1 g``;
+    ``keep_gradients`` keeps ``G`` (only for small sets, such as the validation points).
+    """
+    idx_parts: list[Tensor] = []
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("loss", "score", "self", "grad")}
+    targets: list[Tensor | None] = []
+    preds: list[Tensor | None] = []
+    bar = tqdm(total=len(data), desc=desc, disable=not progress, leave=False, unit="ex")
+    for idx, batch in data.batches():
+        inputs, tgt, size = model.check_batch(batch)
+        with torch.no_grad():
+            outputs = model.outputs(model.theta, inputs)
+            parts["loss"].append(model.losses_from_outputs(outputs, tgt).cpu())
+        prediction = model.task.predict(outputs)
+        g = per_sample_gradients(model, inputs, tgt).detach()
+        if val_inverse is not None:
+            parts["score"].append((-(g @ val_inverse.to(g.dtype).T)).cpu())
+        if inverse is not None:
+            parts["self"].append((g * inverse(g).to(g.dtype)).sum(1).cpu())
+        if keep_gradients:
+            parts["grad"].append(g)
+        idx_parts.append(idx)
+        targets.append(_labels(tgt, size))
+        preds.append(_labels(prediction, size))
+        bar.update(size)
+    bar.close()
+
+    def cat(items: list[Any]) -> Tensor | None:
+        return torch.cat(items) if items and all(t is not None for t in items) else None
+
+    return ExamplePass(
+        indices=torch.cat(idx_parts) if idx_parts else torch.zeros(0, dtype=torch.long),
+        losses=torch.cat(parts["loss"]) if parts["loss"] else torch.zeros(0),
+        targets=cat(targets),
+        predictions=cat(preds),
+        scores=cat(parts["score"]) if val_inverse is not None else None,
+        self_influence=cat(parts["self"]) if inverse is not None else None,
+        gradients=cat(parts["grad"]) if keep_gradients else None,
+    )
+
+
+def perturbation_influence(model: FunctionalModel, batch: Any, val_inverse: Tensor) -> Tensor:
+    """``I_pert,loss``: for each example of ``batch`` and each row ``s`` of ``val_inverse``,
+    ``-s^T grad_x grad_theta L(z)``, shaped ``[batch, m, *input_shape]``.
+
+    It is the direction in input space along which a small change of the training input most
+    raises the validation loss. Needs floating-point tensor inputs.
+    """
+    inputs, targets, _ = model.check_batch(batch)
+    if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+        raise TypeError(
+            "Perturbation influence needs floating-point tensor inputs (an image or feature "
+            f"vector); got {type(inputs).__name__}."
+        )
+    s = val_inverse.to(model.dtype)
+
+    def directional(x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        g = grad(lambda th: model.losses(th, _one(x), _one(y))[0])(model.theta)
+        return -(g * v).sum()
+
+    def per_example(x: Tensor, y: Tensor) -> Tensor:
+        return vmap(lambda v: grad(directional)(x, y, v))(s)
+
+    with torch.enable_grad():
+        return vmap(per_example)(inputs, targets).detach()
