@@ -1,4 +1,7 @@
-"""Influence functions for PyTorch Lightning: which training examples made the model predict this?"""
+"""Influence functions for PyTorch Lightning: which training examples made a model predict this?
+
+Start with `compute_influence` or the `InfluenceCallback`.
+"""
 
 from lightning_influence.api import compute_influence, influence_on_parameters
 from lightning_influence.data import IndexedData, as_indexed

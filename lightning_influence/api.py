@@ -17,7 +17,7 @@ from lightning_influence.data import IndexedData, as_indexed
 from lightning_influence.hvp import Curvature, CurvatureKind
 from lightning_influence.params import FunctionalModel
 from lightning_influence.results import InfluenceResult
-from lightning_influence.scores import example_pass
+from lightning_influence.scores import example_pass, perturbation_influence
 from lightning_influence.solvers import Exact, FactorizedSolver, LiSSA, Solver
 from lightning_influence.task import ClassificationTask, Task
 
@@ -42,6 +42,7 @@ def compute_influence(
     val_indices: Sequence[int] | Tensor | None = None,
     batch_size: int | None = None,
     dtype: torch.dtype | None = None,
+    perturbation_k: int = 0,
     progress: bool = True,
     reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> InfluenceResult:
@@ -65,6 +66,8 @@ def compute_influence(
         val_indices: dataset indices of the validation examples (all by default).
         batch_size: examples per batch for gradients and curvature (the loader's, else 64).
         dtype: working precision; the model's own by default (``torch.float64`` for references).
+        perturbation_k: for each validation point, compute ``I_pert,loss`` (a saliency map over
+            the input) for its ``k`` most helpful and ``k`` most harmful training examples.
         progress: show progress bars.
         reduce: sums a tensor across processes under data parallelism (each process passes its
             own shard as ``train_indices``); ``None`` on one process.
@@ -121,6 +124,14 @@ def compute_influence(
     t0 = time.perf_counter()
     train_pass = example_pass(fm, train, val_inverse, inverse, progress=progress, desc="Training")
     timings["time_scoring"] = time.perf_counter() - t0
+
+    perturbation = perturbation_indices = None
+    if perturbation_k > 0 and train_pass.scores is not None:
+        t0 = time.perf_counter()
+        perturbation, perturbation_indices = _perturbations(
+            fm, train, train_pass.indices, train_pass.scores, val_inverse, perturbation_k
+        )
+        timings["time_perturbation"] = time.perf_counter() - t0
     timings["time_total"] = time.perf_counter() - started
 
     diagnostics = {
@@ -149,10 +160,32 @@ def compute_influence(
         val_losses=val_pass.losses,
         val_targets=val_pass.targets,
         val_predictions=val_pass.predictions,
+        perturbation=perturbation,
+        perturbation_indices=perturbation_indices,
         damping=float(damping),
         settings=settings,
         diagnostics=diagnostics,
     )
+
+
+def _perturbations(
+    fm: FunctionalModel,
+    train: IndexedData,
+    indices: Tensor,
+    scores: Tensor,
+    val_inverse: Tensor,
+    k: int,
+) -> tuple[Tensor, Tensor]:
+    """``I_pert,loss`` maps for each validation point's top-k helpful and harmful examples."""
+    k = min(k, scores.shape[0])
+    pick = torch.cat(
+        [torch.topk(scores.T, k, largest=False).indices, torch.topk(scores.T, k).indices], dim=1
+    )  # [n_val, 2k] positions into the training rows
+    maps = []
+    for j in range(pick.shape[0]):
+        batch = train.fetch(indices[pick[j]])
+        maps.append(perturbation_influence(fm, batch, val_inverse[j : j + 1])[:, 0].cpu())
+    return torch.stack(maps), indices[pick]
 
 
 def influence_on_parameters(
@@ -186,5 +219,6 @@ def influence_on_parameters(
     train = as_indexed(train_data, None, batch_size)
     chosen = example_pass(fm, as_indexed(train, indices), keep_gradients=True)
     assert chosen.gradients is not None
-    solved, _ = (solver or LiSSA()).solve(Curvature(fm, train, curvature), chosen.gradients, damping)
+    curv = Curvature(fm, train, curvature)
+    solved, _ = (solver or LiSSA()).solve(curv, chosen.gradients, damping)
     return -solved

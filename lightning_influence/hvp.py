@@ -76,7 +76,7 @@ class Curvature:
         return self.model.n_params
 
     def batch_matvec(self, batch: Any, vectors: Tensor) -> Tensor:
-        """Sum over the examples of ``batch`` of their curvature applied to each row of ``vectors``."""
+        """Summed curvature of the examples in ``batch`` applied to each row of ``vectors``."""
         fm = self.model
         inputs, targets = fm.task.unpack(batch)
         inputs, targets = fm.cast(inputs), fm.cast(targets)
@@ -96,7 +96,7 @@ class Curvature:
             def outputs(th: Tensor) -> Any:
                 return fm.outputs(th, inputs)
 
-            out, pullback = vjp(outputs, theta)
+            out, pullback = vjp(outputs, theta)  # type: ignore[misc]
             out = _detach(out)
 
             def loss_of_outputs(o: Any) -> Tensor:
@@ -116,13 +116,17 @@ class Curvature:
             acc += self.batch_matvec(batch, vectors).detach()
         return self.reduce(acc) / self.n_total
 
-    def sample_matvec(self, vectors: Tensor, batch_size: int, generator: torch.Generator) -> Tensor:
-        """Curvature of a random minibatch (drawn without replacement on each process)."""
+    def sample(self, batch_size: int, generator: torch.Generator) -> Any:
+        """A random minibatch of this process's training data, drawn without replacement."""
         n_local = len(self.data)
-        take = min(batch_size, n_local)
-        pos = torch.randperm(n_local, generator=generator)[:take]
-        out = self.batch_matvec(self.data.fetch(self.data.indices[pos]), vectors).detach()
-        count = torch.tensor(float(take), dtype=out.dtype, device=out.device)
+        pos = torch.randperm(n_local, generator=generator)[: min(batch_size, n_local)]
+        return self.data.fetch(self.data.indices[pos])
+
+    def minibatch_matvec(self, batch: Any, vectors: Tensor) -> Tensor:
+        """Mean curvature of ``batch`` (pooled over processes) times the rows of ``vectors``."""
+        out = self.batch_matvec(batch, vectors).detach()
+        size = self.model.task.batch_size(self.model.task.unpack(batch)[0])
+        count = torch.tensor(float(size), dtype=out.dtype, device=out.device)
         return self.reduce(out) / self.reduce(count)
 
     def dense(self, chunk: int = 256) -> Tensor:

@@ -39,7 +39,7 @@ def select_parameters(model: nn.Module, patterns: Sequence[str] | None = None) -
     if patterns is None:
         chosen = [name for name, p in named if p.requires_grad]
         if not chosen:
-            raise ValueError("The model has no trainable parameters (all have requires_grad=False).")
+            raise ValueError("The model has no trainable parameters (requires_grad is False).")
         return chosen
     if isinstance(patterns, str):
         patterns = [patterns]

@@ -23,6 +23,16 @@ _TENSOR_FIELDS = (
     "val_losses",
     "val_targets",
     "val_predictions",
+    "perturbation",
+    "perturbation_indices",
+)
+_ROW_FIELDS = (
+    "scores",
+    "train_indices",
+    "self_influence",
+    "train_losses",
+    "train_targets",
+    "train_predictions",
 )
 _FORMAT = "lightning-influence/1"
 
@@ -38,10 +48,13 @@ class Ranking(NamedTuple):
 class InfluenceResult:
     """Influence of training examples on validation examples.
 
-    ``scores[i, j]`` is Koh & Liang's ``I_up,loss(z_i, z_val_j) = -g_val_j^T (H + damping I)^-1 g_i``:
-    **positive = harmful** (upweighting training example ``i`` raises the loss of validation
+    ``scores[i, j]`` is Koh & Liang's influence on the loss,
+    ``I_up,loss(z_i, z_val_j) = -g_val_j^T (H + damping I)^-1 g_i``.
+    **Positive = harmful** (upweighting training example ``i`` raises the loss of validation
     example ``j``), negative = helpful. Rows follow ``train_indices`` and columns ``val_indices``,
-    both dataset indices.
+    both dataset indices. ``perturbation[j, c]`` (when computed) is ``I_pert,loss`` of training
+    example ``perturbation_indices[j, c]`` on validation example ``j``, shaped like one input:
+    columns hold the ``k`` most helpful, then the ``k`` most harmful training examples.
 
     Example:
         >>> import torch
@@ -66,6 +79,8 @@ class InfluenceResult:
     val_losses: Tensor | None = None
     val_targets: Tensor | None = None
     val_predictions: Tensor | None = None
+    perturbation: Tensor | None = None
+    perturbation_indices: Tensor | None = None
     damping: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
     diagnostics: dict[str, float] = field(default_factory=dict)
@@ -121,6 +136,46 @@ class InfluenceResult:
         values, pos = torch.topk(self.self_influence, min(k, self.n_train))
         return Ranking(self.train_indices[pos], values)
 
+    @property
+    def perturbation_k(self) -> int:
+        """How many helpful (and as many harmful) examples have perturbation maps."""
+        return 0 if self.perturbation_indices is None else self.perturbation_indices.shape[1] // 2
+
+    @classmethod
+    def merge(cls, parts: list[InfluenceResult]) -> InfluenceResult:
+        """Join results computed on disjoint shards of the training set (e.g. one per process).
+
+        Rows are sorted by dataset index and duplicates (a padded sampler) are dropped. The
+        perturbation maps are re-ranked: the global top-k of each validation point is always among
+        the shards' own top-k.
+        """
+        first = parts[0]
+        indices = torch.cat([p.train_indices for p in parts])
+        order = torch.argsort(indices, stable=True)
+        keep = torch.ones_like(order, dtype=torch.bool)
+        keep[1:] = indices[order][1:] != indices[order][:-1]
+        rows = order[keep]
+
+        def rows_of(name: str) -> Tensor | None:
+            values = [getattr(p, name) for p in parts]
+            return None if any(v is None for v in values) else torch.cat(values)[rows]
+
+        merged = {name: rows_of(name) for name in _ROW_FIELDS}
+        perturbation, perturbation_indices = _merge_perturbations(parts)
+        return cls(
+            **{k: v for k, v in merged.items() if k != "train_indices"},  # type: ignore[arg-type]
+            train_indices=indices[rows],
+            val_indices=first.val_indices,
+            val_losses=first.val_losses,
+            val_targets=first.val_targets,
+            val_predictions=first.val_predictions,
+            perturbation=perturbation,
+            perturbation_indices=perturbation_indices,
+            damping=first.damping,
+            settings=first.settings,
+            diagnostics=first.diagnostics,
+        )
+
     def save(self, path: str | Path) -> Path:
         """Write to ``path`` (tensors and JSON settings; no pickled code)."""
         path = Path(path)
@@ -153,3 +208,28 @@ class InfluenceResult:
             elif a != b:
                 return False
         return True
+
+
+def _merge_perturbations(parts: list[InfluenceResult]) -> tuple[Tensor | None, Tensor | None]:
+    if any(p.perturbation is None or p.perturbation_indices is None for p in parts):
+        return None, None
+    k = parts[0].perturbation_k
+    cand_idx = torch.cat([p.perturbation_indices for p in parts], dim=1)  # type: ignore[misc]
+    cand_map = torch.cat([p.perturbation for p in parts], dim=1)  # type: ignore[misc]
+    cand_score = torch.cat(
+        [_pair_scores(p, p.perturbation_indices) for p in parts],  # type: ignore[arg-type]
+        dim=1,
+    )
+    helpful = torch.topk(cand_score, k, dim=1, largest=False).indices
+    harmful = torch.topk(cand_score, k, dim=1, largest=True).indices
+    pick = torch.cat([helpful, harmful], dim=1)
+    rows = torch.arange(pick.shape[0])[:, None]
+    return cand_map[rows, pick], cand_idx[rows, pick]
+
+
+def _pair_scores(result: InfluenceResult, train_index: Tensor) -> Tensor:
+    """``scores`` of (training dataset index, validation position) pairs."""
+    pos = torch.searchsorted(result.train_indices.sort().values, train_index)
+    order = result.train_indices.argsort()
+    cols = torch.arange(train_index.shape[0])[:, None].expand_as(train_index)
+    return result.scores[order[pos], cols]

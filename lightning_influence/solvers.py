@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -179,11 +179,13 @@ class LiSSA(Solver):
     the average of the last ``average`` fraction of iterates, which cancels minibatch noise.
 
     Args:
-        depth: maximal number of recursion steps per repeat.
+        depth: recursion steps per repeat; ``None`` picks three times ``scale / damping``, the
+            number of steps the slowest direction needs.
         repeats: independent chains (different minibatches) averaged together.
         batch_size: examples per minibatch curvature product.
         scale: must exceed the largest eigenvalue of every minibatch ``H_B + damping I``;
-            estimated by power iteration over several minibatches when ``None``.
+            estimated by power iteration over ``probe_batches`` minibatches, times
+            ``scale_margin``, when ``None``.
         momentum: ``"auto"`` picks the heavy-ball weight from ``damping / scale``; a float fixes it.
         tol: stop early once the relative change of the averaged estimate is below this.
         average: fraction of the final iterates averaged (0 keeps the last iterate only).
@@ -203,45 +205,39 @@ class LiSSA(Solver):
     average: float = 0.5
     seed: int = 0
     scale_margin: float = 1.25
+    probe_batches: int = 8
     name = "lissa"
-    _probe_batches: int = field(default=8, repr=False)
 
     def __post_init__(self) -> None:
         for arg in ("depth", "repeats", "batch_size"):
             if getattr(self, arg) is not None and getattr(self, arg) < 1:
                 raise ValueError(f"`{arg}` must be a positive integer, got {getattr(self, arg)}.")
         if self.scale is not None and not self.scale > 0:
-            raise ValueError(f"`scale` must be positive (or None to estimate it), got {self.scale}.")
-        if not (self.momentum == "auto" or isinstance(self.momentum, int | float)):
-            raise ValueError(f"`momentum` must be 'auto' or a float in [0, 1), got {self.momentum!r}.")
-        if isinstance(self.momentum, int | float) and not 0 <= self.momentum < 1:
-            raise ValueError(f"`momentum` must be in [0, 1), got {self.momentum}.")
+            raise ValueError(f"`scale` must be positive (or None to estimate), got {self.scale}.")
+        if self.momentum != "auto" and not (
+            isinstance(self.momentum, int | float) and 0 <= self.momentum < 1
+        ):
+            raise ValueError(f"`momentum` must be 'auto' or in [0, 1), got {self.momentum!r}.")
         if not 0 <= self.average < 1:
             raise ValueError(f"`average` must be in [0, 1), got {self.average}.")
 
-    def estimate_scale(self, curvature: Curvature, damping: float, generator: torch.Generator) -> float:
-        """``scale_margin`` times the largest eigenvalue over several minibatch curvatures."""
+    def estimate_scale(
+        self, curvature: Curvature, damping: float, generator: torch.Generator
+    ) -> float:
+        """``scale_margin`` times the largest eigenvalue over several minibatch curvatures.
+
+        Minibatch curvature can be several times larger than the full-data one (rare features),
+        and the recursion diverges unless ``scale`` bounds every minibatch it sees.
+        """
+        n_probe = self.probe_batches if len(curvature.data) > self.batch_size else 1
         top = 0.0
-        p = curvature.n_params
-        dtype, device = curvature.model.dtype, curvature.model.device
-        n_probe = self._probe_batches if len(curvature.data) > self.batch_size else 1
         for _ in range(n_probe):
-            n_local = len(curvature.data)
-            pos = torch.randperm(n_local, generator=generator)[: self.batch_size]
-            batch = curvature.data.fetch(curvature.data.indices[pos])
-            v = torch.randn(1, p, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
-            v /= v.norm()
-            eig = 0.0
-            for _ in range(30):
-                w = curvature.batch_matvec(batch, v) / len(pos)
-                w = curvature.reduce(w) / curvature.reduce(torch.ones((), device=device, dtype=dtype))
-                new = float(w.norm())
-                v = w / max(new, 1e-30)
-                if abs(new - eig) <= 1e-3 * new:
-                    eig = new
-                    break
-                eig = new
-            top = max(top, eig)
+            batch = curvature.sample(self.batch_size, generator)
+
+            def matvec(v: Tensor, batch: Any = batch) -> Tensor:
+                return curvature.minibatch_matvec(batch, v)
+
+            top = max(top, _top_eigenvalue(matvec, curvature.model.theta, generator))
         return self.scale_margin * (top + damping)
 
     def solve(
@@ -250,54 +246,70 @@ class LiSSA(Solver):
         """Run the recursion on every row of ``vectors`` at once."""
         generator = torch.Generator().manual_seed(self.seed)
         scale = self.scale or self.estimate_scale(curvature, damping, generator)
+        depth = self.depth or auto_depth(scale, damping)
         if self.momentum == "auto":
             root = math.sqrt(max(damping, 1e-12) / scale)
-            beta = ((1 - root) / (1 + root)) ** 2
-            step = 4 / (1 + root) ** 2
+            beta, step = ((1 - root) / (1 + root)) ** 2, 4 / (1 + root) ** 2
         else:
-            beta = float(self.momentum)
-            step = 1.0 + beta
-        depth = self.depth or auto_depth(scale, damping)
+            beta, step = float(self.momentum), 1.0 + float(self.momentum)
         v = vectors.to(curvature.model.dtype)
-        vnorm = v.norm(dim=1).clamp_min(1e-30)
+        limit = 1e6 * scale / max(damping, 1e-12) * v.norm(dim=1).max()
+        start_avg = int(depth * (1 - self.average))
         total = torch.zeros_like(v)
-        steps_run = 0
-        rel = math.inf
+        steps, rel = 0, math.inf
         bar = tqdm(total=depth * self.repeats, desc="LiSSA", disable=not progress, leave=False)
         for _ in range(self.repeats):
-            h = v.clone()
-            prev = h.clone()
-            avg = torch.zeros_like(v)
-            n_avg = 0
-            start_avg = int(depth * (1 - self.average))
-            last_avg = None
+            h, prev = v.clone(), v.clone()
+            avg, n_avg, last = torch.zeros_like(v), 0, None
             for t in range(1, depth + 1):
-                hv = curvature.sample_matvec(h, self.batch_size, generator) + damping * h
-                new = h + step * (v - hv / scale) + beta * (h - prev)
-                prev, h = h, new
-                steps_run += 1
+                batch = curvature.sample(self.batch_size, generator)
+                hv = curvature.minibatch_matvec(batch, h) + damping * h
+                h, prev = h + step * (v - hv / scale) + beta * (h - prev), h
+                steps += 1
                 bar.update()
                 if t % 25 == 0:
                     _check_finite(h, "LiSSA", damping, scale)
-                    if bool((h.norm(dim=1) > 1e6 * scale / max(damping, 1e-12) * vnorm).any()):
+                    if bool(h.norm(dim=1).max() > limit):
                         _raise_diverged("LiSSA", damping, scale, "grew without bound")
-                if t >= start_avg:
-                    avg += h
-                    n_avg += 1
-                    if n_avg % 50 == 0:
-                        current = avg / n_avg
-                        if last_avg is not None:
-                            rel = float(
-                                ((current - last_avg).norm(dim=1) / current.norm(dim=1).clamp_min(1e-30)).max()
-                            )
-                            if rel < self.tol:
-                                break
-                        last_avg = current
-            total += avg / max(n_avg, 1) if n_avg else h
+                if t < start_avg:
+                    continue
+                avg += h
+                n_avg += 1
+                if n_avg % 50 == 0:
+                    current = avg / n_avg
+                    if last is not None:
+                        change = (current - last).norm(dim=1) / current.norm(dim=1).clamp_min(1e-30)
+                        rel = float(change.max())
+                        if rel < self.tol:
+                            break
+                    last = current
+            total += avg / n_avg if n_avg else h
         bar.close()
         result = total / (self.repeats * scale)
         _check_finite(result, "LiSSA", damping, scale)
-        return result, {"scale": scale, "steps": float(steps_run), "relative_change": rel, "momentum": beta}
+        info = {"scale": scale, "depth": float(depth), "steps": float(steps)}
+        return result, {**info, "relative_change": rel, "momentum": beta}
+
+
+def _top_eigenvalue(
+    matvec: Callable[[Tensor], Tensor],
+    like: Tensor,
+    generator: torch.Generator,
+    iters: int = 30,
+    rtol: float = 1e-3,
+) -> float:
+    """Largest eigenvalue magnitude by power iteration."""
+    v = torch.randn(1, like.numel(), generator=generator, dtype=torch.float64).to(like)
+    v /= v.norm()
+    eig = 0.0
+    for _ in range(iters):
+        w = matvec(v)
+        new = float(w.norm())
+        v = w / max(new, 1e-30)
+        if abs(new - eig) <= rtol * new:
+            return new
+        eig = new
+    return eig
 
 
 def auto_depth(scale: float, damping: float, min_depth: int = 100, max_depth: int = 20_000) -> int:

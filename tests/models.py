@@ -8,8 +8,10 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 
-def digits(n_train: int = 1200, dtype: torch.dtype = torch.float64) -> tuple[TensorDataset, TensorDataset]:
-    """Standardised digits: the first ``n_train`` shuffled points for training, the rest validation."""
+def digits(
+    n_train: int = 1200, dtype: torch.dtype = torch.float64
+) -> tuple[TensorDataset, TensorDataset]:
+    """Standardised digits: ``n_train`` shuffled points to train on, the rest to validate."""
     x, y = load_digits(return_X_y=True)
     gen = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(y), generator=gen)
@@ -30,13 +32,23 @@ def mlp(hidden: int = 32) -> nn.Module:
 
 
 def fit_lbfgs(
-    model: nn.Module, x: Tensor, y: Tensor, weight_decay: float, max_iter: int = 500, tol: float = 1e-10
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    weight_decay: float,
+    max_iter: int = 500,
+    tol: float = 1e-10,
 ) -> nn.Module:
     """Minimise mean cross-entropy + (weight_decay / 2) * ||theta||^2 with full-batch L-BFGS."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.LBFGS(
-        params, lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-14,
-        history_size=50, line_search_fn="strong_wolfe",
+        params,
+        lr=1,
+        max_iter=max_iter,
+        tolerance_grad=tol,
+        tolerance_change=1e-14,
+        history_size=50,
+        line_search_fn="strong_wolfe",
     )
 
     def closure() -> Tensor:
