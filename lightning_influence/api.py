@@ -6,7 +6,8 @@ dataloaders -> per-sample gradients -> validation inverse-HVPs -> scores -> Infl
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -21,9 +22,22 @@ from lightning_influence.scores import example_pass, perturbation_influence
 from lightning_influence.solvers import Exact, FactorizedSolver, LiSSA, Solver
 from lightning_influence.task import ClassificationTask, Task
 
-__all__ = ["compute_influence", "influence_on_parameters"]
+__all__ = ["compute_influence", "evaluation_mode", "influence_on_parameters"]
 
 Data = Dataset[Any] | DataLoader[Any] | IndexedData
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Evaluation mode (BatchNorm running statistics, no dropout) for the block; each submodule's
+    own mode is restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def compute_influence(
@@ -91,8 +105,33 @@ def compute_influence(
     """
     if damping < 0:
         raise ValueError(f"`damping` must be non-negative, got {damping}.")
-    solver = solver or LiSSA()
-    task = task or ClassificationTask()
+    with evaluation_mode(model):
+        return _compute(
+            model, train_data, val_data, solver or LiSSA(), damping, task or ClassificationTask(),
+            parameters, curvature, self_influence, self_influence_solver, train_indices,
+            val_indices, batch_size, dtype, perturbation_k, progress, reduce,
+        )  # fmt: skip
+
+
+def _compute(
+    model: nn.Module,
+    train_data: Data,
+    val_data: Data,
+    solver: Solver,
+    damping: float,
+    task: Task,
+    parameters: Sequence[str] | None,
+    curvature: CurvatureKind,
+    self_influence: bool,
+    self_influence_solver: FactorizedSolver | None,
+    train_indices: Sequence[int] | Tensor | None,
+    val_indices: Sequence[int] | Tensor | None,
+    batch_size: int | None,
+    dtype: torch.dtype | None,
+    perturbation_k: int,
+    progress: bool,
+    reduce: Callable[[Tensor], Tensor] | None,
+) -> InfluenceResult:
     started = time.perf_counter()
     fm = FunctionalModel(model, task, parameters, dtype)
     train = as_indexed(train_data, train_indices, batch_size)
@@ -215,10 +254,11 @@ def influence_on_parameters(
         torch.Size([2, 8])
     """
     task = task or ClassificationTask()
-    fm = FunctionalModel(model, task, parameters, dtype)
-    train = as_indexed(train_data, None, batch_size)
-    chosen = example_pass(fm, as_indexed(train, indices), keep_gradients=True)
-    assert chosen.gradients is not None
-    curv = Curvature(fm, train, curvature)
-    solved, _ = (solver or LiSSA()).solve(curv, chosen.gradients, damping)
+    with evaluation_mode(model):
+        fm = FunctionalModel(model, task, parameters, dtype)
+        train = as_indexed(train_data, None, batch_size)
+        chosen = example_pass(fm, as_indexed(train, indices), keep_gradients=True)
+        assert chosen.gradients is not None
+        curv = Curvature(fm, train, curvature)
+        solved, _ = (solver or LiSSA()).solve(curv, chosen.gradients, damping)
     return -solved
