@@ -1,0 +1,414 @@
+"""The numerical core against references computed another way, in float64."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_influence import (
+    CG,
+    ClassificationTask,
+    Curvature,
+    Exact,
+    FunctionalModel,
+    InfluenceResult,
+    LiSSA,
+    RegressionTask,
+    SolverDivergedError,
+    Task,
+    TaskError,
+    as_indexed,
+    compute_influence,
+    influence_on_parameters,
+    perturbation_influence,
+    select_parameters,
+)
+from lightning_influence.grads import per_sample_gradients
+
+
+@pytest.fixture(autouse=True)
+def _float64() -> object:
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def _toy(n: int = 40, d: int = 5, classes: int = 3) -> TensorDataset:
+    gen = torch.Generator().manual_seed(1)
+    return TensorDataset(
+        torch.randn(n, d, generator=gen), torch.randint(0, classes, (n,), generator=gen)
+    )
+
+
+def _mlp(d: int = 5, classes: int = 3) -> nn.Module:
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Linear(d, 6), nn.Tanh(), nn.Linear(6, classes)).double()
+
+
+class _BatchNormCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(3 * 4 * 4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(torch.relu(self.bn(self.conv(x)))).flatten(1))
+
+
+def _loop_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    rows = []
+    for i in range(len(y)):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_per_sample_gradients_equal_a_loop_of_single_backward_passes(kind: str) -> None:
+    if kind == "mlp":
+        model, data = _mlp(), _toy()
+        x, y = data.tensors
+    else:
+        model = _BatchNormCNN().double()
+        with torch.no_grad():  # non-trivial running statistics
+            model.bn.running_mean.uniform_(-0.5, 0.5)
+            model.bn.running_var.uniform_(0.5, 2.0)
+        model.eval()
+        x, y = torch.randn(12, 1, 4, 4), torch.randint(0, 4, (12,))
+    fm = FunctionalModel(model, ClassificationTask())
+    got = per_sample_gradients(fm, x, y)
+    torch.testing.assert_close(got, _loop_gradients(model, x, y), rtol=1e-10, atol=1e-12)
+
+
+class _NotVmappable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum().item() > 1e9:  # data-dependent control flow: vmap cannot trace it
+            return x
+        return self.lin(x)
+
+
+def test_a_model_that_cannot_be_vmapped_falls_back_to_the_same_numbers() -> None:
+    model = _NotVmappable().double()
+    x, y = _toy().tensors
+    fm = FunctionalModel(model, ClassificationTask())
+    with pytest.warns(UserWarning, match="falling back"):
+        got = per_sample_gradients(fm, x, y)
+    torch.testing.assert_close(got, _loop_gradients(model, x, y))
+
+
+def _total_loss_fn(model: nn.Module, fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor):
+    def total(theta: torch.Tensor) -> torch.Tensor:
+        return fm.losses(theta, x, y).mean()
+
+    return total
+
+
+@pytest.mark.parametrize("batch_size", [7, 40])
+def test_hessian_products_equal_torch_func_hessian(batch_size: int) -> None:
+    model, data = _mlp(), _toy()
+    fm = FunctionalModel(model, ClassificationTask())
+    curvature = Curvature(fm, as_indexed(data, batch_size=batch_size), kind="hessian")
+    full = hessian(_total_loss_fn(model, fm, *data.tensors))(fm.theta)
+    v = torch.randn(4, fm.n_params)
+    torch.testing.assert_close(curvature.matvec(v), v @ full, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(curvature.dense(), full, rtol=1e-9, atol=1e-12)
+
+
+def test_gauss_newton_products_equal_jacobian_reference() -> None:
+    model, data = _mlp(), _toy()
+    x, y = data.tensors
+    fm = FunctionalModel(model, ClassificationTask())
+    jac = torch.func.jacrev(lambda th: fm.outputs(th, x))(fm.theta)  # [n, c, p]
+    probs = torch.softmax(fm.outputs(fm.theta, x), -1)
+    h_out = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    reference = torch.einsum("nkp,nkl,nlq->pq", jac, h_out, jac) / len(y)
+    curvature = Curvature(fm, as_indexed(data, batch_size=16), kind="gauss_newton")
+    v = torch.randn(3, fm.n_params)
+    torch.testing.assert_close(curvature.matvec(v), v @ reference, rtol=1e-9, atol=1e-12)
+    eig = torch.linalg.eigvalsh(curvature.dense())
+    assert eig.min() > -1e-12  # positive semi-definite even though the model is not convex
+
+
+def _analytic_logistic_hessian(model: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Hessian of mean softmax cross-entropy for logits W x + b, parameters (W row-major, b)."""
+    probs = torch.softmax(model(x), -1).detach()
+    xa = torch.cat([x, torch.ones(len(x), 1)], 1)
+    s = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]  # [n, c, c]
+    h = torch.einsum("nab,ni,nj->aibj", s, xa, xa) / len(x)  # [c, d+1, c, d+1]
+    c, d1 = h.shape[0], h.shape[1]
+    d = d1 - 1
+    weight = h[:, :d, :, :d].reshape(c * d, c * d)
+    cross = h[:, :d, :, d].reshape(c * d, c)
+    bias = h[:, d, :, d]
+    return torch.cat([torch.cat([weight, cross], 1), torch.cat([cross.T, bias], 1)], 0)
+
+
+def test_exact_matches_the_analytic_logistic_regression_hessian() -> None:
+    data = _toy(60, 4, 3)
+    torch.manual_seed(3)
+    model = nn.Linear(4, 3).double()
+    fm = FunctionalModel(model, ClassificationTask())
+    damping = 0.05
+    analytic = _analytic_logistic_hessian(model, data.tensors[0])
+    for kind in ("hessian", "gauss_newton"):
+        curvature = Curvature(fm, as_indexed(data, batch_size=25), kind=kind)
+        torch.testing.assert_close(curvature.dense(), analytic, rtol=1e-9, atol=1e-12)
+        v = torch.randn(5, fm.n_params)
+        solved, info = Exact().solve(curvature, v, damping)
+        expected = torch.linalg.solve(analytic + damping * torch.eye(fm.n_params), v.T).T
+        torch.testing.assert_close(solved, expected, rtol=1e-8, atol=1e-10)
+        assert info["min_eigenvalue"] >= damping - 1e-12
+
+
+@pytest.mark.parametrize("solver", [CG(), LiSSA(batch_size=64)])
+def test_iterative_solvers_match_a_direct_solve_on_a_small_problem(solver) -> None:
+    data, model = _toy(64), _mlp()
+    fm = FunctionalModel(model, ClassificationTask())
+    curvature = Curvature(fm, as_indexed(data, batch_size=64))
+    damping = 0.1
+    v = torch.randn(6, fm.n_params)
+    expected = torch.linalg.solve(curvature.dense() + damping * torch.eye(fm.n_params), v.T).T
+    got, info = solver.solve(curvature, v, damping)
+    rel = (got - expected).norm() / expected.norm()
+    assert rel < (1e-6 if isinstance(solver, CG) else 1e-3), (rel, info)
+
+
+def test_lissa_with_a_too_small_scale_raises_the_divergence_error() -> None:
+    data, model = _toy(64), _mlp()
+    fm = FunctionalModel(model, ClassificationTask())
+    curvature = Curvature(fm, as_indexed(data, batch_size=64))
+    with pytest.raises(SolverDivergedError, match=r"scale.*damping"):
+        LiSSA(scale=1e-3, depth=2000).solve(curvature, torch.randn(2, fm.n_params), 0.1)
+
+
+def test_lissa_arguments_are_checked_at_construction() -> None:
+    with pytest.raises(ValueError, match="scale"):
+        LiSSA(scale=-1.0)
+    with pytest.raises(ValueError, match="depth"):
+        LiSSA(depth=0)
+    with pytest.raises(ValueError, match="momentum"):
+        LiSSA(momentum=1.5)
+
+
+def test_exact_refuses_large_models_and_names_other_solvers() -> None:
+    data, model = _toy(), _mlp()
+    fm = FunctionalModel(model, ClassificationTask())
+    with pytest.raises(ValueError, match="LiSSA"):
+        Exact(max_params=10).factorize(Curvature(fm, as_indexed(data)), 0.1)
+
+
+def test_scores_do_not_depend_on_batch_sizes_and_keep_dataset_indices() -> None:
+    data, model = _toy(), _mlp()
+    kwargs = dict(solver=Exact(), damping=0.1, progress=False, val_indices=[3, 1, 7])
+    a = compute_influence(model, data, data, batch_size=5, **kwargs)
+    b = compute_influence(model, DataLoader(data, batch_size=17, shuffle=True), data, **kwargs)
+    torch.testing.assert_close(a.scores, b.scores, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a.self_influence, b.self_influence)
+    assert a.val_indices.tolist() == [3, 1, 7]
+    assert a.train_indices.tolist() == list(range(len(data)))
+
+
+def test_scores_are_minus_val_gradient_times_inverse_times_train_gradient() -> None:
+    data, model = _toy(), _mlp()
+    damping = 0.2
+    result = compute_influence(model, data, data, solver=Exact(), damping=damping, progress=False)
+    fm = FunctionalModel(model, ClassificationTask())
+    g = per_sample_gradients(fm, *data.tensors)
+    h = Curvature(fm, as_indexed(data)).dense() + damping * torch.eye(fm.n_params)
+    expected = -g @ torch.linalg.solve(h, g.T)
+    torch.testing.assert_close(result.scores, expected, rtol=1e-8, atol=1e-10)
+    # self-influence is the diagonal of the pairwise scores when validation is the training set
+    torch.testing.assert_close(result.self_influence, -torch.diagonal(result.scores))
+    assert bool((result.self_influence > 0).all())
+    torch.testing.assert_close(result.removal_effect, -result.scores / len(data))
+
+
+def test_rankings_are_ordered_and_carry_dataset_indices() -> None:
+    data, model = _toy(), _mlp()
+    result = compute_influence(
+        model, data, data, solver=Exact(), damping=0.1, progress=False, train_indices=range(10, 40)
+    )
+    helpful, harmful = result.helpful(k=4), result.harmful(k=4)
+    for j in range(result.scores.shape[1]):
+        column = result.scores[:, j]
+        order = torch.argsort(column)
+        assert helpful.indices[j].tolist() == result.train_indices[order[:4]].tolist()
+        assert harmful.indices[j].tolist() == result.train_indices[order.flip(0)[:4]].tolist()
+    assert bool((helpful.indices >= 10).all())
+    outliers = result.outliers(5)
+    assert outliers.scores.tolist() == sorted(result.self_influence.tolist(), reverse=True)[:5]
+
+
+def test_influence_on_parameters_is_minus_inverse_times_gradient() -> None:
+    data, model = _toy(), _mlp()
+    damping = 0.1
+    got = influence_on_parameters(model, data, [4, 9], solver=Exact(), damping=damping)
+    fm = FunctionalModel(model, ClassificationTask())
+    g = per_sample_gradients(fm, *data[[4, 9]])
+    h = Curvature(fm, as_indexed(data)).dense() + damping * torch.eye(fm.n_params)
+    torch.testing.assert_close(got, -torch.linalg.solve(h, g.T).T, rtol=1e-8, atol=1e-10)
+
+
+def test_perturbation_influence_equals_autograd_double_backward() -> None:
+    data, model = _toy(), _mlp()
+    fm = FunctionalModel(model, ClassificationTask())
+    s = torch.randn(2, fm.n_params)
+    x, y = data[:3]
+    got = perturbation_influence(fm, (x, y), s)  # [3, 2, d]
+    params = dict(model.named_parameters())
+    for i in range(3):
+        for j in range(2):
+            xi = x[i : i + 1].clone().requires_grad_(True)
+            loss = nn.functional.cross_entropy(functional_call(model, params, (xi,)), y[i : i + 1])
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            (dx,) = torch.autograd.grad(-(flat * s[j]).sum(), xi)
+            torch.testing.assert_close(got[i, j], dx[0], rtol=1e-9, atol=1e-12)
+
+
+def test_perturbation_maps_belong_to_the_top_examples() -> None:
+    data, model = _toy(), _mlp()
+    result = compute_influence(
+        model, data, data, solver=Exact(), damping=0.1, progress=False, perturbation_k=2
+    )
+    assert result.perturbation is not None and result.perturbation.shape == (40, 4, 5)
+    assert result.perturbation_indices[:, :2].tolist() == result.helpful(2).indices.tolist()
+    assert result.perturbation_indices[:, 2:].tolist() == result.harmful(2).indices.tolist()
+
+
+def test_save_and_load_round_trip_exactly(tmp_path: Path) -> None:
+    data, model = _toy(), _mlp()
+    result = compute_influence(
+        model, data, data, solver=Exact(), damping=0.1, progress=False, perturbation_k=1
+    )
+    loaded = InfluenceResult.load(result.save(tmp_path / "influence.pt"))
+    assert loaded.equals(result)
+    assert loaded.settings["solver"]["name"] == "exact"
+
+
+def test_load_refuses_other_files(tmp_path: Path) -> None:
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a lightning-influence result"):
+        InfluenceResult.load(tmp_path / "other.pt")
+
+
+def test_float64_on_request_and_model_left_untouched() -> None:
+    data = _toy()
+    model = _BatchNormCNN().float()
+    model.train()
+    images = TensorDataset(torch.randn(20, 1, 4, 4).float(), torch.randint(0, 4, (20,)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = compute_influence(
+        model, images, images, solver=Exact(), damping=0.1, progress=False, dtype=torch.float64
+    )
+    assert result.scores.dtype == torch.float64
+    assert model.training and model.bn.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert next(model.parameters()).dtype == torch.float32
+    del data
+
+
+def test_progress_bars_can_be_silenced(capsys: pytest.CaptureFixture[str]) -> None:
+    data, model = _toy(), _mlp()
+    compute_influence(model, data, data, solver=CG(), damping=0.1, progress=False)
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+    compute_influence(model, data, data, solver=CG(), damping=0.1, progress=True)
+    assert "Training" in capsys.readouterr().err
+
+
+def test_an_unsupported_batch_raises_the_task_error() -> None:
+    model = _mlp()
+    bad = [torch.randn(5) for _ in range(8)]  # a dataset of bare tensors: no targets
+    with pytest.raises(TaskError, match="task="):
+        compute_influence(model, bad, bad, solver=CG(), progress=False)
+
+
+def test_a_loss_that_is_not_per_sample_raises_the_task_error() -> None:
+    class MeanLoss(ClassificationTask):
+        def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return nn.functional.cross_entropy(outputs, targets)
+
+    data, model = _toy(), _mlp()
+    with pytest.raises(TaskError, match="one loss per example"):
+        compute_influence(model, data, data, task=MeanLoss(), solver=CG(), progress=False)
+
+
+def test_dict_batches_and_a_custom_regression_task() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 3, generator=gen), torch.randn(30, generator=gen)
+    rows = [{"features": x[i], "target": y[i]} for i in range(30)]
+    model = nn.Linear(3, 1).double()
+
+    class Squeezed(RegressionTask):
+        def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return 0.5 * (outputs.squeeze(-1) - targets) ** 2
+
+    result = compute_influence(
+        model, rows, rows, task=Squeezed(), solver=Exact(), damping=0.01, progress=False
+    )
+    # Linear least squares: H = X^T X / n (with a bias column), g_i = r_i * [x_i, 1].
+    xa = torch.cat([x, torch.ones(30, 1)], 1)
+    residual = (model(x).squeeze(-1) - y).detach()
+    g = residual[:, None] * xa
+    h = xa.T @ xa / 30 + 0.01 * torch.eye(4)
+    torch.testing.assert_close(
+        result.scores, -g @ torch.linalg.solve(h, g.T), rtol=1e-8, atol=1e-10
+    )
+
+
+def test_parameter_patterns_select_frozen_never_and_empty_is_an_error() -> None:
+    model = _mlp()
+    model[0].weight.requires_grad_(False)
+    assert select_parameters(model) == ["0.bias", "2.weight", "2.bias"]
+    with pytest.warns(UserWarning, match="frozen"):
+        assert select_parameters(model, ["0.*"]) == ["0.bias"]
+    with pytest.raises(ValueError, match="selects none"):
+        select_parameters(model, ["head.*"])
+    data = _toy()
+    head = compute_influence(
+        model, data, data, parameters=["2.*"], solver=Exact(), damping=0.1, progress=False
+    )
+    assert head.settings["parameters"] == ["2.weight", "2.bias"]
+    assert head.settings["n_params"] == 6 * 3 + 3
+
+
+def test_empty_validation_data_is_an_error() -> None:
+    data, model = _toy(), _mlp()
+    with pytest.raises(ValueError, match="validation data is empty"):
+        compute_influence(model, data, data, val_indices=[], progress=False)
+
+
+def test_custom_task_for_a_model_that_returns_a_dict() -> None:
+    class DictModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.lin(x)}
+
+    class DictTask(Task):
+        def loss(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+            return nn.functional.cross_entropy(outputs["logits"], targets, reduction="none")
+
+    torch.manual_seed(0)
+    model, plain = DictModel().double(), nn.Linear(5, 3).double()
+    plain.load_state_dict({k.removeprefix("lin."): v for k, v in model.state_dict().items()})
+    data = _toy()
+    kwargs = dict(solver=Exact(), damping=0.1, progress=False)
+    a = compute_influence(model, data, data, task=DictTask(), **kwargs)
+    b = compute_influence(plain, data, data, **kwargs)
+    torch.testing.assert_close(a.scores, b.scores)
