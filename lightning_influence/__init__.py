@@ -4,6 +4,11 @@ Start with `compute_influence` or the `InfluenceCallback`.
 """
 
 from lightning_influence.api import compute_influence, influence_on_parameters
+from lightning_influence.callback import (
+    InfluenceCallback,
+    InfluenceError,
+    influence_from_checkpoint,
+)
 from lightning_influence.data import IndexedData, as_indexed
 from lightning_influence.hvp import Curvature
 from lightning_influence.params import FunctionalModel, select_parameters
@@ -21,6 +26,8 @@ __all__ = [
     "Exact",
     "FunctionalModel",
     "IndexedData",
+    "InfluenceCallback",
+    "InfluenceError",
     "InfluenceResult",
     "LiSSA",
     "Ranking",
@@ -32,6 +39,7 @@ __all__ = [
     "__version__",
     "as_indexed",
     "compute_influence",
+    "influence_from_checkpoint",
     "influence_on_parameters",
     "perturbation_influence",
     "select_parameters",
