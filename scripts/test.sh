@@ -6,5 +6,5 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup_env.sh "test,docs"
 echo "== ruff"; ruff check . && ruff format --check .
 echo "== mypy"; mypy
-echo "== docs"; mkdocs build --strict --quiet --site-dir "${SITE_DIR:-.site}"
+echo "== docs"; NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet --site-dir "${SITE_DIR:-.site}"
 echo "== pytest"; python -m pytest "$@"
