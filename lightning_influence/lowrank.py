@@ -1,0 +1,207 @@
+"""A low-rank inverse of the damped curvature, built from curvature products (Lanczos).
+
+``LowRank`` finds the top ``rank`` eigenpairs ``(e_k, u_k)`` of the curvature with a Krylov
+method on :meth:`Curvature.matvec <lightning_influence.hvp.Curvature.matvec>` (Lanczos with full
+reorthogonalisation, or its block variant), then applies
+
+``(H + damping I)^-1 v ~= v / damping + sum_k (1 / (e_k + damping) - 1 / damping) (u_k . v) u_k``:
+
+exact on the span of the eigenvectors it kept, ``1 / damping`` on the rest of the space. Once
+built, the inverse costs two ``[m, p] x [p, rank]`` products for a block of ``m`` vectors, which is
+what makes self-influence of every training example affordable. Memory holds ``rank + oversample``
+vectors of length ``p``, never ``n_train x p``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lightning_influence.hvp import Curvature
+from lightning_influence.solvers import Diagnostics, FactorizedSolver, InverseOperator
+
+__all__ = ["LowRank"]
+
+
+@dataclass(frozen=True)
+class LowRank(FactorizedSolver):
+    """Top-``rank`` eigenpairs of the curvature by Lanczos; ``1 / damping`` on the rest.
+
+    The Krylov space has ``rank + oversample`` dimensions (at most the parameter count). It is
+    built with full reorthogonalisation (twice-classical Gram-Schmidt against every earlier
+    vector) and the eigenpairs come from the Rayleigh-Ritz projection on it, so with
+    ``rank`` equal to the parameter count the result equals :class:`~lightning_influence.Exact`.
+    Eigenpairs are kept by largest eigenvalue. With ``block_size > 1`` the curvature multiplies
+    a block of vectors per pass over the data (block Lanczos): fewer passes, each dearer.
+
+    Self-influence ``g^T (H + damping I)^-1 g`` is dominated by ``|g|^2 / damping`` plus a
+    correction along the top eigenvectors, so a small rank suffices for rankings (see the
+    self-influence page of the docs for the measurements behind the defaults).
+
+    Args:
+        rank: eigenpairs kept; at most the number of chosen parameters.
+        oversample: extra Krylov dimensions beyond ``rank`` (sharpens the kept eigenpairs).
+        block_size: vectors per curvature pass; 1 is plain Lanczos.
+        max_examples: estimate the curvature on a random subset of this many training examples
+            per process (all of them when ``None``); the subset is drawn with ``seed``.
+        seed: seeds the starting vectors and the subset.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> from lightning_influence.data import as_indexed
+        >>> from lightning_influence.hvp import Curvature
+        >>> from lightning_influence.params import FunctionalModel
+        >>> from lightning_influence.task import ClassificationTask
+        >>> fm = FunctionalModel(torch.nn.Linear(4, 3), ClassificationTask())
+        >>> data = as_indexed(TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,))))
+        >>> inverse, info = LowRank(rank=5).factorize(Curvature(fm, data), damping=0.1)
+        >>> inverse(torch.randn(7, 15)).shape, info["rank"]
+        (torch.Size([7, 15]), 5.0)
+    """
+
+    rank: int = 32
+    oversample: int = 16
+    block_size: int = 1
+    max_examples: int | None = None
+    seed: int = 0
+    name = "lowrank"
+
+    def __post_init__(self) -> None:
+        for arg in ("rank", "block_size"):
+            value = getattr(self, arg)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{arg}` must be a positive integer, got {value!r}.")
+        if not isinstance(self.oversample, int) or self.oversample < 0:
+            raise ValueError(f"`oversample` must be a non-negative integer, got {self.oversample!r}.")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError(
+                f"`max_examples` must be a positive integer or None (all), got {self.max_examples!r}."
+            )
+
+    def factorize(
+        self, curvature: Curvature, damping: float, progress: bool = False
+    ) -> tuple[InverseOperator, Diagnostics]:
+        """Run Lanczos on the curvature and return the low-rank-plus-damping inverse."""
+        p = curvature.n_params
+        if self.rank > p:
+            raise ValueError(
+                f"`rank={self.rank}` exceeds the number of chosen parameters ({p}). Use "
+                f"`LowRank(rank={p})` or less (rank {p} is exact), or `Exact()` for a model "
+                "this small."
+            )
+        if damping <= 0:
+            raise ValueError(
+                f"LowRank needs `damping > 0` (it is {damping:g}): the directions it does not keep "
+                "are inverted as 1 / damping. Pass the model's weight decay, or a small positive "
+                "value such as 1e-3."
+            )
+        generator = torch.Generator().manual_seed(self.seed)
+        curv = self._subset(curvature, generator)
+        evals, evecs, n_products, n_passes = _lanczos(
+            curv, min(p, self.rank + self.oversample), self.block_size, generator, progress
+        )
+        order = torch.argsort(evals, descending=True)[: self.rank]
+        evals, evecs = evals[order], evecs[order]
+        shifted = evals + damping
+        if bool((shifted.abs() <= 1e-12 * shifted.abs().max()).any()):
+            raise ValueError(
+                "H + damping I is singular on the kept eigenvectors (eigenvalue "
+                f"{float(evals[shifted.abs().argmin()]):.3g}, damping {damping:g}); increase "
+                "`damping` or use curvature='gauss_newton', which is positive semi-definite."
+            )
+        weights = (1.0 / shifted - 1.0 / damping).to(evecs.dtype)
+
+        def inverse(vectors: Tensor) -> Tensor:
+            v = vectors.to(dtype=evecs.dtype, device=evecs.device)
+            return v / damping + ((v @ evecs.T) * weights) @ evecs
+
+        info: Diagnostics = {
+            "rank": float(self.rank),
+            "max_eigenvalue": float(evals.max()),
+            "min_eigenvalue": float(evals.min()),
+            "negative_eigenvalues": float((shifted < 0).sum()),
+            "matvecs": float(n_products),
+            "curvature_passes": float(n_passes),
+            "examples": float(curv.n_total),
+        }
+        return inverse, info
+
+    def _subset(self, curvature: Curvature, generator: torch.Generator) -> Curvature:
+        data = curvature.data
+        if self.max_examples is None or self.max_examples >= len(data):
+            return curvature
+        pos = torch.randperm(len(data), generator=generator)[: self.max_examples].sort().values
+        return Curvature(curvature.model, data.subset(data.indices[pos]), curvature.kind, curvature.reduce)
+
+
+def _lanczos(
+    curvature: Curvature, dim: int, block_size: int, generator: torch.Generator, progress: bool
+) -> tuple[Tensor, Tensor, int, int]:
+    """Ritz pairs of the curvature on a ``dim``-dimensional Krylov space.
+
+    Returns eigenvalues ``[dim]``, eigenvectors as rows ``[dim, p]``, the number of
+    curvature-vector products and the number of passes over the data.
+    """
+    p = curvature.n_params
+    dtype, device = curvature.model.dtype, curvature.model.device
+    basis = torch.zeros(dim, p, dtype=dtype, device=device)
+    proj = torch.zeros(dim, dim, dtype=torch.float64)
+    filled = 0
+    start = _random(min(block_size, dim), p, generator, dtype, device)
+    block = _orthonormal(start, basis[:0], generator)
+    passes = 0
+    bar = tqdm(total=dim, desc="Lanczos", disable=not progress, leave=False)
+    while filled < dim:
+        width = block.shape[0]
+        basis[filled : filled + width] = block
+        image = curvature.matvec(block)
+        passes += 1
+        # Column block of the Rayleigh quotient Q A Q^T, rows 0..filled+width.
+        proj[: filled + width, filled : filled + width] = (basis[: filled + width] @ image.T).double()
+        filled += width
+        bar.update(width)
+        if filled < dim:
+            block = _orthonormal(image[: dim - filled], basis[:filled], generator)
+    bar.close()
+    upper = torch.triu(proj)
+    sym = upper + upper.T - torch.diag(torch.diagonal(proj))
+    evals, vecs = torch.linalg.eigh(sym)
+    evecs = vecs.T.to(dtype=dtype, device=device) @ basis
+    return evals.to(dtype), evecs, dim, passes
+
+
+def _random(rows: int, p: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.randn(rows, p, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def _orthonormal(block: Tensor, basis: Tensor, generator: torch.Generator) -> Tensor:
+    """Rows of ``block`` made orthonormal to ``basis`` and to each other (Gram-Schmidt, twice).
+
+    A row that vanishes (the Krylov space became invariant) is replaced by a random vector, so
+    the basis always grows: at full dimension it spans the whole parameter space.
+    """
+    p = block.shape[1]
+    rows: list[Tensor] = []
+    eps = 10 * torch.finfo(block.dtype).eps * math.sqrt(p)
+    for i in range(block.shape[0]):
+        v = block[i].clone()
+        for _attempt in range(5):
+            norm0 = float(v.norm())
+            for _ in range(2):
+                if basis.shape[0]:
+                    v -= (basis @ v) @ basis
+                for r in rows:
+                    v -= (r @ v) * r
+            norm = float(v.norm())
+            if norm > eps * max(norm0, 1e-300) and norm > 0:
+                rows.append(v / norm)
+                break
+            v = _random(1, p, generator, block.dtype, block.device)[0]
+        else:  # pragma: no cover - only when the basis already spans everything
+            raise RuntimeError("Lanczos could not extend the basis; the space is exhausted.")
+    return torch.stack(rows)
