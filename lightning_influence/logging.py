@@ -750,7 +750,7 @@ def _log_wandb(run: Any, report: _Report, prefix: str, result_path: Path | None,
         logged[f"{prefix}/{name}"] = wandb.Histogram(
             np_histogram=np.histogram(values.numpy(), bins=64)
         )
-    run.log(logged)
+    run.log({**logged, "trainer/global_step": step})
     for name, value in report.scalars.items():
         run.summary[f"{prefix}/{name}"] = value
     if result_path is not None:
