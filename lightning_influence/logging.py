@@ -26,6 +26,7 @@ import csv
 import json
 import math
 import re
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -520,8 +521,10 @@ def _figure(rows: list[list[_Cell]], labels: list[tuple[str, _Color]], title: st
         from matplotlib.figure import Figure
     except ImportError:
         return _grid(rows, top=0, left=0)[0]
-    top, left, head, dpi = 24, 16 if labels else 0, 18, 150
+    top, left, dpi = 26, 18 if labels else 0, 150
     canvas, spots, starts = _grid(rows, top=top, left=left)
+    title = textwrap.fill(title, width=max(20, int(canvas.shape[2] / 5.0)))
+    head = 10 + 10 * (title.count("\n") + 1)
     height, width = canvas.shape[1] + head, canvas.shape[2]
     fig = Figure(figsize=(width / 100, height / 100), dpi=dpi)
     agg = FigureCanvasAgg(fig)
@@ -530,11 +533,13 @@ def _figure(rows: list[list[_Cell]], labels: list[tuple[str, _Color]], title: st
     ax.set_axis_off()
     for (x, y), cell in spots:
         if cell.caption:
-            ax.text(x, y - 2, cell.caption, ha="center", va="bottom", fontsize=4.2, linespacing=1.1)
+            ax.text(
+                x, y - 2, cell.caption, ha="center", va="bottom", fontsize=5.2, linespacing=1.05
+            )
     for r, (label, color) in enumerate(labels):
         y = (starts[r] + starts[r + 1]) / 2
-        ax.text(left / 2, y, label, ha="center", va="center", rotation=90, fontsize=5, color=color)
-    fig.text(0.5, 1 - 0.5 * head / height, title, ha="center", va="center", fontsize=5)
+        ax.text(left / 2, y, label, ha="center", va="center", rotation=90, fontsize=6, color=color)
+    fig.text(0.5, 1 - 0.5 * head / height, title, ha="center", va="center", fontsize=5.5)
     return _draw(agg)
 
 
