@@ -264,7 +264,6 @@ class InfluenceCallback(Callback):
         out_dir = Path(self.save_dir or Path(log_dir or trainer.default_root_dir) / "influence")
         world = trainer.world_size
         shard = shard_indices(torch.arange(len(as_indexed(train))), trainer.global_rank, world)
-        extra = {"perturbation_k": self.perturbation_k} if self.perturbation_k > 0 else {}
         with _prepared(pl_module, trainer.strategy.root_device), _explained_failures(self):
             result = compute_influence(
                 pl_module,
@@ -281,9 +280,9 @@ class InfluenceCallback(Callback):
                 val_indices=self._choose_val(val),
                 batch_size=self.batch_size,
                 dtype=_DTYPES[self.dtype] if self.dtype else None,
+                perturbation_k=self.perturbation_k,
                 progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
                 reduce=strategy_reduce(trainer.strategy, world),
-                **extra,
             )
         result = gather_result(result, trainer.strategy, world)
         result.settings = {**result.settings, "callback": self.settings()}
@@ -304,6 +303,8 @@ class InfluenceCallback(Callback):
                     n_outliers=self.num_outliers,
                     prefix=self.log_prefix,
                 ),
+                result_path=path,
+                step=trainer.global_step,
             )
         trainer.strategy.barrier("influence_saved")
         self.result, self.result_path = result, path
