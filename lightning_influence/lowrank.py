@@ -77,10 +77,13 @@ class LowRank(FactorizedSolver):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{arg}` must be a positive integer, got {value!r}.")
         if not isinstance(self.oversample, int) or self.oversample < 0:
-            raise ValueError(f"`oversample` must be a non-negative integer, got {self.oversample!r}.")
+            raise ValueError(
+                f"`oversample` must be a non-negative integer, got {self.oversample!r}."
+            )
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(
-                f"`max_examples` must be a positive integer or None (all), got {self.max_examples!r}."
+                "`max_examples` must be a positive integer or None (all examples), got "
+                f"{self.max_examples!r}."
             )
 
     def factorize(
@@ -136,7 +139,9 @@ class LowRank(FactorizedSolver):
         if self.max_examples is None or self.max_examples >= len(data):
             return curvature
         pos = torch.randperm(len(data), generator=generator)[: self.max_examples].sort().values
-        return Curvature(curvature.model, data.subset(data.indices[pos]), curvature.kind, curvature.reduce)
+        return Curvature(
+            curvature.model, data.subset(data.indices[pos]), curvature.kind, curvature.reduce
+        )
 
 
 def _lanczos(
@@ -162,7 +167,9 @@ def _lanczos(
         image = curvature.matvec(block)
         passes += 1
         # Column block of the Rayleigh quotient Q A Q^T, rows 0..filled+width.
-        proj[: filled + width, filled : filled + width] = (basis[: filled + width] @ image.T).double()
+        proj[: filled + width, filled : filled + width] = (
+            basis[: filled + width] @ image.T
+        ).double()
         filled += width
         bar.update(width)
         if filled < dim:
@@ -175,8 +182,12 @@ def _lanczos(
     return evals.to(dtype), evecs, dim, passes
 
 
-def _random(rows: int, p: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.randn(rows, p, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
+def _random(
+    rows: int, p: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    return torch.randn(rows, p, generator=generator, dtype=torch.float64).to(
+        dtype=dtype, device=device
+    )
 
 
 def _orthonormal(block: Tensor, basis: Tensor, generator: torch.Generator) -> Tensor:
@@ -186,8 +197,28 @@ def _orthonormal(block: Tensor, basis: Tensor, generator: torch.Generator) -> Te
     the basis always grows: at full dimension it spans the whole parameter space.
     """
     p = block.shape[1]
-    rows: list[Tensor] = []
     eps = 10 * torch.finfo(block.dtype).eps * math.sqrt(p)
+    norms = block.norm(dim=1)
+    v = block
+    for _ in range(2):
+        if basis.shape[0]:
+            v = v - (v @ basis.T) @ basis
+    q, r = torch.linalg.qr(v.T)
+    if bool((torch.diagonal(r).abs() > eps * norms.clamp_min(1e-300)).all()):
+        # Heavy cancellation leaves the new rows slightly tilted towards the basis: once more.
+        q = q.T
+        if basis.shape[0]:
+            q = q - (q @ basis.T) @ basis
+        return torch.linalg.qr(q.T)[0].T.contiguous()
+    return _orthonormal_rows(block, basis, generator, eps)
+
+
+def _orthonormal_rows(
+    block: Tensor, basis: Tensor, generator: torch.Generator, eps: float
+) -> Tensor:
+    """Row-by-row Gram-Schmidt that replaces rows lying in the span by random vectors."""
+    p = block.shape[1]
+    rows: list[Tensor] = []
     for i in range(block.shape[0]):
         v = block[i].clone()
         for _attempt in range(5):
