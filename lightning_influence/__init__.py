@@ -11,6 +11,8 @@ from lightning_influence.callback import (
 )
 from lightning_influence.data import IndexedData, as_indexed
 from lightning_influence.hvp import Curvature
+from lightning_influence.lowrank import LowRank
+from lightning_influence.metrics import detection_metrics
 from lightning_influence.params import FunctionalModel, select_parameters
 from lightning_influence.results import InfluenceResult, Ranking
 from lightning_influence.scores import perturbation_influence
@@ -30,6 +32,7 @@ __all__ = [
     "InfluenceError",
     "InfluenceResult",
     "LiSSA",
+    "LowRank",
     "Ranking",
     "RegressionTask",
     "Solver",
@@ -39,6 +42,7 @@ __all__ = [
     "__version__",
     "as_indexed",
     "compute_influence",
+    "detection_metrics",
     "influence_from_checkpoint",
     "influence_on_parameters",
     "perturbation_influence",
