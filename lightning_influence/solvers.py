@@ -229,7 +229,8 @@ class LiSSA(Solver):
         Minibatch curvature can be several times larger than the full-data one (rare features),
         and the recursion diverges unless ``scale`` bounds every minibatch it sees.
         """
-        n_probe = self.probe_batches if len(curvature.data) > self.batch_size else 1
+        # decided on the global count, so every process runs the same number of products
+        n_probe = self.probe_batches if curvature.n_total > self.batch_size else 1
         top = 0.0
         for _ in range(n_probe):
             batch = curvature.sample(self.batch_size, generator)
