@@ -1,0 +1,277 @@
+"""InfluenceCallback on the digits CNN: results by dataset index, saved and logged, the module left
+as it was found, errors before training, failures that leave the run intact, after-the-fact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from digits import DigitsCNN, DigitsDataModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_influence import (
+    ClassificationTask,
+    InfluenceCallback,
+    InfluenceError,
+    InfluenceResult,
+    LiSSA,
+    TaskError,
+    influence_from_checkpoint,
+)
+
+ARGS: dict[str, Any] = {"solver": "exact", "num_val": 10, "damping": 1e-3, "perturbation_k": 1}
+
+
+def _trainer(tmp_path: Path, callbacks: list[Any], **kwargs: Any) -> L.Trainer:
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "max_epochs": 1,
+        "default_root_dir": tmp_path,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "enable_progress_bar": False,
+        "callbacks": callbacks,
+        **kwargs,
+    }
+    return L.Trainer(**options)
+
+
+def _expected_val_indices(n: int, k: int, seed: int) -> Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
+@pytest.mark.slow
+def test_fit_result_by_dataset_index_saved_logged_and_equal_after_the_fact(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    L.seed_everything(0, verbose=False)
+    data, model = DigitsDataModule(batch_size=32, n_train=160), DigitsCNN(channels=4)
+    callback = InfluenceCallback(**ARGS, top_k=3, log_val=2)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    trainer = _trainer(
+        tmp_path, [callback, ckpt], max_epochs=2, logger=logger, enable_checkpointing=True,
+        enable_progress_bar=True,
+    )  # fmt: skip
+    trainer.fit(model, data)
+    result = callback.result
+    assert result is not None
+    assert "ex/s" in capsys.readouterr().err  # the influence bars ran beside Lightning's
+
+    # Rows and columns are dataset indices, and every per-example field matches the datasets.
+    n_val = len(data.val_dataset)
+    assert result.scores.shape == (160, 10)
+    assert torch.equal(result.train_indices, torch.arange(160))
+    assert torch.equal(result.val_indices, _expected_val_indices(n_val, 10, seed=0))
+    assert torch.equal(result.train_targets, data.train_dataset.tensors[1])
+    assert torch.equal(result.val_targets, data.val_dataset.tensors[1][result.val_indices])
+    model.eval()
+    with torch.no_grad():
+        x_val = data.val_dataset.tensors[0][result.val_indices]
+        val_losses = F.cross_entropy(model(x_val), result.val_targets, reduction="none")
+        train_losses = F.cross_entropy(
+            model(data.train_dataset.tensors[0]), data.train_dataset.tensors[1], reduction="none"
+        )
+    torch.testing.assert_close(result.val_losses, val_losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result.train_losses, train_losses, rtol=1e-5, atol=1e-6)
+    assert result.damping == 1e-3
+    assert result.settings["callback"]["solver"]["name"] == "exact"
+    assert result.self_influence is not None and bool((result.self_influence > 0).all())
+    assert result.perturbation is not None and result.perturbation.shape == (10, 2, 1, 8, 8)
+
+    # Saved in the run's log directory, and it loads back equal.
+    path = Path(logger.log_dir) / "influence" / "influence.pt"
+    assert callback.result_path == path
+    assert InfluenceResult.load(path).equals(result)
+
+    # The trainer's TensorBoard logger received the influence panels.
+    events = EventAccumulator(str(logger.log_dir), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert any(tag.startswith("influence") for tag in tags["images"] + tags["tensors"])
+
+    # The callback's settings are in the checkpoint under its state key.
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert saved["callbacks"][callback.state_key]["settings"] == callback.settings()
+
+    # After the fact, from the checkpoint: the same result.
+    again = influence_from_checkpoint(
+        DigitsCNN(channels=4), data, tmp_path / "ckpt" / "last.ckpt",
+        save_dir=str(tmp_path / "after"), top_k=3, log_val=2, **ARGS,
+        trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False},
+    )  # fmt: skip
+    assert torch.equal(again.val_indices, result.val_indices)
+    assert torch.equal(again.train_indices, result.train_indices)
+    torch.testing.assert_close(again.scores, result.scores, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(again.self_influence, result.self_influence, rtol=1e-5, atol=1e-7)
+    assert torch.equal(again.harmful(3).indices, result.harmful(3).indices)
+    assert torch.equal(again.outliers(10).indices, result.outliers(10).indices)
+    assert InfluenceResult.load(tmp_path / "after" / "influence.pt").equals(again)
+
+
+class _Recording(ClassificationTask):
+    """Records the mode of the model and the grad mode on every forward."""
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[bool, bool]] = set()
+
+    def forward(self, model: nn.Module, inputs: Any) -> Any:
+        self.seen.add((model.training, torch.is_grad_enabled()))
+        return model(inputs)
+
+
+@pytest.mark.slow
+def test_loaders_passed_to_fit_and_module_left_as_found(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, model = DigitsDataModule(n_train=96), DigitsCNN(channels=2)
+    task = _Recording()
+    callback = InfluenceCallback(**{**ARGS, "num_val": 4}, task=task)
+    trainer = _trainer(tmp_path, [callback])
+    trainer.fit(model, DataLoader(data.train_dataset, 32, shuffle=True), data.val_dataloader())
+    assert callback.result is not None
+    assert torch.equal(callback.result.train_indices, torch.arange(96))
+    assert callback.result.val_indices.numel() == 4
+    assert "ex/s" not in capsys.readouterr().err  # no influence bars when the trainer has none
+
+    # Run again from a state that differs from what fit leaves: the state comes back untouched.
+    model.net[0].requires_grad_(False)
+    model.net[3].eval()
+    model.net[7].weight.grad = torch.ones_like(model.net[7].weight)
+    modes = [m.training for m in model.modules()]
+    flags = [p.requires_grad for p in model.parameters()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    task.seen.clear()
+    callback.on_fit_end(trainer, model)
+    assert {training for training, _ in task.seen} == {False}  # computed in evaluation mode
+    assert (False, True) in task.seen  # gradients were on where the engine needs them
+    assert [m.training for m in model.modules()] == modes
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(model.net[7].weight.grad, torch.ones_like(model.net[7].weight))
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert callback.result.settings["parameters"] == ["net.3.weight", "net.3.bias", "net.7.weight",
+                                                      "net.7.bias"]  # fmt: skip
+
+
+class _TrainOnly(L.LightningDataModule):
+    def __init__(self, dataset: Dataset[Any]) -> None:
+        super().__init__()
+        self.dataset = dataset
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(self.dataset, batch_size=16)
+
+
+class _DictBatches(Dataset[dict[str, Tensor]]):
+    def __init__(self, base: TensorDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        x, y = self.base[i]
+        return {"pixels": x, "digit": y}
+
+
+def _small() -> DigitsDataModule:
+    return DigitsDataModule(batch_size=16, n_train=48)
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "match"),
+    [
+        ("no_val_data", ValueError, "no validation data"),
+        ("no_val_loader_in_fit", ValueError, "no validation data"),
+        ("val_index_out_of_range", IndexError, "contains 5000, out of range"),
+        ("batch_cannot_unpack", TaskError, "Cannot find inputs and targets.*'digit', 'pixels'"),
+        ("patterns_select_nothing", ValueError, r"parameters=\['decoder.\*'\]` selects none"),
+    ],
+)
+def test_bad_input_fails_before_training(
+    tmp_path: Path, case: str, error: type[Exception], match: str
+) -> None:
+    data = _small()
+    kwargs: dict[str, Any] = {}
+    fit_args: tuple[Any, ...] = (data,)
+    if case == "no_val_data":
+        fit_args = (_TrainOnly(data.train_dataset),)
+    elif case == "no_val_loader_in_fit":
+        fit_args = (DataLoader(data.train_dataset, batch_size=16),)
+    elif case == "val_index_out_of_range":
+        kwargs["val_indices"] = [0, 5000]
+    elif case == "batch_cannot_unpack":
+        kwargs["train_dataset"] = _DictBatches(data.train_dataset)
+    else:
+        kwargs["parameters"] = ["decoder.*"]
+    model = DigitsCNN(channels=2)
+    trainer = _trainer(tmp_path, [InfluenceCallback(**kwargs)], num_sanity_val_steps=0)
+    with pytest.raises(error, match=match):
+        trainer.fit(model, *fit_args)
+    assert trainer.global_step == 0  # no training time was spent
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"solver": "newton"}, "`solver` must be 'lissa', 'cg', 'exact' or a Solver .* 'newton'"),
+        ({"damping": -1.0}, "`damping` must be a finite number >= 0, got -1.0"),
+        ({"num_val": 0}, "`num_val` must be an integer >= 1 or None, got 0"),
+        ({"top_k": 0}, "`top_k` must be an integer >= 1, got 0"),
+        ({"val_indices": []}, "`val_indices` must be a non-empty list"),
+        ({"filename": "a/b.pt"}, "`filename` must be a plain file name, got 'a/b.pt'"),
+        ({"curvature": "fisher"}, "`curvature` must be one of \\['gauss_newton', 'hessian'\\]"),
+    ],
+)  # fmt: skip
+def test_bad_arguments_fail_at_construction(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        InfluenceCallback(**kwargs)
+
+
+def test_diverging_solver_names_the_setting_and_leaves_the_run_intact(tmp_path: Path) -> None:
+    data, model = _small(), DigitsCNN(channels=2)
+    callback = InfluenceCallback(
+        solver=LiSSA(scale=1e-3, depth=50), self_influence=False, perturbation_k=0, num_val=4
+    )
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = _trainer(tmp_path, [callback, ckpt], logger=logger, enable_checkpointing=True)
+    with pytest.raises(
+        InfluenceError, match=r"lissa solver diverged.*Change `damping` \(it is 0.001\)"
+    ):
+        trainer.fit(model, data)
+    assert trainer.global_step == 3  # training itself finished
+    restored = DigitsCNN.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    assert all(
+        torch.equal(a, b) for a, b in zip(restored.parameters(), model.parameters(), strict=True)
+    )
+    metrics = (Path(logger.log_dir) / "metrics.csv").read_text()
+    assert "val/loss" in metrics
+    assert callback.result is None
+    assert not (Path(logger.log_dir) / "influence").exists()
+
+
+def test_state_dict_round_trip_and_state_key() -> None:
+    callback = InfluenceCallback(solver="cg", damping=0.01, num_val=8, seed=3)
+    state = callback.state_dict()
+    assert state["settings"]["solver"] == {"name": "cg", "max_iter": 100, "tol": 1e-6}
+    assert callback.state_key == (
+        "InfluenceCallback{'solver': 'cg', 'damping': 0.01, 'seed': 3, 'filename': 'influence.pt'}"
+    )
+    same = InfluenceCallback(solver="cg", damping=0.01, num_val=8, seed=3)
+    same.load_state_dict(state)
+    assert same.restored_settings == callback.settings()
+    other = InfluenceCallback(solver="cg", damping=0.1, num_val=8, seed=3)
+    with pytest.warns(UserWarning, match=r"settings \['damping'\] differ"):
+        other.load_state_dict(state)
+    assert other.state_key != callback.state_key  # two instances can share a checkpoint
