@@ -226,6 +226,7 @@ def test_tensorboard_images_tables_histograms_scalars(digits: Digits, tmp_path: 
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a W&B run starts its service process: several seconds
 def test_wandb_offline_tables_images_histograms_artifact(digits: Digits, tmp_path: Path) -> None:
     import wandb
 
