@@ -266,9 +266,10 @@ def _build_report(
             train.example(int(i), float(s))
             for i, s in zip(outliers.indices, outliers.scores, strict=True)
         ]
-    histograms = {"scores": result.scores.detach().reshape(-1).float().cpu()}
+    histograms = {"scores": _finite(result.scores)}
     if result.self_influence is not None:
-        histograms["self_influence"] = result.self_influence.detach().float().cpu()
+        histograms["self_influence"] = _finite(result.self_influence)
+    histograms = {name: values for name, values in histograms.items() if values.numel()}
     scalars = {k: float(v) for k, v in result.diagnostics.items()}
     scalars.update(damping=float(result.damping))
     return _Report(
@@ -280,6 +281,11 @@ def _build_report(
         images=images,
         summary=_summary_markdown(result),
     )
+
+
+def _finite(values: Tensor) -> Tensor:
+    flat = values.detach().reshape(-1).float().cpu()
+    return flat[torch.isfinite(flat)]
 
 
 def _val_columns(result: InfluenceResult, settings: LogSettings) -> Tensor:
@@ -584,6 +590,8 @@ def _histogram_figure(histograms: dict[str, Tensor]) -> Tensor | None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
+        return None
+    if not histograms:
         return None
     fig = Figure(figsize=(4.0 * len(histograms), 3.0), dpi=100)
     agg = FigureCanvasAgg(fig)

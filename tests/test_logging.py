@@ -4,6 +4,7 @@ offline run log and its staged table artifact, and the plain files (CSV, PNG, ma
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import io
 import json
@@ -74,10 +75,16 @@ class Digits:
         )
 
 
-@pytest.fixture(scope="module")
-def digits() -> Digits:
+@functools.cache
+def digits_case() -> Digits:
+    """Computed once per session and shared with the browser tests (nothing mutates it)."""
     torch.set_num_threads(1)
     return Digits()
+
+
+@pytest.fixture
+def digits() -> Digits:
+    return digits_case()
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,16 @@ import numpy as np
 import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
-from test_logging import HARMFUL_RGB, HELPFUL_RGB, N_OUT, N_VAL, TOP_K, Digits, tensorboard_events
+from test_logging import (
+    HARMFUL_RGB,
+    HELPFUL_RGB,
+    N_OUT,
+    N_VAL,
+    TOP_K,
+    Digits,
+    digits_case,
+    tensorboard_events,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +77,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Digits, Path]:
-    digits = Digits()
+    digits = digits_case()
     root = tmp_path_factory.mktemp("tb")
     digits.log([TensorBoardLogger(root, name="digits")], root / "influence")
     return digits, root
