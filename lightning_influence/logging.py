@@ -51,6 +51,10 @@ _HELPFUL: _Color = (0.13, 0.55, 0.13)
 _HARMFUL: _Color = (0.84, 0.15, 0.16)
 _VALIDATION: _Color = (0.12, 0.47, 0.71)
 _NEUTRAL: _Color = (0.6, 0.6, 0.6)
+_HISTOGRAM_AXES = {
+    "scores": "I_up,loss(train, val): < 0 helpful, > 0 harmful",
+    "self_influence": "self-influence g^T (H + damping I)^-1 g",
+}
 _RANKING_COLUMNS = (
     *("val_index", "val_label", "val_prediction", "kind", "rank", "train_index", "label"),
     *("prediction", "score"),
@@ -600,6 +604,10 @@ def _histogram_figure(histograms: dict[str, Tensor]) -> Tensor | None:
         ax.hist(values.numpy(), bins=50, color=_VALIDATION)
         ax.set_yscale("log")
         ax.set_title(name.replace("_", "-"), fontsize=9)
+        ax.set_xlabel(_HISTOGRAM_AXES.get(name, name), fontsize=8)
+        ax.set_ylabel(
+            "examples (log scale)" if name != "scores" else "pairs (log scale)", fontsize=8
+        )
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     return _draw(agg)
