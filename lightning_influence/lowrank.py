@@ -64,10 +64,10 @@ class LowRank(FactorizedSolver):
         (torch.Size([7, 15]), 5.0)
     """
 
-    rank: int = 32
+    rank: int = 16
     oversample: int = 16
-    block_size: int = 1
-    max_examples: int | None = None
+    block_size: int = 16
+    max_examples: int | None = 512
     seed: int = 0
     name = "lowrank"
 
