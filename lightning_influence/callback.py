@@ -218,6 +218,15 @@ class InfluenceCallback(Callback):
         if self.run_on == "validate" and stage == "validate":
             self._run(trainer, pl_module)
 
+    def out_dir(self, trainer: L.Trainer) -> Path:
+        """Where the result and the logged files go: ``save_dir``, else ``<log_dir>/influence``.
+
+        Under DDP call it on every process (``trainer.log_dir`` is a collective).
+        """
+        if self.save_dir:
+            return Path(self.save_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "influence"
+
     def _check(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> bool:
         """Fail before training on data, indices, patterns or batches that cannot work."""
         train, val = _find_data(trainer, pl_module, self.train_dataset, self.val_dataset)
@@ -260,8 +269,7 @@ class InfluenceCallback(Callback):
         train, val = _find_data(trainer, pl_module, self.train_dataset, self.val_dataset)
         if train is None or val is None:
             _raise_no_data(train is None)
-        log_dir = None if self.save_dir else trainer.log_dir  # a collective: every rank asks
-        out_dir = Path(self.save_dir or Path(log_dir or trainer.default_root_dir) / "influence")
+        out_dir = self.out_dir(trainer)
         world = trainer.world_size
         shard = shard_indices(torch.arange(len(as_indexed(train))), trainer.global_rank, world)
         with _prepared(pl_module, trainer.strategy.root_device), _explained_failures(self):
@@ -371,9 +379,11 @@ def influence_from_checkpoint(
     trainer.validate(model, loaders, ckpt_path=ckpt_path, datamodule=datamodule, verbose=False)
     if callback.result is not None:
         return callback.result
-    if callback.result_path is None or not callback.result_path.exists():  # pragma: no cover
-        raise InfluenceError("The validate run finished without an influence result.")
-    return InfluenceResult.load(callback.result_path)  # ddp_spawn: computed in child processes
+    # ddp_spawn: computed in the worker processes, which saved it
+    path = callback.out_dir(trainer) / callback.filename
+    if not path.exists():  # pragma: no cover
+        raise InfluenceError(f"The validate run finished without an influence result at {path}.")
+    return InfluenceResult.load(path)
 
 
 def _make_solver(solver: SolverName | Solver, seed: int) -> Solver:

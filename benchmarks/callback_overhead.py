@@ -1,0 +1,145 @@
+"""What ``InfluenceCallback`` adds to ``trainer.fit``, in training epochs, for the digits CNN.
+
+The digits CNN (1,898 parameters, 1,200 training images) trains for a few epochs without the
+callback, then again (same seed) with it, 64 validation points. The overhead is the callback's
+wall time (its ``on_fit_end``, timed by clocks placed before and after it, plus its ``setup``
+checks), divided by the median time of one training epoch; the stage breakdown is the result's
+``time_*`` diagnostics.
+
+Usage::
+
+    python benchmarks/callback_overhead.py                  # three solvers, last layer; ~2-3 min
+    python benchmarks/callback_overhead.py --configs cg-all  # all 1,898 parameters (slow on CPU)
+
+Prints a markdown table; writes ``benchmarks/results/callback_overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import lightning as L
+from common import setup, table, write_json
+from lightning.pytorch.callbacks import Callback
+
+from lightning_influence import InfluenceCallback, LiSSA
+
+LAST = ["net.7.*"]  # the linear head: 650 of the 1,898 parameters
+CONFIGS: dict[str, dict[str, Any]] = {
+    "cg-last": {"solver": "cg", "parameters": LAST},
+    "exact-last": {"solver": "exact", "parameters": LAST},
+    "lissa-last": {"solver": LiSSA(depth=1000, momentum="auto"), "parameters": LAST},
+    "cg-all": {"solver": "cg", "parameters": None},
+    "exact-all": {"solver": "exact", "parameters": None},
+}
+
+
+class _Clock(Callback):
+    """Records when its hooks run (placed before and after the influence callback)."""
+
+    def __init__(self) -> None:
+        self.at: dict[str, float] = {}
+        self.epochs: list[float] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.at["setup"] = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.at["epoch"] = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epochs.append(time.perf_counter() - self.at["epoch"])
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.at["fit_end"] = time.perf_counter()
+
+
+def fit(epochs: int, callback: InfluenceCallback | None) -> dict[str, Any]:
+    """Train the digits CNN; returns wall times (and the callback's share when it is present)."""
+    from digits import DigitsCNN, DigitsDataModule
+
+    L.seed_everything(0, verbose=False)
+    before, after = _Clock(), _Clock()
+    callbacks: list[Callback] = [before, *([callback] if callback else []), after]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+    started = time.perf_counter()
+    trainer.fit(DigitsCNN(), DigitsDataModule())
+    out: dict[str, Any] = {
+        "fit_s": time.perf_counter() - started,
+        "epoch_s": statistics.median(before.epochs),
+    }
+    if callback is not None:
+        out["callback_s"] = (after.at["fit_end"] - before.at["fit_end"]) + (
+            after.at["setup"] - before.at["setup"]
+        )
+        assert callback.result is not None
+        out["diagnostics"] = callback.result.diagnostics
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=["cg-last", "exact-last", "lissa-last"])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--num-val", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    setup(threads=args.threads)
+    baseline = fit(args.epochs, None)
+    rows: list[dict[str, Any]] = []
+    for name in args.configs:
+        with tempfile.TemporaryDirectory() as tmp:
+            callback = InfluenceCallback(
+                num_val=args.num_val, damping=1e-3, save_dir=tmp, **CONFIGS[name]
+            )
+            run = fit(args.epochs, callback)
+        diag = run["diagnostics"]
+        row = {
+            "config": name,
+            "epoch_s": baseline["epoch_s"],
+            "fit_without_s": baseline["fit_s"],
+            "fit_with_s": run["fit_s"],
+            "callback_s": run["callback_s"],
+            "epochs_added": run["callback_s"] / baseline["epoch_s"],
+            **{k: v for k, v in diag.items() if k.startswith("time_")},
+            "solver_steps": diag.get("solver_steps"),
+        }
+        # setup checks, gathering, saving the result and logging it (figures, files)
+        row["time_other"] = run["callback_s"] - diag["time_total"]
+        rows.append(row)
+        print(f"{name}: the callback adds {row['epochs_added']:.1f} training epochs", flush=True)
+    stages = [
+        "time_val_gradients",
+        "time_solver",
+        "time_self_influence_factorize",
+        "time_scoring",
+        "time_perturbation",
+        "time_other",
+    ]
+    table(
+        rows,
+        ["config", "epoch_s", "callback_s", "epochs_added", "solver_steps", *stages],
+        title=f"InfluenceCallback overhead, digits CNN, {args.num_val} validation points, "
+        f"{args.threads} thread(s)",
+    )
+    write_json(
+        "callback_overhead",
+        {"epochs": args.epochs, "num_val": args.num_val, "baseline": baseline, "rows": rows},
+    )
+
+
+if __name__ == "__main__":
+    main()
