@@ -14,7 +14,7 @@ precision, recall in the top 10% / 20%, Spearman against exact Gauss-Newton self
 the time of self-influence for every training point (factorisation + one streamed gradient pass)
 divided by the time of the per-sample gradients alone (best of several runs, one thread).
 
-    python benchmarks/self_influence.py            # both cases, about 5 minutes on one core
+    python benchmarks/self_influence.py            # both cases, about 6 minutes on one core
     python benchmarks/self_influence.py --case b   # one case
 """
 
@@ -53,13 +53,13 @@ CASES: dict[str, dict[str, Any]] = {
 DEFAULT = LowRank()
 VARIANTS: dict[str, LowRank] = {
     "LowRank() default": DEFAULT,
-    "LowRank(rank=32, oversample=32, block_size=32)": LowRank(
-        rank=32, oversample=32, block_size=32
-    ),
-    "LowRank(rank=16, oversample=16) Lanczos": LowRank(rank=16, oversample=16, block_size=1),
-    "LowRank(max_examples=256)": LowRank(max_examples=256),
+    "LowRank(max_examples=512)": LowRank(max_examples=512),
     "LowRank(max_examples=None)": LowRank(max_examples=None),
+    "LowRank(rank=32, oversample=32)": LowRank(rank=32, oversample=32),
+    "LowRank(method='lanczos', block_size=16)": LowRank(method="lanczos", block_size=16),
+    "LowRank(method='lanczos')": LowRank(method="lanczos"),
 }
+HESSIAN = LowRank(method="lanczos", block_size=16)
 BATCH = 256
 
 

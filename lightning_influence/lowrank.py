@@ -1,8 +1,9 @@
-"""A low-rank inverse of the damped curvature, built from curvature products (Lanczos).
+"""A low-rank inverse of the damped curvature, built from curvature products.
 
-``LowRank`` finds the top ``rank`` eigenpairs ``(e_k, u_k)`` of the curvature with a Krylov
-method on :meth:`Curvature.matvec <lightning_influence.hvp.Curvature.matvec>` (Lanczos with full
-reorthogonalisation, or its block variant), then applies
+``LowRank`` finds the top ``rank`` eigenpairs ``(e_k, u_k)`` of the curvature from products with
+:meth:`Curvature.matvec <lightning_influence.hvp.Curvature.matvec>` (a randomized Nystrom
+approximation from one block of products, or Lanczos with full reorthogonalisation and its
+block variant), then applies
 
 ``(H + damping I)^-1 v ~= v / damping + sum_k (1 / (e_k + damping) - 1 / damping) (u_k . v) u_k``:
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -29,26 +31,34 @@ __all__ = ["LowRank"]
 
 @dataclass(frozen=True)
 class LowRank(FactorizedSolver):
-    """Top-``rank`` eigenpairs of the curvature by Lanczos; ``1 / damping`` on the rest.
+    """Top-``rank`` eigenpairs of the curvature from curvature products; ``1 / damping`` elsewhere.
 
-    The Krylov space has ``rank + oversample`` dimensions (at most the parameter count). It is
-    built with full reorthogonalisation (twice-classical Gram-Schmidt against every earlier
-    vector) and the eigenpairs come from the Rayleigh-Ritz projection on it, so with
-    ``rank`` equal to the parameter count the result equals :class:`~lightning_influence.Exact`.
-    Eigenpairs are kept by largest eigenvalue. With ``block_size > 1`` the curvature multiplies
-    a block of vectors per pass over the data (block Lanczos): fewer passes, each dearer.
+    Two methods build the eigenpairs from ``rank + oversample`` curvature-vector products (at
+    most the parameter count):
 
-    Self-influence ``g^T (H + damping I)^-1 g`` is dominated by ``|g|^2 / damping`` plus a
-    correction along the top eigenvectors, so a small rank suffices for rankings (see the
-    self-influence page of the docs for the measurements behind the defaults).
+    - ``"nystrom"`` (default): the randomized Nystrom approximation ``Y (Omega^T Y)^+ Y^T`` with
+      ``Y = H Omega`` for a random orthonormal block ``Omega``: all products in one pass over
+      the data. Needs a positive semi-definite curvature (Gauss-Newton).
+    - ``"lanczos"``: Lanczos with full reorthogonalisation (twice-classical Gram-Schmidt against
+      every earlier vector) and the Rayleigh-Ritz eigenpairs of the Krylov space; one pass per
+      product, or per block of ``block_size`` products (block Lanczos). Works for the
+      indefinite Hessian too, and with ``rank`` equal to the parameter count it equals
+      :class:`~lightning_influence.Exact`.
+
+    Eigenpairs are kept by largest eigenvalue. Self-influence ``g^T (H + damping I)^-1 g`` is
+    dominated by ``|g|^2 / damping`` plus a correction along the top eigenvectors, so a small
+    rank suffices for rankings (see the self-influence page of the docs for the measurements
+    behind the defaults).
 
     Args:
         rank: eigenpairs kept; at most the number of chosen parameters.
-        oversample: extra Krylov dimensions beyond ``rank`` (sharpens the kept eigenpairs).
-        block_size: vectors per curvature pass; 1 is plain Lanczos.
+        oversample: extra products beyond ``rank`` (sharpen the kept eigenpairs).
+        method: ``"nystrom"`` or ``"lanczos"``.
+        block_size: products per pass over the data; by default all of them for ``"nystrom"``
+            and 1 (plain Lanczos) for ``"lanczos"``.
         max_examples: estimate the curvature on a random subset of this many training examples
             per process (all of them when ``None``); the subset is drawn with ``seed``.
-        seed: seeds the starting vectors and the subset.
+        seed: seeds the random vectors and the subset.
 
     Example:
         >>> import torch
@@ -60,20 +70,26 @@ class LowRank(FactorizedSolver):
         >>> fm = FunctionalModel(torch.nn.Linear(4, 3), ClassificationTask())
         >>> data = as_indexed(TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,))))
         >>> inverse, info = LowRank(rank=5).factorize(Curvature(fm, data), damping=0.1)
+        >>> exact, _ = LowRank(rank=15, method="lanczos").factorize(Curvature(fm, data), 0.1)
         >>> inverse(torch.randn(7, 15)).shape, info["rank"]
         (torch.Size([7, 15]), 5.0)
     """
 
     rank: int = 16
     oversample: int = 16
-    block_size: int = 16
-    max_examples: int | None = 512
+    method: Literal["nystrom", "lanczos"] = "nystrom"
+    block_size: int | None = None
+    max_examples: int | None = 256
     seed: int = 0
     name = "lowrank"
 
     def __post_init__(self) -> None:
+        if self.method not in ("nystrom", "lanczos"):
+            raise ValueError(f"`method` must be 'nystrom' or 'lanczos', got {self.method!r}.")
         for arg in ("rank", "block_size"):
             value = getattr(self, arg)
+            if arg == "block_size" and value is None:
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{arg}` must be a positive integer, got {value!r}.")
         if not isinstance(self.oversample, int) or self.oversample < 0:
@@ -89,7 +105,7 @@ class LowRank(FactorizedSolver):
     def factorize(
         self, curvature: Curvature, damping: float, progress: bool = False
     ) -> tuple[InverseOperator, Diagnostics]:
-        """Run Lanczos on the curvature and return the low-rank-plus-damping inverse."""
+        """Find the top eigenpairs and return the low-rank-plus-damping inverse."""
         p = curvature.n_params
         if self.rank > p:
             raise ValueError(
@@ -105,9 +121,15 @@ class LowRank(FactorizedSolver):
             )
         generator = torch.Generator().manual_seed(self.seed)
         curv = self._subset(curvature, generator)
-        evals, evecs, n_products, n_passes = _lanczos(
-            curv, min(p, self.rank + self.oversample), self.block_size, generator, progress
-        )
+        dim = min(p, self.rank + self.oversample)
+        if self.method == "nystrom":
+            evals, evecs, n_products, n_passes = _nystrom(
+                curv, dim, self.block_size or dim, generator, progress
+            )
+        else:
+            evals, evecs, n_products, n_passes = _lanczos(
+                curv, dim, self.block_size or 1, generator, progress
+            )
         order = torch.argsort(evals, descending=True)[: self.rank]
         evals, evecs = evals[order], evecs[order]
         shifted = evals + damping
@@ -180,6 +202,45 @@ def _lanczos(
     evals, vecs = torch.linalg.eigh(sym)
     evecs = vecs.T.to(dtype=dtype, device=device) @ basis
     return evals.to(dtype), evecs, dim, passes
+
+
+def _nystrom(
+    curvature: Curvature, dim: int, block_size: int, generator: torch.Generator, progress: bool
+) -> tuple[Tensor, Tensor, int, int]:
+    """Eigenpairs of the randomized Nystrom approximation from ``dim`` products.
+
+    Stable form (Tropp et al. 2017): shift ``Y`` by ``nu * Omega`` with a tiny ``nu``, take a
+    Cholesky factor ``C`` of ``Omega^T Y_nu``, and the SVD of ``C^-1 Y_nu``; eigenvalues are
+    the squared singular values minus ``nu``.
+    """
+    p = curvature.n_params
+    dtype, device = curvature.model.dtype, curvature.model.device
+    omega = _orthonormal(
+        _random(dim, p, generator, dtype, device), torch.zeros(0, p).to(dtype), generator
+    )
+    images = []
+    bar = tqdm(total=dim, desc="Nystrom", disable=not progress, leave=False)
+    for start in range(0, dim, block_size):
+        images.append(curvature.matvec(omega[start : start + block_size]).double())
+        bar.update(min(block_size, dim - start))
+    bar.close()
+    y = torch.cat(images)
+    om = omega.double()
+    nu = math.sqrt(p) * torch.finfo(dtype).eps * float(y.norm())
+    y_nu = y + nu * om
+    core = om @ y_nu.T
+    factor, info = torch.linalg.cholesky_ex((core + core.T) / 2)
+    if int(info) != 0:
+        raise ValueError(
+            "The Nystrom approximation needs a positive semi-definite curvature, and this one "
+            "has negative curvature (the Hessian of a non-convex model). Use "
+            "curvature='gauss_newton' or `LowRank(method='lanczos')`."
+        )
+    b = torch.linalg.solve_triangular(factor, y_nu, upper=False)
+    _, sing, vh = torch.linalg.svd(b, full_matrices=False)
+    evals = (sing**2 - nu).clamp_min(0.0)
+    passes = -(-dim // block_size)
+    return evals.to(dtype), vh.to(dtype=dtype, device=device), dim, passes
 
 
 def _random(

@@ -47,7 +47,7 @@ def test_full_rank_equals_exact(kind: CurvatureKind, block_size: int) -> None:
     p = curv.n_params
     v = torch.randn(7, p, dtype=torch.float64)
     exact, _ = Exact().solve(curv, v, DAMPING)
-    low, info = LowRank(rank=p, block_size=block_size).solve(curv, v, DAMPING)
+    low, info = LowRank(rank=p, method="lanczos", block_size=block_size).solve(curv, v, DAMPING)
     assert _rel(low, exact) < 1e-9
     assert info["rank"] == p and info["matvecs"] == p
     assert info["curvature_passes"] == -(-p // block_size)
@@ -64,10 +64,20 @@ def test_small_rank_equals_truncated_inverse(kind: CurvatureKind) -> None:
     v = torch.randn(5, p, dtype=torch.float64)
     reference = v / DAMPING + ((v @ top_u) * (1 / (top_e + DAMPING) - 1 / DAMPING)) @ top_u.T
     # A complete Krylov space: the Ritz pairs are the eigenpairs.
-    low, info = LowRank(rank=rank, oversample=p - rank).solve(curv, v, DAMPING)
+    solver = LowRank(rank=rank, oversample=p - rank, method="lanczos")
+    low, info = solver.solve(curv, v, DAMPING)
     assert _rel(low, reference) < 1e-10
     assert info["max_eigenvalue"] == pytest.approx(float(evals[-1]), rel=1e-10)
     assert info["min_eigenvalue"] == pytest.approx(float(evals[-rank]), rel=1e-10)
+    if kind == "gauss_newton":
+        # Nystrom from a complete random basis is the matrix itself (up to its tiny shift).
+        solver = LowRank(rank=rank, oversample=p - rank, method="nystrom")
+        low, info = solver.solve(curv, v, DAMPING)
+        assert _rel(low, reference) < 1e-8
+        assert info["curvature_passes"] == 1 and info["matvecs"] == p
+    else:
+        with pytest.raises(ValueError, match="positive semi-definite"):
+            LowRank(rank=rank, method="nystrom").solve(curv, v, DAMPING)
 
 
 def test_default_oversampling_finds_the_top_eigenpairs() -> None:
@@ -78,14 +88,24 @@ def test_default_oversampling_finds_the_top_eigenpairs() -> None:
     curv = Curvature(fm, as_indexed(train, batch_size=300))
     evals = torch.linalg.eigvalsh(curv.dense())
     # Lanczos with 32 steps: the 8 kept eigenvalues to near machine precision (measured 1e-9).
-    _, info = LowRank(rank=8, oversample=24, block_size=1).factorize(curv, 1e-2)
+    _, info = LowRank(rank=8, oversample=24, method="lanczos", max_examples=None).factorize(
+        curv, 1e-2
+    )
     assert info["max_eigenvalue"] == pytest.approx(float(evals[-1]), rel=1e-10)
     assert info["min_eigenvalue"] == pytest.approx(float(evals[-8]), rel=1e-7)
     # The block variant at the same dimension (4 passes of 8) is cruder (measured 1e-4 / 4e-2).
-    _, info = LowRank(rank=8, oversample=24, block_size=8).factorize(curv, 1e-2)
+    solver = LowRank(rank=8, oversample=24, method="lanczos", block_size=8, max_examples=None)
+    _, info = solver.factorize(curv, 1e-2)
     assert info["max_eigenvalue"] == pytest.approx(float(evals[-1]), rel=1e-3)
     assert info["min_eigenvalue"] == pytest.approx(float(evals[-8]), rel=0.1)
     assert info["curvature_passes"] == 4
+    # Nystrom from 32 products in one pass: a lower bound, crude on this flat spectrum
+    # (measured 0.286 against 0.394); with 128 products it tightens.
+    _, info = LowRank(rank=8, oversample=24, max_examples=None).factorize(curv, 1e-2)
+    assert info["curvature_passes"] == 1
+    assert 0.5 * float(evals[-1]) < info["max_eigenvalue"] <= float(evals[-1]) * (1 + 1e-12)
+    _, more = LowRank(rank=8, oversample=120, max_examples=None).factorize(curv, 1e-2)
+    assert info["max_eigenvalue"] < more["max_eigenvalue"] <= float(evals[-1]) * (1 + 1e-12)
 
 
 def test_arguments_are_checked() -> None:
@@ -100,6 +120,10 @@ def test_arguments_are_checked() -> None:
         LowRank(rank=0)
     with pytest.raises(ValueError, match="`oversample`"):
         LowRank(oversample=-1)
+    with pytest.raises(ValueError, match="`method` must be 'nystrom' or 'lanczos'"):
+        LowRank(method="arnoldi")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`block_size`"):
+        LowRank(block_size=0)
     with pytest.raises(ValueError, match="`max_examples`"):
         LowRank(max_examples=0)
 
@@ -107,7 +131,7 @@ def test_arguments_are_checked() -> None:
 def test_max_examples_uses_a_subset_of_the_curvature() -> None:
     curv = _curvature("gauss_newton")
     p = curv.n_params
-    _, info = LowRank(rank=p, max_examples=25).factorize(curv, DAMPING)
+    _, info = LowRank(rank=p, method="lanczos", max_examples=25).factorize(curv, DAMPING)
     assert info["examples"] == 25
     # The subset curvature is a different matrix: full rank reproduces its exact inverse.
     model, data = _tiny()
@@ -116,7 +140,7 @@ def test_max_examples_uses_a_subset_of_the_curvature() -> None:
     fm = FunctionalModel(model, ClassificationTask())
     sub = Curvature(fm, as_indexed(data, subset, batch_size=16))
     v = torch.randn(3, p, dtype=torch.float64)
-    low, _ = LowRank(rank=p, max_examples=25).solve(curv, v, DAMPING)
+    low, _ = LowRank(rank=p, method="lanczos", max_examples=25).solve(curv, v, DAMPING)
     assert _rel(low, Exact().solve(sub, v, DAMPING)[0]) < 1e-9
 
 
@@ -145,7 +169,7 @@ def test_self_influence_is_the_same_for_any_batch_size() -> None:
 
 def test_self_influence_matches_the_diagonal_of_lowrank_scores() -> None:
     model, data = _tiny()
-    solver = LowRank(rank=10, block_size=2)
+    solver = LowRank(rank=10, method="lanczos", block_size=2)
     result = compute_influence(
         model,
         data,
