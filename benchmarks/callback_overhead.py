@@ -17,13 +17,14 @@ Prints a markdown table; writes ``benchmarks/results/callback_overhead.json``.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
 from typing import Any
 
 import lightning as L
-from common import setup, table, write_json
+from common import RESULTS, setup, table, write_json
 from lightning.pytorch.callbacks import Callback
 
 from lightning_influence import InfluenceCallback, LiSSA
@@ -135,6 +136,12 @@ def main() -> None:
         title=f"InfluenceCallback overhead, digits CNN, {args.num_val} validation points, "
         f"{args.threads} thread(s)",
     )
+    # keep the rows of configurations not rerun this time
+    previous = RESULTS / "callback_overhead.json"
+    if previous.exists():
+        rerun = {row["config"] for row in rows}
+        old = json.loads(previous.read_text()).get("rows", [])
+        rows = [row for row in old if row["config"] not in rerun] + rows
     write_json(
         "callback_overhead",
         {"epochs": args.epochs, "num_val": args.num_val, "baseline": baseline, "rows": rows},

@@ -275,3 +275,22 @@ def test_state_dict_round_trip_and_state_key() -> None:
     with pytest.warns(UserWarning, match=r"settings \['damping'\] differ"):
         other.load_state_dict(state)
     assert other.state_key != callback.state_key  # two instances can share a checkpoint
+
+
+def test_out_of_memory_names_the_settings_and_restores_the_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def out_of_memory(model: nn.Module, *args: Any, **kwargs: Any) -> None:
+        model.eval()  # fail half-way, with the module changed
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("lightning_influence.callback.compute_influence", out_of_memory)
+    data, model = _small(), DigitsCNN(channels=2)
+    model.net[3].requires_grad_(False)
+    callback = InfluenceCallback(batch_size=16, num_val=4, parameters=["net.7.*"])
+    trainer = _trainer(tmp_path, [callback])
+    with pytest.raises(InfluenceError, match=r"out of memory.*Lower `batch_size` \(it is 16\)"):
+        trainer.fit(model, data)
+    assert trainer.global_step == 3
+    assert all(m.training for m in model.modules())  # as fit left it
+    assert [p.requires_grad for p in model.net[3].parameters()] == [False, False]
