@@ -167,9 +167,9 @@ def run_case(name: str, repeats: int) -> dict[str, Any]:
         rankings[label], times[label], infos[label] = si, t, info
         if solver is DEFAULT:
             rankings["LowRank() default, RelatIF (normalised)"] = rel
-    label = "LowRank() default, hessian"
+    label = "LowRank(method='lanczos', block_size=16), hessian"
     t, (si, _, info) = _best(
-        lambda: _self_influence(fm, data, DEFAULT, "hessian", damping), repeats
+        lambda: _self_influence(fm, data, HESSIAN, "hessian", damping), repeats
     )
     rankings[label], times[label], infos[label] = si, t, info
     rankings["training loss"] = loss
