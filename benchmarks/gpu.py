@@ -1,0 +1,255 @@
+"""GPU benchmark: scaling, memory, overhead vs an epoch and throughput with a ResNet-style model.
+
+Sized to finish in under 5 minutes on one H200: synthetic 3x32x32 images held on the GPU, a
+ResNet-style CNN (four residual stages, BatchNorm in evaluation mode, about 1.2M parameters),
+``LiSSA(depth=20, batch_size=256)`` with a fixed scale, no self-influence. Prints the same tables
+as the CPU scaling benchmark plus throughput (training examples scored per second) and peak GPU
+memory (``torch.cuda.max_memory_allocated``, reset before each run); writes
+``benchmarks/results/gpu.json``.
+
+Usage::
+
+    python benchmarks/gpu.py                    # on a machine with a CUDA GPU
+    python benchmarks/gpu.py --device cpu --tiny   # a smoke test of the script itself
+
+A ``--budget-s`` guard (default 270 s) skips the remaining runs once it is spent, so the script
+always ends with its tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from common import setup, table, write_json
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from lightning_influence import LiSSA, compute_influence
+
+
+class Block(nn.Module):
+    """Two 3x3 convolutions with BatchNorm and a (projected) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.short: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.short = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.short(x))
+
+
+def resnet(width: int = 32, classes: int = 10) -> nn.Module:
+    """Stem, four residual stages (``width`` to ``8 * width`` channels), pooling, linear head."""
+    torch.manual_seed(0)
+    w = width
+    return nn.Sequential(
+        nn.Conv2d(3, w, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(w),
+        nn.ReLU(),
+        Block(w, w, 1),
+        Block(w, 2 * w, 2),
+        Block(2 * w, 4 * w, 2),
+        Block(4 * w, 8 * w, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8 * w, classes),
+    )
+
+
+def synthetic(n: int, device: torch.device, seed: int) -> TensorDataset:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(n, 3, 32, 32, generator=gen, device=device)
+    y = torch.randint(0, 10, (n,), generator=gen, device=device)
+    return TensorDataset(x, y)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def one_run(
+    model: nn.Module,
+    train: TensorDataset,
+    n_val: int,
+    device: torch.device,
+    batch_size: int,
+    scale: float,
+    depth: int,
+    dtype: torch.dtype | None,
+    lissa_batch: int = 256,
+) -> dict[str, Any]:
+    val = synthetic(n_val, device, seed=1)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    start = time.perf_counter()
+    result = compute_influence(
+        model, train, val, solver=LiSSA(depth=depth, batch_size=lissa_batch, scale=scale),
+        damping=1e-3, self_influence=False, batch_size=batch_size, dtype=dtype, progress=False,
+    )  # fmt: skip
+    sync(device)
+    wall = time.perf_counter() - start
+    d = result.diagnostics
+    mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {
+        "n_train": len(train),
+        "n_val": n_val,
+        "dtype": str(dtype or torch.float32).replace("torch.", ""),
+        "total_s": wall,
+        "val_grads_s": d.get("time_val_gradients"),
+        "solver_s": d.get("time_solver"),
+        "scoring_s": d.get("time_scoring"),
+        "train_ex_per_s": len(train) / d["time_scoring"],
+        "gpu_peak_mb": mem,
+        "finite": bool(torch.isfinite(result.scores).all()),
+    }
+
+
+def epoch_time(model: nn.Module, train: TensorDataset, device: torch.device, batch: int) -> float:
+    import copy
+
+    net = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3)
+    x, y = train.tensors
+    sync(device)
+    start = time.perf_counter()
+    for i in range(0, len(x), batch):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x[i : i + batch]), y[i : i + batch]).backward()
+        opt.step()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def exponent(xs: list[float], ys: list[float]) -> float:
+    return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument("--budget-s", type=float, default=270.0)
+    parser.add_argument("--width", type=int, default=32)
+    args = parser.parse_args()
+    setup(threads=1 if args.device == "cpu" else 4)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("No CUDA device: run on a GPU machine, or pass `--device cpu --tiny`.")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # plain fp32 unless bf16 is asked for
+    started = time.perf_counter()
+    width = 4 if args.tiny else args.width
+    train_sizes = [64, 128, 256] if args.tiny else [10_000, 30_000, 100_000]
+    val_sizes = [2, 4, 8] if args.tiny else [8, 64, 512]
+    batch = 32 if args.tiny else 512
+    depth = 2 if args.tiny else 20
+    lissa_batch = 16 if args.tiny else 256
+    model = resnet(width).to(device).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {device} ({name}), model {n_params:,} parameters")
+    scale = 100.0  # fixed (no power iteration inside the timed calls); finite scores are checked
+
+    def within_budget() -> bool:
+        return time.perf_counter() - started < args.budget_s
+
+    # warm-up (CUDA context, kernels)
+    one_run(
+        model,
+        synthetic(train_sizes[0] // 4, device, 0),
+        2,
+        device,
+        batch,
+        scale,
+        1,
+        None,
+        lissa_batch,
+    )
+    train_rows = []
+    for n in train_sizes:
+        if not within_budget():
+            print(f"budget spent: n_train={n} skipped")
+            break
+        train_rows.append(
+            one_run(
+                model, synthetic(n, device, 0), 8, device, batch, scale, depth, None, lissa_batch
+            )
+        )
+    val_rows = []
+    mid = synthetic(train_sizes[1], device, 0)
+    for m in val_sizes:
+        if not within_budget():
+            print(f"budget spent: n_val={m} skipped")
+            break
+        val_rows.append(one_run(model, mid, m, device, batch, scale, depth, None, lissa_batch))
+    bf16_rows = []
+    if within_budget():
+        try:
+            bf16_rows.append(
+                one_run(
+                    model,
+                    mid,
+                    val_sizes[1],
+                    device,
+                    batch,
+                    scale,
+                    depth,
+                    torch.bfloat16,
+                    lissa_batch,
+                )
+            )
+        except Exception as exc:  # report, do not stop
+            bf16_rows.append({"dtype": "bfloat16", "error": f"{type(exc).__name__}: {exc}"[:200]})
+    overhead = {}
+    if within_budget():
+        ep = epoch_time(model, mid, device, 256)
+        inf = next((r for r in train_rows if r["n_train"] == len(mid)), None)
+        if inf:
+            overhead = {"n_train": len(mid), "epoch_s": ep, "influence_s": inf["total_s"],
+                        "ratio": inf["total_s"] / ep}  # fmt: skip
+    cols = ["n_train", "n_val", "dtype", "total_s", "val_grads_s", "solver_s", "scoring_s",
+            "train_ex_per_s", "gpu_peak_mb", "finite"]  # fmt: skip
+    table(train_rows, cols, f"GPU: time vs training points ({n_params:,} params)")
+    table(val_rows + bf16_rows, [*cols, "error"], "GPU: time vs validation points; bf16")
+    fits = {}
+    if len(train_rows) >= 2:
+        fits["n_train_total"] = exponent(
+            [r["n_train"] for r in train_rows], [r["total_s"] for r in train_rows]
+        )
+        if train_rows[0]["gpu_peak_mb"]:
+            fits["gpu_mem_ratio_last_first"] = (
+                train_rows[-1]["gpu_peak_mb"] / train_rows[0]["gpu_peak_mb"]
+            )
+    if len(val_rows) >= 2:
+        fits["n_val_total"] = exponent(
+            [r["n_val"] for r in val_rows], [r["total_s"] for r in val_rows]
+        )
+    if overhead:
+        table([overhead], list(overhead), "GPU: influence time vs one training epoch")
+    print(f"exponents and ratios: {fits}")
+    print(f"total wall time {time.perf_counter() - started:.0f} s")
+    write_json(
+        "gpu" if not args.tiny else "gpu_smoke",
+        {"n_params": n_params, "train_sweep": train_rows, "val_sweep": val_rows,
+         "bf16": bf16_rows, "overhead": overhead, "fits": fits},
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

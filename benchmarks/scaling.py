@@ -1,0 +1,264 @@
+"""Scaling: time vs training-set size and vs validation points, overhead vs a training epoch,
+peak memory vs training-set size, and the scaling plot for the docs.
+
+Every influence run is its own child process (``synthetic.py``), so each peak-RSS figure is its
+own. Sizes, sized for a shared 2-core CPU at one thread:
+
+- training-set sweep: 1k / 10k / 100k synthetic points, a ``100 -> 9000 -> 10`` ReLU MLP
+  (999,010 parameters), 8 validation points, ``LiSSA(depth=10, batch_size=32, scale=80)``, no
+  self-influence (no exact inverse exists at this size), scoring batches of 64;
+- validation sweep: 8 / 64 / 512 points, 1k training points, the same MLP 4x narrower
+  (``hidden=2250``, 249,760 parameters: 512 validation vectors of 1M parameters need ~2 GB per
+  copy and LiSSA keeps several copies, more than this shared machine has to spare);
+- overhead: one SGD epoch vs one influence run, for the digits CNN (Exact self-influence) and
+  the 1M-parameter model (10k points).
+
+Usage::
+
+    python benchmarks/scaling.py           # ~30 min on one thread, most of it the 100k run
+    python benchmarks/scaling.py --reuse   # reuse child runs already measured (cache)
+    python benchmarks/scaling.py --quick   # 1k / 5k / 10k and 8 / 32 / 128, a few minutes
+
+Prints tables and fitted exponents; writes ``benchmarks/results/scaling.json`` and
+``docs/img/scaling.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from common import MALLOC_ENV, ROOT, run_child, setup, table, write_json
+
+HIDDEN_1M = 9000
+HIDDEN_250K = 2250
+SCALE = "80"  # LiSSA scale, from one power-iteration estimate (82.7 incl. margin) on 1k points
+
+
+def exponent(xs: list[float], ys: list[float]) -> float:
+    """Slope of ``log y`` against ``log x`` (least squares): 1 means linear growth."""
+    return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
+
+
+def influence_args(n_train: int, n_val: int, hidden: int) -> list[str]:
+    return [
+        "influence", "--n-train", str(n_train), "--n-val", str(n_val), "--hidden", str(hidden),
+        "--scale", SCALE,
+    ]  # fmt: skip
+
+
+def sweep_train(sizes: list[int], reuse: bool) -> dict[str, Any]:
+    rows = []
+    for n in sizes:
+        r = run_child("synthetic.py", influence_args(n, 8, HIDDEN_1M), MALLOC_ENV, reuse=reuse)
+        d = r["diagnostics"]
+        rows.append(
+            {
+                "n_train": n,
+                "params": r["n_params"],
+                "total_s": d["time_total"],
+                "val_grads_s": d["time_val_gradients"],
+                "solver_s": d["time_solver"],
+                "scoring_s": d["time_scoring"],
+                "train_ex_per_s": n / d["time_scoring"],
+                "peak_rss_mb": r["peak_rss_mb"],
+                "baseline_rss_mb": r["baseline_rss_mb"],
+                "measured": r.get("measured"),
+            }
+        )
+    n = [r["n_train"] for r in rows]
+    fit = {
+        "total": exponent(n, [r["total_s"] for r in rows]),
+        "scoring": exponent(n, [r["scoring_s"] for r in rows]),
+        "peak_rss": exponent(n, [r["peak_rss_mb"] for r in rows]),
+        "rss_ratio_last_over_middle": rows[-1]["peak_rss_mb"] / rows[-2]["peak_rss_mb"],
+    }
+    table(
+        rows, [c for c in rows[0] if c != "measured"], "Time and peak memory vs training-set size"
+    )
+    print(f"exponents vs n_train: {fit}")
+    return {"rows": rows, "exponents": fit}
+
+
+def sweep_val(sizes: list[int], n_train: int, reuse: bool) -> dict[str, Any]:
+    rows = []
+    for m in sizes:
+        args = influence_args(n_train, m, HIDDEN_250K)
+        r = run_child("synthetic.py", args, MALLOC_ENV, reuse=reuse)
+        d = r["diagnostics"]
+        rows.append(
+            {
+                "n_val": m,
+                "n_train": n_train,
+                "params": r["n_params"],
+                "total_s": d["time_total"],
+                "val_grads_s": d["time_val_gradients"],
+                "solver_s": d["time_solver"],
+                "scoring_s": d["time_scoring"],
+                "peak_rss_mb": r["peak_rss_mb"],
+            }
+        )
+    m = [r["n_val"] for r in rows]
+    fit = {
+        "total": exponent(m, [r["total_s"] for r in rows]),
+        "solver": exponent(m, [r["solver_s"] for r in rows]),
+        "scoring": exponent(m, [r["scoring_s"] for r in rows]),
+    }
+    table(rows, list(rows[0]), "Time vs number of validation points")
+    print(f"exponents vs n_val: {fit}")
+    return {"rows": rows, "exponents": fit}
+
+
+def overhead_digits_cnn() -> dict[str, Any]:
+    """One Adam epoch of the digits CNN (batch 64) vs ``compute_influence`` with defaults."""
+    setup(threads=1)
+    from digits import DigitsCNN, DigitsDataModule
+
+    from lightning_influence import compute_influence
+
+    dm = DigitsDataModule(n_train=1200)
+    model = DigitsCNN()
+    opt = model.configure_optimizers()
+    loader = dm.train_dataloader()
+    for _ in range(3):  # a model that has seen the data, as after fit
+        for x, y in loader:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    epochs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for x, y in loader:
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            params = torch.cat([p.reshape(-1) for p in model.parameters()])
+            (loss + 0.5 * model.hparams.weight_decay * (params**2).sum()).backward()
+            opt.step()
+        epochs.append(time.perf_counter() - start)
+    model.eval()
+    val = torch.utils.data.TensorDataset(*[t[:64] for t in dm.val_dataset.tensors])
+    result = compute_influence(
+        model, dm.train_dataset, val, damping=model.hparams.weight_decay, progress=False
+    )
+    d = result.diagnostics
+    logging_s = _time_logging(result, dm.train_dataset, val)
+    row = {
+        "model": f"DigitsCNN ({result.settings['n_params']} params), 1,200 train, 64 val",
+        "epoch_s": min(epochs),
+        "influence_s": d["time_total"],
+        "ratio": d["time_total"] / min(epochs),
+        "val_grads_s": d.get("time_val_gradients"),
+        "solver_s": d.get("time_solver"),
+        "self_influence_s": d.get("time_self_influence_factorize"),
+        "scoring_s": d.get("time_scoring"),
+        "logging_s": logging_s,
+    }
+    return row
+
+
+def _time_logging(result: Any, train: Any, val: Any) -> float | None:
+    """Time of the plain-file output of ``log_influence`` (no logger), if it is implemented."""
+    try:
+        from lightning_influence.logging import log_influence
+        from lightning_influence.task import ClassificationTask
+
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            log_influence(result, [], train, val, ClassificationTask(), Path(tmp), None)
+            return time.perf_counter() - start
+    except Exception as exc:  # the logging stage may not exist yet
+        print(f"logging stage not timed: {type(exc).__name__}: {exc}")
+        return None
+
+
+def overhead_1m(n_train: int, reuse: bool) -> dict[str, Any]:
+    epoch = run_child(
+        "synthetic.py",
+        ["epoch", "--n-train", str(n_train), "--hidden", str(HIDDEN_1M)],
+        MALLOC_ENV,
+        reuse=reuse,
+    )
+    inf = run_child("synthetic.py", influence_args(n_train, 8, HIDDEN_1M), MALLOC_ENV, reuse=True)
+    d = inf["diagnostics"]
+    return {
+        "model": f"MLP ({inf['n_params']:,} params), {n_train:,} train, 8 val",
+        "epoch_s": epoch["wall_s"],
+        "influence_s": d["time_total"],
+        "ratio": d["time_total"] / epoch["wall_s"],
+        "val_grads_s": d.get("time_val_gradients"),
+        "solver_s": d.get("time_solver"),
+        "self_influence_s": None,
+        "scoring_s": d.get("time_scoring"),
+        "logging_s": None,
+    }
+
+
+def plot(train: dict[str, Any], val: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    rows = train["rows"]
+    n = np.array([r["n_train"] for r in rows], dtype=float)
+    ax = axes[0]
+    for key, label in [("total_s", "total"), ("scoring_s", "scoring"), ("solver_s", "solver")]:
+        ax.loglog(n, [r[key] for r in rows], "o-", label=label)
+    ax.loglog(n, rows[0]["scoring_s"] * n / n[0], "k:", label="linear")
+    ax.set(xlabel="training points", ylabel="seconds", title=f"p = {rows[0]['params']:,}, 8 val "
+           f"(exponent {train['exponents']['total']:.2f})")  # fmt: skip
+    ax.legend(fontsize=8)
+    vrows = val["rows"]
+    m = np.array([r["n_val"] for r in vrows], dtype=float)
+    ax = axes[1]
+    for key, label in [("total_s", "total"), ("scoring_s", "scoring"), ("solver_s", "solver")]:
+        ax.loglog(m, [r[key] for r in vrows], "o-", label=label)
+    ax.loglog(m, vrows[-1]["total_s"] * m / m[-1], "k:", label="linear")
+    ax.set(xlabel="validation points", ylabel="seconds", title=f"p = {vrows[0]['params']:,}, "
+           f"{vrows[0]['n_train']:,} train (exponent {val['exponents']['total']:.2f})")  # fmt: skip
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    ax.semilogx(n, [r["peak_rss_mb"] for r in rows], "o-", label="peak RSS")
+    ax.semilogx(n, [r["baseline_rss_mb"] for r in rows], "s--", label="before the call")
+    ax.set_ylim(0, max(r["peak_rss_mb"] for r in rows) * 1.3)
+    ax.set(xlabel="training points", ylabel="MiB", title="peak memory vs training points")
+    ax.legend(fontsize=8)
+    fig.suptitle("lightning-influence on CPU, one thread (" + time.strftime("%Y-%m-%d") + ")")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path.relative_to(ROOT)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Scaling, overhead and memory benchmarks")
+    parser.add_argument("--reuse", action="store_true", help="reuse cached child runs")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
+    parser.add_argument("--plot", default=str(ROOT / "docs" / "img" / "scaling.png"))
+    args = parser.parse_args()
+    setup(threads=1)
+    train_sizes = [1000, 5000, 10_000] if args.quick else [1000, 10_000, 100_000]
+    val_sizes = [8, 32, 128] if args.quick else [8, 64, 512]
+    train = sweep_train(train_sizes, args.reuse)
+    val = sweep_val(val_sizes, 1000, args.reuse)
+    over = [overhead_digits_cnn(), overhead_1m(10_000 if not args.quick else 5000, args.reuse)]
+    table(
+        over,
+        list(over[0]),
+        "Influence time vs one training epoch (ratio = influence / epoch), stage breakdown",
+    )
+    plot(train, val, Path(args.plot))
+    write_json(
+        "scaling",
+        {"train_sweep": train, "val_sweep": val, "overhead": over, "quick": args.quick},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""One synthetic influence job in its own process: time, stage breakdown and peak memory.
+
+The scaling and memory benchmarks call this script once per size (``common.run_child``) so that
+each peak-RSS figure belongs to one run only. The training set is generated on the fly from each
+index (a few hundred bytes per example are never held for the whole set), so the memory measured
+is the engine's, not the data's.
+
+Usage::
+
+    python benchmarks/synthetic.py influence --n-train 10000 --n-val 8 --hidden 9000
+    python benchmarks/synthetic.py epoch --n-train 10000 --hidden 9000
+
+The last line printed is a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+IN_DIM = 100
+CLASSES = 10
+
+
+class SyntheticClassification(Dataset[tuple[Tensor, Tensor]]):
+    """``n`` Gaussian inputs of dimension ``dim``, each drawn from a generator seeded by its
+    index, labelled by a fixed random linear teacher: nothing is stored per example."""
+
+    def __init__(self, n: int, dim: int = IN_DIM, seed: int = 0) -> None:
+        self.n, self.dim, self.seed = n, dim, seed
+        gen = torch.Generator().manual_seed(seed)
+        self.teacher = torch.randn(dim, CLASSES, generator=gen)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
+        x = torch.randn(self.dim, generator=gen)
+        return x, (x @ self.teacher).argmax()
+
+
+def wide_mlp(hidden: int, dim: int = IN_DIM) -> nn.Module:
+    """``dim -> hidden -> 10`` with ReLU: about ``hidden * (dim + 11)`` parameters
+    (``hidden=9000`` gives 1.0M; its forward costs about as much as its parameter count)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, CLASSES))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_influence(args: argparse.Namespace) -> dict[str, Any]:
+    from lightning_influence import LiSSA, compute_influence
+    from lightning_influence.data import as_indexed
+    from lightning_influence.hvp import Curvature
+    from lightning_influence.params import FunctionalModel
+    from lightning_influence.task import ClassificationTask
+
+    model = wide_mlp(args.hidden).eval()
+    train = SyntheticClassification(args.n_train, seed=0)
+    val = SyntheticClassification(args.n_val, seed=1)
+    scale = args.scale
+    if scale is None:  # estimated once, outside the timed call, on the first 1,000 examples
+        fm = FunctionalModel(model, ClassificationTask())
+        sub = as_indexed(train, torch.arange(min(1000, args.n_train)), args.batch_size)
+        est = LiSSA(batch_size=args.lissa_batch)
+        gen = torch.Generator().manual_seed(0)
+        scale = float(est.estimate_scale(Curvature(fm, sub), args.damping, gen))
+        del fm, sub
+    solver = LiSSA(depth=args.depth, batch_size=args.lissa_batch, scale=scale)
+    baseline = peak_rss_mb()
+    start = time.perf_counter()
+    result = compute_influence(
+        model,
+        train,
+        val,
+        solver=solver,
+        damping=args.damping,
+        self_influence=False,
+        batch_size=args.batch_size,
+        progress=False,
+    )
+    wall = time.perf_counter() - start
+    n_params = sum(p.numel() for p in model.parameters())
+    return {
+        "mode": "influence",
+        "n_train": args.n_train,
+        "n_val": args.n_val,
+        "n_params": n_params,
+        "batch_size": args.batch_size,
+        "lissa_depth": args.depth,
+        "lissa_batch": args.lissa_batch,
+        "scale": scale,
+        "damping": args.damping,
+        "wall_s": wall,
+        "baseline_rss_mb": baseline,
+        "peak_rss_mb": peak_rss_mb(),
+        "scores_shape": list(result.scores.shape),
+        "scores_finite": bool(torch.isfinite(result.scores).all()),
+        "diagnostics": {k: float(v) for k, v in result.diagnostics.items()},
+        "train_examples_per_s": args.n_train / result.diagnostics["time_scoring"],
+    }
+
+
+def run_epoch(args: argparse.Namespace) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+
+    model = wide_mlp(args.hidden)
+    loader = DataLoader(
+        SyntheticClassification(args.n_train, seed=0), batch_size=args.batch_size, shuffle=True
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=args.damping)
+    start = time.perf_counter()
+    for x, y in loader:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    wall = time.perf_counter() - start
+    return {
+        "mode": "epoch",
+        "n_train": args.n_train,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "batch_size": args.batch_size,
+        "wall_s": wall,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["influence", "epoch"])
+    parser.add_argument("--n-train", type=int, default=10_000)
+    parser.add_argument("--n-val", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=9000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--depth", type=int, default=10, help="LiSSA steps")
+    parser.add_argument("--lissa-batch", type=int, default=32)
+    parser.add_argument("--scale", type=float, default=None)
+    parser.add_argument("--damping", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = run_influence(args) if args.mode == "influence" else run_epoch(args)
+    out["threads"] = args.threads
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
