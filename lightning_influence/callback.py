@@ -441,8 +441,15 @@ def _find_data(
                 return first(getattr(owner, name)())
         return None
 
-    train = train or first(trainer.train_dataloader) or hooked("train_dataloader")
-    val = val or first(trainer.val_dataloaders) or hooked("val_dataloader")
+    # `is None`, not truthiness: `bool()` of a dataset or loader asks for its length
+    if train is None:
+        train = first(trainer.train_dataloader)
+    if train is None:
+        train = hooked("train_dataloader")
+    if val is None:
+        val = first(trainer.val_dataloaders)
+    if val is None:
+        val = hooked("val_dataloader")
     return train, val
 
 

@@ -54,7 +54,7 @@ def test_fit_result_by_dataset_index_saved_logged_and_equal_after_the_fact(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     L.seed_everything(0, verbose=False)
-    data, model = DigitsDataModule(batch_size=32, n_train=160), DigitsCNN(channels=4)
+    data, model = DigitsDataModule(batch_size=32, n_train=160), DigitsCNN(channels=2)
     callback = InfluenceCallback(**ARGS, top_k=3, log_val=2)
     logger = TensorBoardLogger(tmp_path, name="run")
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
@@ -105,7 +105,7 @@ def test_fit_result_by_dataset_index_saved_logged_and_equal_after_the_fact(
 
     # After the fact, from the checkpoint: the same result.
     again = influence_from_checkpoint(
-        DigitsCNN(channels=4), data, tmp_path / "ckpt" / "last.ckpt",
+        DigitsCNN(channels=2), data, tmp_path / "ckpt" / "last.ckpt",
         save_dir=str(tmp_path / "after"), top_k=3, log_val=2, **ARGS,
         trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False},
     )  # fmt: skip
