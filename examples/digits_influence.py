@@ -6,7 +6,7 @@ Everything lands in TensorBoard under ``runs/``; the script prints where and how
 
     python examples/digits_influence.py            # about 30 s on one CPU thread
     python examples/digits_influence.py --epochs 3 --quiet
-    tensorboard --logdir runs                      # then open the INFLUENCE panels
+    tensorboard --logdir runs                      # then look under the influence/ tags
 """
 
 from __future__ import annotations

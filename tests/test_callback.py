@@ -294,3 +294,19 @@ def test_out_of_memory_names_the_settings_and_restores_the_module(
     assert trainer.global_step == 3
     assert all(m.training for m in model.modules())  # as fit left it
     assert [p.requires_grad for p in model.net[3].parameters()] == [False, False]
+
+
+@pytest.mark.slow
+def test_example_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from digits_influence import main
+
+    runs = tmp_path / "runs"
+    result = main(["--epochs", "1", "--num-val", "8", "--quiet", "--runs", str(runs)])
+    out = capsys.readouterr().out
+    log_dir = runs / "digits_influence" / "version_0"
+    assert f"TensorBoard logs:  {log_dir.resolve()}" in out
+    assert f"tensorboard --logdir {runs}" in out
+    assert "most helpful:" in out and "Highest self-influence:" in out
+    assert list(log_dir.glob("events.out.tfevents.*"))
+    assert InfluenceResult.load(log_dir / "influence" / "influence.pt").equals(result)
+    assert result.scores.shape == (1200, 8)
