@@ -236,7 +236,10 @@ def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
 @pytest.mark.ddp
 def test_self_influence_under_two_processes_equals_one(tmp_path: Path) -> None:
     init = f"file://{tmp_path / 'store'}"
-    mp.spawn(_ddp_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    # Forked workers skip re-importing torch and the package (most of a spawned worker's time).
+    mp.start_processes(
+        _ddp_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True, start_method="fork"
+    )
     reference = _influence(60)
     merged = torch.zeros(60, dtype=torch.float64)
     seen = torch.zeros(60, dtype=torch.bool)
