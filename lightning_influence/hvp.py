@@ -10,6 +10,7 @@ Under data parallelism ``reduce`` sums across processes, so every process sees t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -69,6 +70,7 @@ class Curvature:
         self.n_total = int(self.reduce(local).item())
         if self.n_total == 0:
             raise ValueError("The training data is empty: there is no curvature to compute.")
+        self._gauss_newton_method: dict[int, str] = {}
 
     @property
     def n_params(self) -> int:
@@ -80,34 +82,38 @@ class Curvature:
         fm = self.model
         inputs, targets = fm.task.unpack(batch)
         inputs, targets = fm.cast(inputs), fm.cast(targets)
-        theta = fm.theta
-        vectors = vectors.to(dtype=theta.dtype, device=theta.device)
+        vectors = vectors.to(dtype=fm.dtype, device=fm.device)
         with torch.enable_grad():
             if self.kind == "hessian":
+                return _hessian_products(fm, inputs, targets, vectors)
+            out = _detach(fm.outputs(fm.theta, inputs))
+            if not isinstance(out, Tensor) or out.ndim == 0:
+                return _gauss_newton_products(fm, inputs, targets, out, vectors)
+            return self._fastest_gauss_newton(fm, inputs, targets, out, vectors)
 
-                def total(th: Tensor) -> Tensor:
-                    return fm.losses(th, inputs, targets).sum()
+    def _fastest_gauss_newton(
+        self, fm: FunctionalModel, inputs: Any, targets: Any, out: Tensor, vectors: Tensor
+    ) -> Tensor:
+        """Gauss-Newton products by whichever method was faster the first time for this block size.
 
-                def hv(v: Tensor) -> Tensor:
-                    return jvp(grad(total), (theta,), (v,))[1]
-
-                return vmap(hv)(vectors)
-
-            def outputs(th: Tensor) -> Any:
-                return fm.outputs(th, inputs)
-
-            out, pullback = vjp(outputs, theta)  # type: ignore[misc]
-            out = _detach(out)
-
-            def loss_of_outputs(o: Any) -> Tensor:
-                return fm.losses_from_outputs(o, targets).sum()
-
-            def gnv(v: Tensor) -> Tensor:
-                jv = jvp(outputs, (theta,), (v,))[1]
-                hjv = jvp(grad(loss_of_outputs), (out,), (jv,))[1]
-                return pullback(hjv)[0]
-
-            return vmap(gnv)(vectors)
+        Forward-and-reverse products cost two passes per vector; per-example Jacobians cost one
+        reverse pass per model output, whatever the number of vectors. Which wins depends on the
+        layers (convolutions are slow under vmapped forward mode), so both are timed once.
+        """
+        methods = {"products": _gauss_newton_products, "jacobians": _gauss_newton_by_jacobians}
+        chosen = self._gauss_newton_method.get(vectors.shape[0])
+        if chosen is not None:
+            return methods[chosen](fm, inputs, targets, out, vectors)
+        timings, result = {}, None
+        for name, method in methods.items():
+            _synchronize(fm.device)
+            start = time.perf_counter()
+            result = method(fm, inputs, targets, out, vectors)
+            _synchronize(fm.device)
+            timings[name] = time.perf_counter() - start
+        self._gauss_newton_method[vectors.shape[0]] = min(timings, key=timings.__getitem__)
+        assert result is not None
+        return result
 
     def matvec(self, vectors: Tensor) -> Tensor:
         """Mean curvature over all training data applied to each row of ``vectors`` ``[m, p]``."""
@@ -136,6 +142,72 @@ class Curvature:
         cols = [self.matvec(eye[i : i + chunk]) for i in range(0, p, chunk)]
         mat = torch.cat(cols)
         return (mat + mat.T) / 2
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _hessian_products(fm: FunctionalModel, inputs: Any, targets: Any, vectors: Tensor) -> Tensor:
+    def total(th: Tensor) -> Tensor:
+        return fm.losses(th, inputs, targets).sum()
+
+    def hv(v: Tensor) -> Tensor:
+        return jvp(grad(total), (fm.theta,), (v,))[1]
+
+    return vmap(hv)(vectors)
+
+
+def _gauss_newton_products(
+    fm: FunctionalModel, inputs: Any, targets: Any, out: Any, vectors: Tensor
+) -> Tensor:
+    """``J^T H_out J v``: forward mode for ``J v``, reverse mode for ``J^T``, vmapped over ``v``."""
+
+    def outputs(th: Tensor) -> Any:
+        return fm.outputs(th, inputs)
+
+    _, pullback = vjp(outputs, fm.theta)  # type: ignore[misc]
+
+    def loss_of_outputs(o: Any) -> Tensor:
+        return fm.losses_from_outputs(o, targets).sum()
+
+    def gnv(v: Tensor) -> Tensor:
+        jv = jvp(outputs, (fm.theta,), (v,))[1]
+        hjv = jvp(grad(loss_of_outputs), (out,), (jv,))[1]
+        return pullback(hjv)[0]
+
+    return vmap(gnv)(vectors)
+
+
+def _gauss_newton_by_jacobians(
+    fm: FunctionalModel, inputs: Any, targets: Any, out: Tensor, vectors: Tensor
+) -> Tensor:
+    """``sum_b J_b^T H_b J_b v`` with per-example Jacobians ``J_b`` ``[k, p]`` and loss Hessians
+    ``H_b`` ``[k, k]`` (``k`` outputs per example)."""
+    one = _one_example
+
+    def output_of_one(th: Tensor, x: Any) -> Tensor:
+        return fm.outputs(th, one(x)).reshape(-1)
+
+    def loss_of_one(o: Tensor, y: Any) -> Tensor:
+        return fm.losses_from_outputs(o.reshape(1, *out.shape[1:]), one(y))[0]
+
+    jac = vmap(torch.func.jacrev(output_of_one), in_dims=(None, 0))(fm.theta, inputs)  # [B, k, p]
+    h_out = vmap(torch.func.hessian(loss_of_one))(out.reshape(out.shape[0], -1), targets)
+    jv = torch.einsum("bkp,mp->bkm", jac, vectors)
+    hjv = torch.einsum("bkl,blm->bkm", h_out, jv)
+    return torch.einsum("bkp,bkm->mp", jac, hjv)
+
+
+def _one_example(tree: Any) -> Any:
+    if isinstance(tree, Tensor):
+        return tree.unsqueeze(0)
+    if isinstance(tree, dict):
+        return {k: _one_example(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_one_example(v) for v in tree)
+    return tree
 
 
 def _detach(tree: Any) -> Any:

@@ -141,6 +141,20 @@ def test_gauss_newton_products_equal_jacobian_reference() -> None:
     assert eig.min() > -1e-12  # positive semi-definite even though the model is not convex
 
 
+@pytest.mark.parametrize("method", ["products", "jacobians"])
+def test_both_gauss_newton_methods_agree_with_the_dense_matrix(method: str) -> None:
+    from lightning_influence import hvp
+
+    model, data = _mlp(), _toy()
+    x, y = data.tensors
+    fm = FunctionalModel(model, ClassificationTask())
+    dense = Curvature(fm, as_indexed(data, batch_size=64)).dense() * len(y)
+    out = fm.outputs(fm.theta, x).detach()
+    v = torch.randn(7, fm.n_params)
+    fn = {"products": hvp._gauss_newton_products, "jacobians": hvp._gauss_newton_by_jacobians}
+    torch.testing.assert_close(fn[method](fm, x, y, out, v), v @ dense, rtol=1e-9, atol=1e-11)
+
+
 def _analytic_logistic_hessian(model: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """Hessian of mean softmax cross-entropy for logits W x + b, parameters (W row-major, b)."""
     probs = torch.softmax(model(x), -1).detach()
