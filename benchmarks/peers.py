@@ -328,11 +328,12 @@ def dattri_lissa(case: Case) -> Outcome:
     scaling = 50.0
     task = AttributionTask(loss_func=loss_func, model=model, checkpoints=model.state_dict())
     attributor = IFAttributorLiSSA(task=task, damping=DAMPING / scaling, scaling=scaling)
-    train_loader, val_loader = _loaders(case)
+    _, val_loader = _loaders(case)
+    # one training batch: dattri recomputes the validation IHVPs for every training batch
     full = DataLoader(case.train, batch_size=len(case.train))
     start = time.perf_counter()
     attributor.cache(full)
-    pair = attributor.attribute(train_loader, val_loader)
+    pair = attributor.attribute(full, val_loader)
     t = time.perf_counter() - start
     return Outcome(-_orient(pair, len(case.train), len(case.val)), t, note="self-influence skipped")
 
