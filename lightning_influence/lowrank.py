@@ -36,7 +36,7 @@ class LowRank(FactorizedSolver):
     Two methods build the eigenpairs from ``rank + oversample`` curvature-vector products (at
     most the parameter count):
 
-    - ``"nystrom"`` (default): the randomized Nystrom approximation ``Y (Omega^T Y)^+ Y^T`` with
+    - ``"nystrom"``: the randomized Nystrom approximation ``Y (Omega^T Y)^+ Y^T`` with
       ``Y = H Omega`` for a random orthonormal block ``Omega``: all products in one pass over
       the data. Needs a positive semi-definite curvature (Gauss-Newton).
     - ``"lanczos"``: Lanczos with full reorthogonalisation (twice-classical Gram-Schmidt against
@@ -45,7 +45,9 @@ class LowRank(FactorizedSolver):
       indefinite Hessian too, and with ``rank`` equal to the parameter count it equals
       :class:`~lightning_influence.Exact`.
 
-    Eigenpairs are kept by largest eigenvalue. Self-influence ``g^T (H + damping I)^-1 g`` is
+    ``"auto"`` (default) takes Nystrom for the Gauss-Newton curvature and block Lanczos in two
+    passes (blocks of half the products) for the Hessian. Eigenpairs are kept by largest
+    eigenvalue. Self-influence ``g^T (H + damping I)^-1 g`` is
     dominated by ``|g|^2 / damping`` plus a correction along the top eigenvectors, so a small
     rank suffices for rankings (see the self-influence page of the docs for the measurements
     behind the defaults).
@@ -53,9 +55,9 @@ class LowRank(FactorizedSolver):
     Args:
         rank: eigenpairs kept; at most the number of chosen parameters.
         oversample: extra products beyond ``rank`` (sharpen the kept eigenpairs).
-        method: ``"nystrom"`` or ``"lanczos"``.
-        block_size: products per pass over the data; by default all of them for ``"nystrom"``
-            and 1 (plain Lanczos) for ``"lanczos"``.
+        method: ``"auto"``, ``"nystrom"`` or ``"lanczos"``.
+        block_size: products per pass over the data; by default all of them for ``"nystrom"``,
+            1 (plain Lanczos) for ``"lanczos"``, half of them for ``"auto"`` on the Hessian.
         max_examples: estimate the curvature on a random subset of this many training examples
             per process (all of them when ``None``); the subset is drawn with ``seed``.
         seed: seeds the random vectors and the subset.
@@ -77,15 +79,17 @@ class LowRank(FactorizedSolver):
 
     rank: int = 16
     oversample: int = 16
-    method: Literal["nystrom", "lanczos"] = "nystrom"
+    method: Literal["auto", "nystrom", "lanczos"] = "auto"
     block_size: int | None = None
     max_examples: int | None = 256
     seed: int = 0
     name = "lowrank"
 
     def __post_init__(self) -> None:
-        if self.method not in ("nystrom", "lanczos"):
-            raise ValueError(f"`method` must be 'nystrom' or 'lanczos', got {self.method!r}.")
+        if self.method not in ("auto", "nystrom", "lanczos"):
+            raise ValueError(
+                f"`method` must be 'auto', 'nystrom' or 'lanczos', got {self.method!r}."
+            )
         for arg in ("rank", "block_size"):
             value = getattr(self, arg)
             if arg == "block_size" and value is None:
@@ -122,13 +126,18 @@ class LowRank(FactorizedSolver):
         generator = torch.Generator().manual_seed(self.seed)
         curv = self._subset(curvature, generator)
         dim = min(p, self.rank + self.oversample)
-        if self.method == "nystrom":
+        method, block_size = self.method, self.block_size
+        if method == "auto":
+            method = "nystrom" if curv.kind == "gauss_newton" else "lanczos"
+            if method == "lanczos" and block_size is None:
+                block_size = max(1, -(-dim // 2))
+        if method == "nystrom":
             evals, evecs, n_products, n_passes = _nystrom(
-                curv, dim, self.block_size or dim, generator, progress
+                curv, dim, block_size or dim, generator, progress
             )
         else:
             evals, evecs, n_products, n_passes = _lanczos(
-                curv, dim, self.block_size or 1, generator, progress
+                curv, dim, block_size or 1, generator, progress
             )
         order = torch.argsort(evals, descending=True)[: self.rank]
         evals, evecs = evals[order], evecs[order]

@@ -78,6 +78,10 @@ def test_small_rank_equals_truncated_inverse(kind: CurvatureKind) -> None:
     else:
         with pytest.raises(ValueError, match="positive semi-definite"):
             LowRank(rank=rank, method="nystrom").solve(curv, v, DAMPING)
+        # The default picks block Lanczos for the Hessian: 2 passes, complete at this size.
+        low, info = LowRank(rank=rank, oversample=p - rank).solve(curv, v, DAMPING)
+        assert info["curvature_passes"] == 2
+        assert _rel(low, reference) < 1e-9
 
 
 def test_default_oversampling_finds_the_top_eigenpairs() -> None:
@@ -120,7 +124,7 @@ def test_arguments_are_checked() -> None:
         LowRank(rank=0)
     with pytest.raises(ValueError, match="`oversample`"):
         LowRank(oversample=-1)
-    with pytest.raises(ValueError, match="`method` must be 'nystrom' or 'lanczos'"):
+    with pytest.raises(ValueError, match="`method` must be 'auto', 'nystrom' or 'lanczos'"):
         LowRank(method="arnoldi")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`block_size`"):
         LowRank(block_size=0)
