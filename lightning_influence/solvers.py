@@ -12,6 +12,7 @@ that move together, so one curvature product serves all of them.
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -173,23 +174,30 @@ class LiSSA(Solver):
     """Stochastic Neumann recursion on minibatch curvature, all right-hand sides together.
 
     ``h_0 = v``, ``h_t = v + h_{t-1} - (H_B + damping I) h_{t-1} / scale``, result ``h_T / scale``
-    (the form of Koh & Liang, with the damping kept as ``damping`` whatever ``scale`` is). Two
-    additions make the defaults converge on ill-conditioned problems without hand tuning:
-    heavy-ball momentum on the same series (set ``momentum=0`` for the textbook recursion) and
-    the average of the last ``average`` fraction of iterates, which cancels minibatch noise.
+    (the form of Koh & Liang, with the damping kept as ``damping`` whatever ``scale`` is). The
+    defaults need no tuning: ``scale`` from power iteration on several minibatches, ``depth`` from
+    the condition number, and the average of the last ``average`` fraction of the iterates, which
+    cancels the minibatch noise that otherwise caps the accuracy. Heavy-ball momentum on the same
+    series is available for ill-conditioned problems.
 
     Args:
         depth: recursion steps per repeat; ``None`` picks three times ``scale / damping``, the
-            number of steps the slowest direction needs.
+            number of steps the slowest direction needs, up to ``max_depth`` (with a warning
+            when that truncates the series).
         repeats: independent chains (different minibatches) averaged together.
         batch_size: examples per minibatch curvature product.
         scale: must exceed the largest eigenvalue of every minibatch ``H_B + damping I``;
             estimated by power iteration over ``probe_batches`` minibatches, times
             ``scale_margin``, when ``None``.
         momentum: ``"auto"`` picks the heavy-ball weight from ``damping / scale``; a float fixes it.
+            Momentum needs far fewer steps on ill-conditioned problems but amplifies minibatch
+            noise and can diverge with small minibatches; off (0) by default.
         tol: stop early once the relative change of the averaged estimate is below this.
         average: fraction of the final iterates averaged (0 keeps the last iterate only).
         seed: seeds the minibatch draws and the power iteration.
+        scale_margin: factor on the largest minibatch eigenvalue found.
+        probe_batches: minibatches probed for the largest eigenvalue.
+        max_depth: the most steps an automatic ``depth`` may take.
 
     Example:
         >>> LiSSA(depth=500, batch_size=128).repeats
@@ -206,6 +214,7 @@ class LiSSA(Solver):
     seed: int = 0
     scale_margin: float = 1.25
     probe_batches: int = 8
+    max_depth: int = 5000
     name = "lissa"
 
     def __post_init__(self) -> None:
@@ -247,7 +256,15 @@ class LiSSA(Solver):
         """Run the recursion on every row of ``vectors`` at once."""
         generator = torch.Generator().manual_seed(self.seed)
         scale = self.scale or self.estimate_scale(curvature, damping, generator)
-        depth = self.depth or auto_depth(scale, damping)
+        depth = self.depth or auto_depth(scale, damping, max_depth=self.max_depth)
+        if self.depth is None and depth < 3 * scale / max(damping, 1e-12):
+            warnings.warn(
+                f"LiSSA: the condition number scale / damping = {scale / damping:.3g} needs about "
+                f"{3 * scale / damping:.0f} steps, above `max_depth={self.max_depth}`; the result "
+                "is a truncated series, which acts like a larger damping. Raise `damping`, raise "
+                "`max_depth`, or use `CG()` / `Exact()` for converged scores.",
+                stacklevel=2,
+            )
         if self.momentum == "auto":
             root = math.sqrt(max(damping, 1e-12) / scale)
             beta, step = ((1 - root) / (1 + root)) ** 2, 4 / (1 + root) ** 2
@@ -313,7 +330,7 @@ def _top_eigenvalue(
     return eig
 
 
-def auto_depth(scale: float, damping: float, min_depth: int = 100, max_depth: int = 20_000) -> int:
+def auto_depth(scale: float, damping: float, min_depth: int = 100, max_depth: int = 5000) -> int:
     """Recursion depth for the plain series: three times the condition number ``scale / damping``.
 
     The slowest direction contracts by ``1 - damping / scale`` per step; the last half of the
