@@ -240,6 +240,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Scaling, overhead and memory benchmarks")
     parser.add_argument("--reuse", action="store_true", help="reuse cached child runs")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
+    parser.add_argument("--no-overhead", action="store_true", help="skip the epoch comparison")
     parser.add_argument("--plot", default=str(ROOT / "docs" / "img" / "scaling.png"))
     args = parser.parse_args()
     setup(threads=1)
@@ -247,13 +248,15 @@ def main() -> None:
     val_sizes = [8, 32, 128] if args.quick else [8, 64, 512]
     train = sweep_train(train_sizes, args.reuse)
     val = sweep_val(val_sizes, 1000, args.reuse)
-    over = [overhead_digits_cnn(), overhead_1m(10_000 if not args.quick else 5000, args.reuse)]
-    table(
-        over,
-        list(over[0]),
-        "Influence time vs one training epoch (ratio = influence / epoch), stage breakdown",
-    )
     plot(train, val, Path(args.plot))
+    over: list[dict[str, Any]] = []
+    if not args.no_overhead:
+        over = [overhead_1m(10_000 if not args.quick else 5000, args.reuse), overhead_digits_cnn()]
+        table(
+            over,
+            list(over[0]),
+            "Influence time vs one training epoch (ratio = influence / epoch), stage breakdown",
+        )
     write_json(
         "scaling",
         {"train_sweep": train, "val_sweep": val, "overhead": over, "quick": args.quick},
