@@ -26,7 +26,37 @@ from tqdm.auto import tqdm
 from lightning_influence.hvp import Curvature
 from lightning_influence.solvers import Diagnostics, FactorizedSolver, InverseOperator
 
-__all__ = ["LowRank"]
+__all__ = ["LowRank", "LowRankInverse"]
+
+
+class LowRankInverse:
+    """``(H + damping I)^-1`` as ``v / damping + ((v U^T) * w) U``, with ``U`` the kept
+    eigenvectors as rows and ``w_k = 1 / (e_k + damping) - 1 / damping``.
+
+    Calling it applies the inverse to a block ``[m, p]``; :meth:`quadratic` gives
+    ``v^T (H + damping I)^-1 v`` per row with one ``[m, p] x [p, rank]`` product (self-influence
+    without forming the ``[m, p]`` result).
+
+    Example:
+        >>> import torch
+        >>> inverse = LowRankInverse(torch.eye(3)[:1], torch.tensor([-0.5]), damping=1.0)
+        >>> inverse(torch.ones(1, 3))
+        tensor([[0.5000, 1.0000, 1.0000]])
+        >>> inverse.quadratic(torch.ones(1, 3))
+        tensor([2.5000])
+    """
+
+    def __init__(self, evecs: Tensor, weights: Tensor, damping: float) -> None:
+        self.evecs, self.weights, self.damping = evecs, weights, damping
+
+    def __call__(self, vectors: Tensor) -> Tensor:
+        v = vectors.to(dtype=self.evecs.dtype, device=self.evecs.device)
+        return v / self.damping + ((v @ self.evecs.T) * self.weights) @ self.evecs
+
+    def quadratic(self, vectors: Tensor) -> Tensor:
+        """``v^T (H + damping I)^-1 v`` for each row ``v`` of ``vectors``."""
+        v = vectors.to(dtype=self.evecs.dtype, device=self.evecs.device)
+        return (v * v).sum(1) / self.damping + ((v @ self.evecs.T) ** 2 * self.weights).sum(1)
 
 
 @dataclass(frozen=True)
@@ -149,10 +179,7 @@ class LowRank(FactorizedSolver):
                 "`damping` or use curvature='gauss_newton', which is positive semi-definite."
             )
         weights = (1.0 / shifted - 1.0 / damping).to(evecs.dtype)
-
-        def inverse(vectors: Tensor) -> Tensor:
-            v = vectors.to(dtype=evecs.dtype, device=evecs.device)
-            return v / damping + ((v @ evecs.T) * weights) @ evecs
+        inverse = LowRankInverse(evecs.contiguous(), weights, damping)
 
         info: Diagnostics = {
             "rank": float(self.rank),

@@ -112,6 +112,13 @@ def test_default_oversampling_finds_the_top_eigenpairs() -> None:
     assert info["max_eigenvalue"] < more["max_eigenvalue"] <= float(evals[-1]) * (1 + 1e-12)
 
 
+def test_quadratic_form_equals_the_inverse() -> None:
+    curv = _curvature("gauss_newton")
+    inverse, _ = LowRank(rank=6).factorize(curv, DAMPING)
+    v = torch.randn(9, curv.n_params, dtype=torch.float64)
+    assert _rel(inverse.quadratic(v), (v * inverse(v)).sum(1)) < 1e-12  # type: ignore[attr-defined]
+
+
 def test_arguments_are_checked() -> None:
     curv = _curvature("gauss_newton")
     with pytest.raises(
