@@ -13,12 +13,14 @@ Prints markdown tables and ratios; writes ``benchmarks/results/engine.json``.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from typing import Any
 
 import torch
 from common import (
     MALLOC_ENV,
+    RESULTS,
     WEIGHT_DECAY,
     agreement,
     fitted_digits,
@@ -246,7 +248,17 @@ def main() -> None:
         print(f"  LiSSA 64 val points: batched {out['lissa_batched']['speedup']:.1f}x faster")
     if "memory" in out:
         print(f"  peak RSS 100k / 10k: {out['memory']['ratio']:.3f}")
-    write_json("engine", out)
+    write_json("engine", {**_previous(), **out})
+
+
+def _previous() -> dict[str, Any]:
+    """Parts of an earlier ``engine.json`` (so that ``--only`` runs add to it)."""
+    path = RESULTS / "engine.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    data.pop("machine", None)
+    return data
 
 
 if __name__ == "__main__":
