@@ -16,15 +16,31 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_influence.data import IndexedData, as_indexed
 from lightning_influence.hvp import Curvature, CurvatureKind
+from lightning_influence.lowrank import LowRank
 from lightning_influence.params import FunctionalModel
 from lightning_influence.results import InfluenceResult
 from lightning_influence.scores import example_pass, perturbation_influence
 from lightning_influence.solvers import Exact, FactorizedSolver, LiSSA, Solver
 from lightning_influence.task import ClassificationTask, Task
 
-__all__ = ["compute_influence", "evaluation_mode", "influence_on_parameters"]
+__all__ = [
+    "compute_influence",
+    "default_self_influence_solver",
+    "evaluation_mode",
+    "influence_on_parameters",
+]
 
 Data = Dataset[Any] | DataLoader[Any] | IndexedData
+
+
+def default_self_influence_solver(n_params: int) -> FactorizedSolver:
+    """``Exact()`` for up to 512 parameters (cheap and exact), else ``LowRank()``.
+
+    Example:
+        >>> default_self_influence_solver(100).name, default_self_influence_solver(10_000).name
+        ('exact', 'lowrank')
+    """
+    return Exact() if n_params <= 512 else LowRank()
 
 
 @contextmanager
@@ -74,7 +90,9 @@ def compute_influence(
         parameters: shell-style name patterns of the parameters to use (all trainable by default).
         curvature: ``"gauss_newton"`` (positive semi-definite, the default) or ``"hessian"``.
         self_influence: also compute ``g_i^T (H + damping I)^-1 g_i`` for every training example.
-        self_influence_solver: a solver that factorizes once; ``Exact()`` by default.
+        self_influence_solver: a solver that factorizes once; by default ``LowRank()`` (top
+            eigenpairs of the curvature, damping on the rest), or ``Exact()`` for models with at
+            most 512 chosen parameters.
         train_indices: dataset indices of the training examples to score (all by default). The
             curvature is always that of these examples (summed over processes with ``reduce``).
         val_indices: dataset indices of the validation examples (all by default).
@@ -93,6 +111,7 @@ def compute_influence(
     Example:
         >>> import torch
         >>> from torch.utils.data import TensorDataset
+        >>> from lightning_influence import Exact
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
         >>> x, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
@@ -154,7 +173,7 @@ def _compute(
 
     inverse = None
     self_info: dict[str, float] = {}
-    si_solver = self_influence_solver or Exact()
+    si_solver = self_influence_solver or default_self_influence_solver(fm.n_params)
     if self_influence:
         t0 = time.perf_counter()
         inverse, self_info = si_solver.factorize(curv, damping, progress)
@@ -248,6 +267,7 @@ def influence_on_parameters(
     Example:
         >>> import torch
         >>> from torch.utils.data import TensorDataset
+        >>> from lightning_influence import Exact
         >>> data = TensorDataset(torch.randn(20, 3), torch.randint(0, 2, (20,)))
         >>> influence_on_parameters(torch.nn.Linear(3, 2), data, [0, 5], solver=Exact(),
         ...                         damping=0.1).shape

@@ -72,7 +72,8 @@ class InfluenceCallback(Callback):
         task: how a batch becomes per-sample losses (``ClassificationTask()`` by default).
         curvature: ``"gauss_newton"`` or ``"hessian"``.
         self_influence: also compute self-influence (suspected mislabels, outliers).
-        self_influence_solver: a factorizing solver for self-influence (``Exact()`` by default).
+        self_influence_solver: a factorizing solver for self-influence (by default ``LowRank()``,
+            or ``Exact()`` for at most 512 parameters).
         num_outliers: training examples with the highest self-influence shown.
         perturbation_k: per validation point, input-space influence maps of its top-k helpful and
             harmful training examples (0 turns them off).

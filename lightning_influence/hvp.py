@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
+from torch.utils._pytree import tree_map
 
 from lightning_influence.data import IndexedData
 from lightning_influence.params import FunctionalModel
@@ -94,26 +95,29 @@ class Curvature:
     def _fastest_gauss_newton(
         self, fm: FunctionalModel, inputs: Any, targets: Any, out: Tensor, vectors: Tensor
     ) -> Tensor:
-        """Gauss-Newton products by whichever method was faster the first time for this block size.
+        """Gauss-Newton products by whichever method is faster for this block size.
 
         Forward-and-reverse products cost two passes per vector; per-example Jacobians cost one
         reverse pass per model output, whatever the number of vectors. Which wins depends on the
-        layers (convolutions are slow under vmapped forward mode), so both are timed once.
+        layers (convolutions are slow under vmapped forward mode), so both are timed once, on the
+        first few examples of the first batch.
         """
         methods = {"products": _gauss_newton_products, "jacobians": _gauss_newton_by_jacobians}
         chosen = self._gauss_newton_method.get(vectors.shape[0])
-        if chosen is not None:
-            return methods[chosen](fm, inputs, targets, out, vectors)
-        timings, result = {}, None
-        for name, method in methods.items():
-            _synchronize(fm.device)
-            start = time.perf_counter()
-            result = method(fm, inputs, targets, out, vectors)
-            _synchronize(fm.device)
-            timings[name] = time.perf_counter() - start
-        self._gauss_newton_method[vectors.shape[0]] = min(timings, key=timings.__getitem__)
-        assert result is not None
-        return result
+        if chosen is None:
+            few_inputs, few_targets, few_out = (
+                _head(t, _PROBE_EXAMPLES) for t in (inputs, targets, out)
+            )
+            timings = {}
+            for name, method in methods.items():
+                _synchronize(fm.device)
+                start = time.perf_counter()
+                method(fm, few_inputs, few_targets, few_out, vectors)
+                _synchronize(fm.device)
+                timings[name] = time.perf_counter() - start
+            chosen = min(timings, key=timings.__getitem__)
+            self._gauss_newton_method[vectors.shape[0]] = chosen
+        return methods[chosen](fm, inputs, targets, out, vectors)
 
     def matvec(self, vectors: Tensor) -> Tensor:
         """Mean curvature over all training data applied to each row of ``vectors`` ``[m, p]``."""
@@ -142,6 +146,14 @@ class Curvature:
         cols = [self.matvec(eye[i : i + chunk]) for i in range(0, p, chunk)]
         mat = torch.cat(cols)
         return (mat + mat.T) / 2
+
+
+_PROBE_EXAMPLES = 32
+
+
+def _head(tree: Any, n: int) -> Any:
+    """The first ``n`` examples of a batch (a tensor or a nest of them)."""
+    return tree_map(lambda t: t[:n] if isinstance(t, Tensor) and t.ndim > 0 else t, tree)
 
 
 def _synchronize(device: torch.device) -> None:

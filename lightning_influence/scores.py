@@ -71,7 +71,7 @@ def example_pass(
         if val_inverse is not None:
             parts["score"].append((-(g @ val_inverse.to(g.dtype).T)).cpu())
         if inverse is not None:
-            parts["self"].append((g * inverse(g).to(g.dtype)).sum(1).cpu())
+            parts["self"].append(_quadratic(inverse, g).cpu())
         if keep_gradients:
             parts["grad"].append(g)
         idx_parts.append(idx)
@@ -92,6 +92,14 @@ def example_pass(
         self_influence=cat(parts["self"]) if inverse is not None else None,
         gradients=cat(parts["grad"]) if keep_gradients else None,
     )
+
+
+def _quadratic(inverse: Callable[[Tensor], Tensor], g: Tensor) -> Tensor:
+    """``g_i^T inverse(g_i)`` per row; one matrix product when the inverse offers ``quadratic``."""
+    quadratic = getattr(inverse, "quadratic", None)
+    if quadratic is not None:
+        return quadratic(g).to(g.dtype)
+    return (g * inverse(g).to(g.dtype)).sum(1)
 
 
 def perturbation_influence(model: FunctionalModel, batch: Any, val_inverse: Tensor) -> Tensor:
