@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 Data = Dataset[Any] | DataLoader[Any] | IndexedData
+CURVATURE_BATCH = 256
 
 
 def default_self_influence_solver(n_params: int) -> FactorizedSolver:
@@ -159,7 +160,8 @@ def _compute(
         raise ValueError(
             "The validation data is empty: pass a non-empty `val_data` (or `val_indices`)."
         )
-    curv = Curvature(fm, train, curvature, reduce)
+    # Full passes over the curvature data (CG, Exact, LowRank) run faster in larger batches.
+    curv = Curvature(fm, train.rebatched(max(train.batch_size, CURVATURE_BATCH)), curvature, reduce)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()

@@ -54,6 +54,10 @@ class IndexedData:
         """How many batches :meth:`batches` yields."""
         return -(-len(self) // self.batch_size)
 
+    def rebatched(self, batch_size: int) -> IndexedData:
+        """The same examples in batches of ``batch_size``."""
+        return IndexedData(self.dataset, self.indices, batch_size, self.collate_fn)
+
     def subset(self, indices: Tensor) -> IndexedData:
         """The same data restricted to the given dataset indices."""
         return IndexedData(self.dataset, indices, self.batch_size, self.collate_fn)
@@ -91,7 +95,7 @@ def as_indexed(
             )
         base = base.subset(idx)
     if batch_size is not None:
-        base = IndexedData(base.dataset, base.indices, batch_size, base.collate_fn)
+        base = base.rebatched(batch_size)
     return base
 
 

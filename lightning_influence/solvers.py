@@ -277,12 +277,19 @@ class LiSSA(Solver):
         steps, rel = 0, math.inf
         bar = tqdm(total=depth * self.repeats, desc="LiSSA", disable=not progress, leave=False)
         for _ in range(self.repeats):
-            h, prev = v.clone(), v.clone()
+            h = v.clone()
+            prev = h.clone() if beta else h
             avg, n_avg, last = torch.zeros_like(v), 0, None
             for t in range(1, depth + 1):
                 batch = curvature.sample(self.batch_size, generator)
-                hv = curvature.minibatch_matvec(batch, h) + damping * h
-                h, prev = h + step * (v - hv / scale) + beta * (h - prev), h
+                # update = v - (H_B + damping I) h / scale, computed in place
+                update = curvature.minibatch_matvec(batch, h)
+                update.add_(h, alpha=damping).div_(-scale).add_(v)
+                if beta:
+                    update.mul_(step).add_(h - prev, alpha=beta)
+                    h, prev = h + update, h
+                else:
+                    h.add_(update, alpha=step)
                 steps += 1
                 bar.update()
                 if t % 25 == 0:
