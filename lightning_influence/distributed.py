@@ -17,21 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_influence.results import InfluenceResult
+from lightning_influence.results import ROW_FIELDS, InfluenceResult
 
 __all__ = ["gather_result", "shard_indices", "strategy_reduce"]
 
 Reduce = Callable[[Tensor], Tensor]
-
-# Fields with one row per training example, in the order of `train_indices`.
-_ROW_FIELDS = (
-    "scores",
-    "train_indices",
-    "self_influence",
-    "train_losses",
-    "train_targets",
-    "train_predictions",
-)
 
 
 def shard_indices(indices: Tensor, rank: int, world_size: int) -> Tensor:
@@ -81,12 +71,12 @@ def gather_result(result: InfluenceResult, strategy: Any, world_size: int) -> In
     counts = strategy.all_gather(count).reshape(-1).tolist()
     longest = max(counts)
     gathered: dict[str, list[Tensor] | None] = {}
-    for name in (*_ROW_FIELDS, "perturbation", "perturbation_indices"):
+    for name in (*ROW_FIELDS, "perturbation", "perturbation_indices"):
         value = getattr(result, name)
         if value is None:
             gathered[name] = None
             continue
-        is_row = name in _ROW_FIELDS
+        is_row = name in ROW_FIELDS
         shape = (longest, *value.shape[1:]) if is_row else tuple(value.shape)
         padded = value.new_zeros(shape, device=strategy.root_device)
         padded[: value.shape[0]] = value

@@ -26,7 +26,8 @@ _TENSOR_FIELDS = (
     "perturbation",
     "perturbation_indices",
 )
-_ROW_FIELDS = (
+# Fields with one row per training example, in the order of `train_indices`.
+ROW_FIELDS = (
     "scores",
     "train_indices",
     "self_influence",
@@ -160,7 +161,7 @@ class InfluenceResult:
             values = [getattr(p, name) for p in parts]
             return None if any(v is None for v in values) else torch.cat(values)[rows]
 
-        merged = {name: rows_of(name) for name in _ROW_FIELDS}
+        merged = {name: rows_of(name) for name in ROW_FIELDS}
         perturbation, perturbation_indices = _merge_perturbations(parts)
         return cls(
             **{k: v for k, v in merged.items() if k != "train_indices"},  # type: ignore[arg-type]

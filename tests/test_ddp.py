@@ -18,6 +18,7 @@ from torch.utils.data import TensorDataset
 
 from lightning_influence import Exact, InfluenceResult, compute_influence, influence_from_checkpoint
 from lightning_influence.distributed import shard_indices, strategy_reduce
+from lightning_influence.results import ROW_FIELDS
 
 SCRIPT = Path(__file__).with_name("ddp_influence_run.py")
 REL_TOL = 1e-4
@@ -104,17 +105,7 @@ def test_merged_shards_with_padding_duplicates_equal_one_pass() -> None:
     for shard in shards:
         part = compute_influence(model, train, val, **common)
         keep = torch.isin(part.train_indices, shard)
-        rows = {
-            name: getattr(part, name)[keep]
-            for name in (
-                "scores",
-                "train_indices",
-                "self_influence",
-                "train_losses",
-                "train_targets",
-                "train_predictions",
-            )
-        }
+        rows = {name: getattr(part, name)[keep] for name in ROW_FIELDS}
         parts.append(InfluenceResult(**{**part.__dict__, **rows}))
     merged = InfluenceResult.merge(parts)
     assert torch.equal(merged.train_indices, torch.arange(21))
