@@ -14,7 +14,7 @@ fi
 source "$venv/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! python -c "import torch" >/dev/null 2>&1; then
-    pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
+    pip install --quiet "${TORCH_SPEC:-torch==2.13.0}" numpy
 fi
 spec="$root"
 [ -n "$extras" ] && spec="$root[$extras]"
