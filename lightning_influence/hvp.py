@@ -73,6 +73,7 @@ class Curvature:
         if self.n_total == 0:
             raise ValueError("The training data is empty: there is no curvature to compute.")
         self._gauss_newton_method: dict[int, str] = {}
+        self._fixed_method: str | None = None
 
     @property
     def n_params(self) -> int:
@@ -104,7 +105,7 @@ class Curvature:
         the first examples of the first batch.
         """
         methods = {"products": _gauss_newton_products, "jacobians": _gauss_newton_by_jacobians}
-        chosen = self._gauss_newton_method.get(vectors.shape[0])
+        chosen = self._fixed_method or self._gauss_newton_method.get(vectors.shape[0])
         if chosen is None:
             few_inputs, few_targets, few_out = (
                 _head(t, _PROBE_EXAMPLES) for t in (inputs, targets, out)
@@ -142,10 +143,18 @@ class Curvature:
         return self.reduce(out) / self.reduce(count)
 
     def dense(self, chunk: int = 256) -> Tensor:
-        """The whole ``[p, p]`` curvature matrix, built from products with identity blocks."""
+        """The whole ``[p, p]`` curvature matrix, built from products with identity blocks.
+
+        Gauss-Newton blocks always use per-example Jacobians here, so the matrix is the same
+        from run to run (no timing-dependent choice).
+        """
         p = self.n_params
         eye = torch.eye(p, dtype=self.model.dtype, device=self.model.device)
-        cols = [self.matvec(eye[i : i + chunk]) for i in range(0, p, chunk)]
+        self._fixed_method = "jacobians"
+        try:
+            cols = [self.matvec(eye[i : i + chunk]) for i in range(0, p, chunk)]
+        finally:
+            self._fixed_method = None
         mat = torch.cat(cols)
         return (mat + mat.T) / 2
 

@@ -98,7 +98,7 @@ class Exact(FactorizedSolver):
                 f"{self.max_params}`. Use `LiSSA()` or `CG()` for validation scores and "
                 "`LowRank()` for self-influence, or select fewer parameters with `parameters=`."
             )
-        mat = curvature.dense()
+        mat = curvature.dense().double()  # the eigendecomposition in float64, whatever the dtype
         mat.diagonal().add_(damping)
         evals, evecs = torch.linalg.eigh(mat)
         if evals.abs().min() <= 1e-12 * evals.abs().max():
@@ -114,7 +114,7 @@ class Exact(FactorizedSolver):
 
         def inverse(vectors: Tensor) -> Tensor:
             v = vectors.to(evecs.dtype)
-            return ((v @ evecs) / evals) @ evecs.T
+            return (((v @ evecs) / evals) @ evecs.T).to(vectors.dtype)
 
         return inverse, info
 
