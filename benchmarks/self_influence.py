@@ -32,13 +32,14 @@ from typing import Any
 
 import torch
 from scipy.stats import spearmanr
-from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "tests"))
 
 from digits import flip_labels  # noqa: E402
+from models import digits, fit_lbfgs  # noqa: E402
 
 from lightning_influence import Exact, LowRank, detection_metrics  # noqa: E402
 from lightning_influence.data import IndexedData, as_indexed  # noqa: E402
@@ -63,34 +64,6 @@ VARIANTS: dict[str, LowRank] = {
 }
 HESSIAN = LowRank(method="lanczos", block_size=16)
 BATCH = 256
-
-
-def _data(n_train: int = 1200) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    x, y = load_digits(return_X_y=True)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x = torch.as_tensor(x, dtype=torch.float64)[perm]
-    y = torch.as_tensor(y, dtype=torch.long)[perm]
-    mean, std = x[:n_train].mean(0), x[:n_train].std(0).clamp_min(1.0)
-    x = (x - mean) / std
-    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
-
-
-def _fit(model: nn.Module, x: Tensor, y: Tensor, weight_decay: float) -> None:
-    params = list(model.parameters())
-    opt = torch.optim.LBFGS(
-        params, lr=1, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-14,
-        history_size=50, line_search_fn="strong_wolfe",
-    )  # fmt: skip
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss = loss + 0.5 * weight_decay * sum((p**2).sum() for p in params)
-        loss.backward()
-        return loss
-
-    for _ in range(20):
-        opt.step(closure)
 
 
 def _best(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -145,14 +118,14 @@ def _self_influence(
 
 def run_case(name: str, repeats: int, exact_rows: bool = True) -> dict[str, Any]:
     cfg = CASES[name]
-    x, y, xv, yv = _data()
+    (x, y), (xv, yv) = (d.tensors for d in digits())
     noisy, flipped = flip_labels(y, 0.1, cfg["mode"], seed=0)
     bad = torch.zeros(len(y), dtype=torch.bool)
     bad[flipped] = True
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, cfg["hidden"]), nn.Tanh(), nn.Linear(cfg["hidden"], 10))
     model = model.double()
-    _fit(model, x, noisy, cfg["weight_decay"])
+    fit_lbfgs(model, x, noisy, cfg["weight_decay"])
     with torch.no_grad():
         train_acc = float((model(x).argmax(1) == noisy).double().mean())
         val_acc = float((model(xv).argmax(1) == yv).double().mean())
