@@ -102,9 +102,13 @@ class Curvature:
         Forward-and-reverse products cost two passes per vector; per-example Jacobians cost one
         reverse pass per model output, whatever the number of vectors. Which wins depends on the
         layers (convolutions are slow under vmapped forward mode), so both are timed, twice each, on
-        the first examples of the first batch.
+        the first examples of the first batch. Jacobians are used only while the batch's
+        ``batch x outputs x p`` numbers fit in 256 MiB.
         """
         methods = {"products": _gauss_newton_products, "jacobians": _gauss_newton_by_jacobians}
+        jacobian_bytes = out.numel() * vectors.shape[1] * vectors.element_size()
+        if jacobian_bytes > _JACOBIAN_BYTES and self._fixed_method is None:
+            return _gauss_newton_products(fm, inputs, targets, out, vectors)  # memory-bound
         chosen = self._fixed_method or self._gauss_newton_method.get(vectors.shape[0])
         if chosen is None:
             few_inputs, few_targets, few_out = (
@@ -160,6 +164,8 @@ class Curvature:
 
 
 _PROBE_EXAMPLES = 128
+# Per-example Jacobians of a batch hold ``batch x outputs x p`` numbers: never more than this.
+_JACOBIAN_BYTES = 256 * 2**20
 
 
 def _head(tree: Any, n: int) -> Any:
