@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from common import (
-    MALLOC_ENV,
+    MEMORY_ENV,
     RESULTS,
     WEIGHT_DECAY,
     agreement,
@@ -205,7 +205,7 @@ def bench_memory(reuse: bool) -> dict[str, Any]:
             "--scale",
             "80",
         ]
-        runs[n] = run_child("synthetic.py", args, MALLOC_ENV, reuse=reuse)
+        runs[n] = run_child("synthetic.py", args, MEMORY_ENV, reuse=reuse)
     small, large = runs[10_000], runs[100_000]
     row = {
         "params": small["n_params"],
