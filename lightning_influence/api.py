@@ -169,14 +169,20 @@ def _compute(
     assert val_pass.gradients is not None
     timings["time_val_gradients"] = time.perf_counter() - t0
 
+    si_solver = self_influence_solver or default_self_influence_solver(fm.n_params)
+    inverse: Callable[[Tensor], Tensor] | None = None
+    self_info: dict[str, float] = {}
     t0 = time.perf_counter()
-    val_inverse, solver_info = solver.solve(curv, val_pass.gradients, damping, progress)
+    if isinstance(solver, FactorizedSolver):
+        factorized, solver_info = solver.factorize(curv, damping, progress)
+        val_inverse = factorized(val_pass.gradients)
+        if self_influence and si_solver == solver:  # one factorization serves both
+            inverse, self_info = factorized, solver_info
+    else:
+        val_inverse, solver_info = solver.solve(curv, val_pass.gradients, damping, progress)
     timings["time_solver"] = time.perf_counter() - t0
 
-    inverse = None
-    self_info: dict[str, float] = {}
-    si_solver = self_influence_solver or default_self_influence_solver(fm.n_params)
-    if self_influence:
+    if self_influence and inverse is None:
         t0 = time.perf_counter()
         inverse, self_info = si_solver.factorize(curv, damping, progress)
         timings["time_self_influence_factorize"] = time.perf_counter() - t0
