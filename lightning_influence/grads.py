@@ -21,7 +21,8 @@ from lightning_influence.task import TaskError
 __all__ = ["per_sample_gradients"]
 
 
-def _one(tree: Any, i: int | None = None) -> Any:
+def one_example(tree: Any, i: int | None = None) -> Any:
+    """Example ``i`` of a batch (or, with no ``i``, one unbatched example) as a batch of one."""
     if i is None:
         return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, tree)
     return tree_map(lambda t: t[i : i + 1] if isinstance(t, Tensor) else t, tree)
@@ -45,7 +46,7 @@ def per_sample_gradients(model: FunctionalModel, inputs: Any, targets: Any) -> T
         return _loop_gradients(model, inputs, targets)
 
     def loss_one(th: Tensor, x: Any, y: Any) -> Tensor:
-        return model.losses(th, _one(x), _one(y))[0]
+        return model.losses(th, one_example(x), one_example(y))[0]
 
     try:
         with torch.enable_grad():
@@ -69,6 +70,6 @@ def _loop_gradients(model: FunctionalModel, inputs: Any, targets: Any) -> Tensor
     with torch.enable_grad():
         for i in range(n):
             theta = model.theta.detach().requires_grad_(True)
-            loss = model.losses(theta, _one(inputs, i), _one(targets, i)).sum()
+            loss = model.losses(theta, one_example(inputs, i), one_example(targets, i)).sum()
             rows.append(torch.autograd.grad(loss, theta)[0])
     return torch.stack(rows)

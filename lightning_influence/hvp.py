@@ -21,6 +21,7 @@ from torch.func import grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
 from lightning_influence.data import IndexedData
+from lightning_influence.grads import one_example
 from lightning_influence.params import FunctionalModel
 
 __all__ = ["Curvature", "CurvatureKind"]
@@ -214,13 +215,12 @@ def _gauss_newton_by_jacobians(
 ) -> Tensor:
     """``sum_b J_b^T H_b J_b v`` with per-example Jacobians ``J_b`` ``[k, p]`` and loss Hessians
     ``H_b`` ``[k, k]`` (``k`` outputs per example)."""
-    one = _one_example
 
     def output_of_one(th: Tensor, x: Any) -> Tensor:
-        return fm.outputs(th, one(x)).reshape(-1)
+        return fm.outputs(th, one_example(x)).reshape(-1)
 
     def loss_of_one(o: Tensor, y: Any) -> Tensor:
-        return fm.losses_from_outputs(o.reshape(1, *out.shape[1:]), one(y))[0]
+        return fm.losses_from_outputs(o.reshape(1, *out.shape[1:]), one_example(y))[0]
 
     jac = vmap(torch.func.jacrev(output_of_one), in_dims=(None, 0))(fm.theta, inputs)  # [B, k, p]
     h_out = vmap(torch.func.hessian(loss_of_one))(out.reshape(out.shape[0], -1), targets)
@@ -229,21 +229,5 @@ def _gauss_newton_by_jacobians(
     return torch.einsum("bkp,bkm->mp", jac, hjv)
 
 
-def _one_example(tree: Any) -> Any:
-    if isinstance(tree, Tensor):
-        return tree.unsqueeze(0)
-    if isinstance(tree, dict):
-        return {k: _one_example(v) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return type(tree)(_one_example(v) for v in tree)
-    return tree
-
-
 def _detach(tree: Any) -> Any:
-    if isinstance(tree, Tensor):
-        return tree.detach()
-    if isinstance(tree, dict):
-        return {k: _detach(v) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return type(tree)(_detach(v) for v in tree)
-    return tree
+    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)

@@ -16,7 +16,7 @@ from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
 from lightning_influence.data import IndexedData
-from lightning_influence.grads import _one, per_sample_gradients
+from lightning_influence.grads import one_example, per_sample_gradients
 from lightning_influence.params import FunctionalModel
 
 __all__ = ["ExamplePass", "example_pass", "perturbation_influence"]
@@ -118,7 +118,7 @@ def perturbation_influence(model: FunctionalModel, batch: Any, val_inverse: Tens
     s = val_inverse.to(model.dtype)
 
     def directional(x: Tensor, y: Tensor, v: Tensor) -> Tensor:
-        g = grad(lambda th: model.losses(th, _one(x), _one(y))[0])(model.theta)
+        g = grad(lambda th: model.losses(th, one_example(x), one_example(y))[0])(model.theta)
         return -(g * v).sum()
 
     def per_example(x: Tensor, y: Tensor) -> Tensor:

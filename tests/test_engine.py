@@ -319,7 +319,6 @@ def test_load_refuses_other_files(tmp_path: Path) -> None:
 
 
 def test_float64_on_request_and_model_left_untouched() -> None:
-    data = _toy()
     model = _BatchNormCNN().float()
     model.train()
     images = TensorDataset(torch.randn(20, 1, 4, 4).float(), torch.randint(0, 4, (20,)))
@@ -331,7 +330,6 @@ def test_float64_on_request_and_model_left_untouched() -> None:
     assert model.training and model.bn.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert next(model.parameters()).dtype == torch.float32
-    del data
 
 
 def test_progress_bars_can_be_silenced(capsys: pytest.CaptureFixture[str]) -> None:
