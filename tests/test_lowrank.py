@@ -137,6 +137,10 @@ def test_arguments_are_checked() -> None:
         LowRank(block_size=0)
     with pytest.raises(ValueError, match="`max_examples`"):
         LowRank(max_examples=0)
+    with pytest.raises(ValueError, match="`output_directions` must be a positive integer"):
+        LowRank(output_directions=0)
+    with pytest.raises(ValueError, match="`output_directions` must be a positive integer"):
+        Curvature(curv.model, curv.data, output_directions=0)
 
 
 def test_max_examples_uses_a_subset_of_the_curvature() -> None:
@@ -153,6 +157,54 @@ def test_max_examples_uses_a_subset_of_the_curvature() -> None:
     v = torch.randn(3, p, dtype=torch.float64)
     low, _ = LowRank(rank=p, method="lanczos", max_examples=25).solve(curv, v, DAMPING)
     assert _rel(low, Exact().solve(sub, v, DAMPING)[0]) < 1e-9
+
+
+def _truncated_reference(directions: int) -> tuple[Curvature, Tensor, Tensor]:
+    """Gauss-Newton from the top ``directions`` eigenpairs of each output Hessian, built from
+    dense per-example Jacobians; returns the truncating curvature, vectors and reference."""
+    model, data = _tiny()
+    fm = FunctionalModel(model, ClassificationTask())
+    x, _ = data.tensors
+    theta = fm.theta.detach()
+    jac = torch.func.jacrev(lambda th: fm.outputs(th, x))(theta)  # [n, k, p]
+    prob = fm.outputs(theta, x).softmax(1).detach()
+    h_out = torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]
+    evals, evecs = torch.linalg.eigh(h_out)
+    top = evecs[:, :, -directions:] * evals[:, None, -directions:].clamp_min(0).sqrt()
+    rows = torch.einsum("nkp,nks->nsp", jac, top).reshape(-1, fm.n_params)
+    v = torch.randn(4, fm.n_params, dtype=torch.float64)
+    reference = (v @ rows.T) @ rows / len(x)
+    curv = Curvature(fm, as_indexed(data, batch_size=16), output_directions=directions)
+    return curv, v, reference
+
+
+def test_output_directions_truncate_each_output_hessian() -> None:
+    curv, v, reference = _truncated_reference(1)
+    assert _rel(curv.matvec(v), reference) < 1e-12
+    kept = curv.output_trace_kept
+    assert kept is not None and 0.4 < kept < 1.0  # three classes: the top one carries part
+    exact = _curvature("gauss_newton").matvec(v)
+    assert _rel(reference, exact) > 1e-2  # the truncation is a different matrix
+
+
+def test_output_directions_one_below_the_classes_are_exact() -> None:
+    """A softmax output Hessian ``diag(p) - p p^T`` has rank ``k - 1``: keeping ``k - 1``
+    directions is the exact Gauss-Newton matrix."""
+    curv, v, reference = _truncated_reference(2)
+    exact = _curvature("gauss_newton").matvec(v)
+    assert _rel(curv.matvec(v), exact) < 1e-10
+    assert _rel(reference, exact) < 1e-10
+    assert curv.output_trace_kept == pytest.approx(1.0, abs=1e-12)
+
+
+def test_lowrank_reports_the_output_trace_it_kept() -> None:
+    curv = _curvature("gauss_newton")
+    _, info = LowRank(rank=4, output_directions=1).factorize(curv, DAMPING)
+    assert 0.4 < info["output_trace_kept"] < 1.0 and info["output_directions"] == 1
+    _, info = LowRank(rank=4, output_directions=None).factorize(curv, DAMPING)
+    assert "output_trace_kept" not in info
+    _, info = LowRank(rank=4, method="lanczos").factorize(_curvature("hessian"), DAMPING)
+    assert "output_trace_kept" not in info  # the Hessian is never truncated
 
 
 def _influence(batch_size: int, **kwargs: object) -> torch.Tensor:
