@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.func import grad, jacrev, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
 from lightning_influence.data import IndexedData
@@ -260,14 +260,29 @@ def _gauss_newton_by_jacobians(
     def output_of_one(th: Tensor, x: Any) -> Tensor:
         return fm.outputs(th, one_example(x)).reshape(-1)
 
-    def loss_of_one(o: Tensor, y: Any) -> Tensor:
-        return fm.losses_from_outputs(o.reshape(1, *out.shape[1:]), one_example(y))[0]
-
     jac = vmap(torch.func.jacrev(output_of_one), in_dims=(None, 0))(fm.theta, inputs)  # [B, k, p]
-    h_out = vmap(torch.func.hessian(loss_of_one))(out.reshape(out.shape[0], -1), targets)
+    h_out = _output_hessians(fm, targets, out)
     jv = torch.einsum("bkp,mp->bkm", jac, vectors)
     hjv = torch.einsum("bkl,blm->bkm", h_out, jv)
     return torch.einsum("bkp,bkm->mp", jac, hjv)
+
+
+def _output_hessians(fm: FunctionalModel, targets: Any, out: Tensor) -> Tensor:
+    """Each example's loss Hessian w.r.t. its own outputs, ``[B, k, k]``.
+
+    Per-sample losses make the batch's Hessian block-diagonal, so ``k`` reverse passes of the
+    summed loss's output gradient (one per output coordinate, all examples at once) give every
+    block: much faster than one vmapped Hessian per example.
+    """
+    batch, k = out.shape[0], out[0].numel()
+
+    def output_gradient(o: Tensor) -> Tensor:
+        return grad(lambda o: fm.losses_from_outputs(o.reshape(out.shape), targets).sum())(o)
+
+    _, pullback = vjp(output_gradient, out.reshape(batch, k))  # type: ignore[misc]
+    units = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(k, batch, k)
+    rows = vmap(lambda u: pullback(u)[0])(units)  # [k, B, k]: row i of every example's block
+    return rows.transpose(0, 1)
 
 
 def _gauss_newton_rows(
@@ -282,21 +297,23 @@ def _gauss_newton_rows(
     def output_of_one(th: Tensor, x: Any) -> Tensor:
         return fm.outputs(th, one_example(x)).reshape(-1)
 
-    def loss_of_one(o: Tensor, y: Any) -> Tensor:
-        return fm.losses_from_outputs(o.reshape(1, *out.shape[1:]), one_example(y))[0]
-
-    # Reverse-over-reverse: for a handful of outputs, faster than torch.func.hessian.
-    h_out = vmap(jacrev(jacrev(loss_of_one)))(out.reshape(out.shape[0], -1), targets)
-    evals, evecs = torch.linalg.eigh((h_out + h_out.transpose(1, 2)) / 2)  # ascending
-    evals = evals.clamp_min(0)
-    top = evecs[:, :, -directions:] * evals[:, None, -directions:].sqrt()
+    top, kept, total = _top_directions(_output_hessians(fm, targets, out), directions)
 
     def along(th: Tensor, x: Any, cotangent: Tensor) -> Tensor:
         return (output_of_one(th, x) * cotangent).sum()
 
     row = vmap(grad(along), in_dims=(None, 0, 0))  # one per-example backward pass per direction
     rows = [row(fm.theta, inputs, top[:, :, j]) for j in range(top.shape[2])]
-    return rows, float(evals[:, -directions:].sum()), float(evals.sum())
+    return rows, kept, total
+
+
+def _top_directions(h_out: Tensor, directions: int) -> tuple[Tensor, float, float]:
+    """Cotangents ``C_b = U_b sqrt(L_b)`` ``[B, k, directions]`` from the top eigenpairs of each
+    positive semi-definite ``h_out[b]``, and the kept and the total trace."""
+    evals, evecs = torch.linalg.eigh((h_out + h_out.transpose(1, 2)) / 2)  # ascending
+    evals = evals.clamp_min(0)
+    top = evals[:, -directions:]
+    return evecs[:, :, -directions:] * top[:, None, :].sqrt(), float(top.sum()), float(evals.sum())
 
 
 def _detach(tree: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from lightning_influence import Exact, LowRank, compute_influence
 from lightning_influence.data import as_indexed
 from lightning_influence.hvp import Curvature, CurvatureKind
 from lightning_influence.params import FunctionalModel
-from lightning_influence.task import ClassificationTask
+from lightning_influence.task import ClassificationTask, RegressionTask
 
 DAMPING = 0.05
 
@@ -47,7 +48,9 @@ def test_full_rank_equals_exact(kind: CurvatureKind, block_size: int) -> None:
     p = curv.n_params
     v = torch.randn(7, p, dtype=torch.float64)
     exact, _ = Exact().solve(curv, v, DAMPING)
-    low, info = LowRank(rank=p, method="lanczos", block_size=block_size).solve(curv, v, DAMPING)
+    low, info = LowRank(
+        output_directions=None, rank=p, method="lanczos", block_size=block_size
+    ).solve(curv, v, DAMPING)
     assert _rel(low, exact) < 1e-9
     assert info["rank"] == p and info["matvecs"] == p
     assert info["curvature_passes"] == -(-p // block_size)
@@ -64,22 +67,24 @@ def test_small_rank_equals_truncated_inverse(kind: CurvatureKind) -> None:
     v = torch.randn(5, p, dtype=torch.float64)
     reference = v / DAMPING + ((v @ top_u) * (1 / (top_e + DAMPING) - 1 / DAMPING)) @ top_u.T
     # A complete Krylov space: the Ritz pairs are the eigenpairs.
-    solver = LowRank(rank=rank, oversample=p - rank, method="lanczos")
+    solver = LowRank(output_directions=None, rank=rank, oversample=p - rank, method="lanczos")
     low, info = solver.solve(curv, v, DAMPING)
     assert _rel(low, reference) < 1e-10
     assert info["max_eigenvalue"] == pytest.approx(float(evals[-1]), rel=1e-10)
     assert info["min_eigenvalue"] == pytest.approx(float(evals[-rank]), rel=1e-10)
     if kind == "gauss_newton":
         # Nystrom from a complete random basis is the matrix itself (up to its tiny shift).
-        solver = LowRank(rank=rank, oversample=p - rank, method="nystrom")
+        solver = LowRank(output_directions=None, rank=rank, oversample=p - rank, method="nystrom")
         low, info = solver.solve(curv, v, DAMPING)
         assert _rel(low, reference) < 1e-8
         assert info["curvature_passes"] == 1 and info["matvecs"] == p
     else:
         with pytest.raises(ValueError, match="positive semi-definite"):
-            LowRank(rank=rank, method="nystrom").solve(curv, v, DAMPING)
+            LowRank(output_directions=None, rank=rank, method="nystrom").solve(curv, v, DAMPING)
         # The default picks block Lanczos for the Hessian: 2 passes, complete at this size.
-        low, info = LowRank(rank=rank, oversample=p - rank).solve(curv, v, DAMPING)
+        low, info = LowRank(output_directions=None, rank=rank, oversample=p - rank).solve(
+            curv, v, DAMPING
+        )
         assert info["curvature_passes"] == 2
         assert _rel(low, reference) < 1e-9
 
@@ -92,23 +97,34 @@ def test_default_oversampling_finds_the_top_eigenpairs() -> None:
     curv = Curvature(fm, as_indexed(train, batch_size=300))
     evals = torch.linalg.eigvalsh(curv.dense())
     # Lanczos with 32 steps: the 8 kept eigenvalues to near machine precision (measured 1e-9).
-    _, info = LowRank(rank=8, oversample=24, method="lanczos", max_examples=None).factorize(
-        curv, 1e-2
-    )
+    _, info = LowRank(
+        output_directions=None, rank=8, oversample=24, method="lanczos", max_examples=None
+    ).factorize(curv, 1e-2)
     assert info["max_eigenvalue"] == pytest.approx(float(evals[-1]), rel=1e-10)
     assert info["min_eigenvalue"] == pytest.approx(float(evals[-8]), rel=1e-7)
     # The block variant at the same dimension (4 passes of 8) is cruder (measured 1e-4 / 4e-2).
-    solver = LowRank(rank=8, oversample=24, method="lanczos", block_size=8, max_examples=None)
+    solver = LowRank(
+        output_directions=None,
+        rank=8,
+        oversample=24,
+        method="lanczos",
+        block_size=8,
+        max_examples=None,
+    )
     _, info = solver.factorize(curv, 1e-2)
     assert info["max_eigenvalue"] == pytest.approx(float(evals[-1]), rel=1e-3)
     assert info["min_eigenvalue"] == pytest.approx(float(evals[-8]), rel=0.1)
     assert info["curvature_passes"] == 4
     # Nystrom from 32 products in one pass: a lower bound, crude on this flat spectrum
     # (measured 0.286 against 0.394); with 128 products it tightens.
-    _, info = LowRank(rank=8, oversample=24, max_examples=None).factorize(curv, 1e-2)
+    _, info = LowRank(output_directions=None, rank=8, oversample=24, max_examples=None).factorize(
+        curv, 1e-2
+    )
     assert info["curvature_passes"] == 1
     assert 0.5 * float(evals[-1]) < info["max_eigenvalue"] <= float(evals[-1]) * (1 + 1e-12)
-    _, more = LowRank(rank=8, oversample=120, max_examples=None).factorize(curv, 1e-2)
+    _, more = LowRank(output_directions=None, rank=8, oversample=120, max_examples=None).factorize(
+        curv, 1e-2
+    )
     assert info["max_eigenvalue"] < more["max_eigenvalue"] <= float(evals[-1]) * (1 + 1e-12)
 
 
@@ -146,7 +162,9 @@ def test_arguments_are_checked() -> None:
 def test_max_examples_uses_a_subset_of_the_curvature() -> None:
     curv = _curvature("gauss_newton")
     p = curv.n_params
-    _, info = LowRank(rank=p, method="lanczos", max_examples=25).factorize(curv, DAMPING)
+    _, info = LowRank(output_directions=None, rank=p, method="lanczos", max_examples=25).factorize(
+        curv, DAMPING
+    )
     assert info["examples"] == 25
     # The subset curvature is a different matrix: full rank reproduces its exact inverse.
     model, data = _tiny()
@@ -155,7 +173,9 @@ def test_max_examples_uses_a_subset_of_the_curvature() -> None:
     fm = FunctionalModel(model, ClassificationTask())
     sub = Curvature(fm, as_indexed(data, subset, batch_size=16))
     v = torch.randn(3, p, dtype=torch.float64)
-    low, _ = LowRank(rank=p, method="lanczos", max_examples=25).solve(curv, v, DAMPING)
+    low, _ = LowRank(output_directions=None, rank=p, method="lanczos", max_examples=25).solve(
+        curv, v, DAMPING
+    )
     assert _rel(low, Exact().solve(sub, v, DAMPING)[0]) < 1e-9
 
 
@@ -205,6 +225,21 @@ def test_lowrank_reports_the_output_trace_it_kept() -> None:
     assert "output_trace_kept" not in info
     _, info = LowRank(rank=4, method="lanczos").factorize(_curvature("hessian"), DAMPING)
     assert "output_trace_kept" not in info  # the Hessian is never truncated
+
+
+def test_lowrank_warns_when_one_output_direction_is_not_enough() -> None:
+    """A regressor with 8 outputs has an isotropic output Hessian: one direction keeps 1/8."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 8).double()
+    data = TensorDataset(torch.randn(40, 5, dtype=torch.float64), torch.randn(40, 8).double())
+    curv = Curvature(FunctionalModel(model, RegressionTask()), as_indexed(data, batch_size=40))
+    with pytest.warns(UserWarning, match=r"kept 12% of the output Hessians' trace"):
+        _, info = LowRank(rank=4).factorize(curv, DAMPING)
+    assert info["output_trace_kept"] == pytest.approx(1 / 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the exact products warn about nothing
+        _, info = LowRank(rank=4, output_directions=None).factorize(curv, DAMPING)
+    assert "output_trace_kept" not in info
 
 
 def _influence(batch_size: int, **kwargs: object) -> torch.Tensor:
