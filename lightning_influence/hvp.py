@@ -44,8 +44,8 @@ class Curvature:
         reduce: sums a tensor across processes (identity on one process).
         output_directions: Gauss-Newton only. Keep, for each example, only the top
             ``output_directions`` eigenvectors of the loss Hessian with respect to the model
-            outputs: one backward pass each, instead of one per output. For a softmax classifier
-            the top one or two carry nearly all of it. ``None`` (default) is exact.
+            outputs: one backward pass each, instead of one per output. For a trained softmax
+            classifier the top one carries most of it. ``None`` (default) is exact.
 
     Example:
         >>> import torch
