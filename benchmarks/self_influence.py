@@ -47,7 +47,7 @@ from lightning_influence.data import IndexedData, as_indexed  # noqa: E402
 from lightning_influence.grads import per_sample_gradients  # noqa: E402
 from lightning_influence.hvp import Curvature, CurvatureKind  # noqa: E402
 from lightning_influence.params import FunctionalModel  # noqa: E402
-from lightning_influence.scores import _quadratic  # noqa: E402
+from lightning_influence.scores import quadratic_form  # noqa: E402
 from lightning_influence.solvers import FactorizedSolver  # noqa: E402
 from lightning_influence.task import ClassificationTask  # noqa: E402
 
@@ -118,7 +118,7 @@ def _self_influence(
     parts = []
     for _, batch in data.batches():
         inputs, targets, _ = fm.check_batch(batch)
-        parts.append(_quadratic(inverse, per_sample_gradients(fm, inputs, targets)))
+        parts.append(quadratic_form(inverse, per_sample_gradients(fm, inputs, targets)))
     return torch.cat(parts), info
 
 

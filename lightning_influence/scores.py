@@ -19,7 +19,7 @@ from lightning_influence.data import IndexedData
 from lightning_influence.grads import one_example, per_sample_gradients
 from lightning_influence.params import FunctionalModel
 
-__all__ = ["ExamplePass", "example_pass", "perturbation_influence"]
+__all__ = ["ExamplePass", "example_pass", "perturbation_influence", "quadratic_form"]
 
 
 @dataclass
@@ -71,7 +71,7 @@ def example_pass(
         if val_inverse is not None:
             parts["score"].append((-(g @ val_inverse.to(g.dtype).T)).cpu())
         if inverse is not None:
-            parts["self"].append(_quadratic(inverse, g).cpu())
+            parts["self"].append(quadratic_form(inverse, g).cpu())
         if keep_gradients:
             parts["grad"].append(g)
         idx_parts.append(idx)
@@ -94,8 +94,15 @@ def example_pass(
     )
 
 
-def _quadratic(inverse: Callable[[Tensor], Tensor], g: Tensor) -> Tensor:
-    """``g_i^T inverse(g_i)`` per row; one matrix product when the inverse offers ``quadratic``."""
+def quadratic_form(inverse: Callable[[Tensor], Tensor], g: Tensor) -> Tensor:
+    """``g_i^T inverse(g_i)`` per row ``g_i`` of ``g`` (self-influence for an inverse of the damped
+    curvature); one matrix product when the inverse offers ``quadratic``.
+
+    Example:
+        >>> import torch
+        >>> quadratic_form(lambda v: 2 * v, torch.tensor([[1.0, 2.0], [0.0, 3.0]]))
+        tensor([10., 18.])
+    """
     quadratic = getattr(inverse, "quadratic", None)
     if quadratic is not None:
         return quadratic(g).to(g.dtype)
