@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from scipy.stats import spearmanr
 from torch import Tensor, nn
+from torch.utils.data import TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -136,7 +137,9 @@ def _relatif(
     return torch.cat(parts)
 
 
-def run_case(name: str, repeats: int, exact_rows: bool = True) -> dict[str, Any]:
+def fitted_case(name: str) -> tuple[nn.Module, TensorDataset, TensorDataset, Tensor]:
+    """Case ``name``'s MLP fitted to the noisy labels, the noisy training set, the validation set
+    and the mask of flipped training labels."""
     cfg = CASES[name]
     (x, y), (xv, yv) = (d.tensors for d in digits())
     noisy, flipped = flip_labels(y, 0.1, cfg["mode"], seed=0)
@@ -146,11 +149,18 @@ def run_case(name: str, repeats: int, exact_rows: bool = True) -> dict[str, Any]
     model = nn.Sequential(nn.Linear(64, cfg["hidden"]), nn.Tanh(), nn.Linear(cfg["hidden"], 10))
     model = model.double()
     fit_lbfgs(model, x, noisy, cfg["weight_decay"])
+    return model, TensorDataset(x, noisy), TensorDataset(xv, yv), bad
+
+
+def run_case(name: str, repeats: int, exact_rows: bool = True) -> dict[str, Any]:
+    cfg = CASES[name]
+    model, train, val, bad = fitted_case(name)
+    (x, noisy), (xv, yv) = train.tensors, val.tensors
     with torch.no_grad():
         train_acc = float((model(x).argmax(1) == noisy).double().mean())
         val_acc = float((model(xv).argmax(1) == yv).double().mean())
     fm = FunctionalModel(model, ClassificationTask())
-    data = as_indexed(torch.utils.data.TensorDataset(x, noisy), batch_size=BATCH)
+    data = as_indexed(train, batch_size=BATCH)
     damping = cfg["damping"]
     print(
         f"\n## Case ({name}): {cfg['mode']} flips, 64-{cfg['hidden']}-10 tanh MLP, "
@@ -210,7 +220,7 @@ def run_case(name: str, repeats: int, exact_rows: bool = True) -> dict[str, Any]
     print(
         f"\nper-sample gradients alone: {t_grad * 1e3:.1f} ms (best of {repeats + 2}; each ratio "
         f"uses the best of {repeats} runs timed alternately with its own); "
-        f"{len(y)} examples, batch {BATCH}, {torch.get_num_threads()} thread(s)"
+        f"{len(noisy)} examples, batch {BATCH}, {torch.get_num_threads()} thread(s)"
     )
     for label in times:
         info = infos[label]
