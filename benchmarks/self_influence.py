@@ -59,12 +59,12 @@ CASES: dict[str, dict[str, Any]] = {
 DEFAULT = LowRank()
 VARIANTS: dict[str, LowRank] = {
     "LowRank() default": DEFAULT,
-    "LowRank(rank=4, oversample=4)": LowRank(rank=4, oversample=4),
+    "LowRank(rank=8, oversample=8)": LowRank(rank=8, oversample=8),
     "LowRank(rank=16, oversample=16)": LowRank(rank=16, oversample=16),
     "LowRank(max_examples=512)": LowRank(max_examples=512),
     "LowRank(max_examples=None)": LowRank(max_examples=None),
     "LowRank(output_directions=None)": LowRank(output_directions=None),
-    "LowRank(method='lanczos', block_size=8)": LowRank(method="lanczos", block_size=8),
+    "LowRank(method='lanczos', block_size=4)": LowRank(method="lanczos", block_size=4),
 }
 BATCH = 256
 
