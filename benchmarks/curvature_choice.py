@@ -15,7 +15,6 @@ under each curvature and 16 at random. Also the agreement of the two curvatures'
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -23,39 +22,18 @@ from typing import Any
 
 import torch
 from scipy.stats import pearsonr, spearmanr
-from torch import Tensor, nn
+from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from models import refit_without
 from self_influence import CASES, ROOT, fitted_case
 
 from lightning_influence import Exact, compute_influence
 
 N_VAL = 50
 PER_GROUP = 16
-
-
-def _refit_without(model: nn.Module, x: Tensor, y: Tensor, drop: int, wd: float) -> nn.Module:
-    """Minimise ``(1/n) sum_{k != drop} L_k + (wd / 2) |theta|^2`` from the current optimum."""
-    refit = copy.deepcopy(model)
-    weights = torch.full((len(y),), 1.0 / len(y), dtype=x.dtype)
-    weights[drop] = 0.0
-    params = list(refit.parameters())
-    opt = torch.optim.LBFGS(
-        params, lr=1, max_iter=300, tolerance_grad=1e-12, tolerance_change=1e-16,
-        history_size=50, line_search_fn="strong_wolfe",
-    )  # fmt: skip
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        losses = nn.functional.cross_entropy(refit(x), y, reduction="none")
-        loss = (weights * losses).sum() + 0.5 * wd * sum((p**2).sum() for p in params)
-        loss.backward()
-        return loss
-
-    for _ in range(5):
-        opt.step(closure)
-    return refit
 
 
 def run_case(name: str) -> dict[str, Any]:
@@ -85,7 +63,7 @@ def run_case(name: str) -> dict[str, Any]:
 
     base = val_loss(model)
     actual = torch.tensor(
-        [val_loss(_refit_without(model, x, y, i, cfg["weight_decay"])) - base for i in chosen]
+        [val_loss(refit_without(model, x, y, i, cfg["weight_decay"], 300)) - base for i in chosen]
     )
     row: dict[str, Any] = {
         "case": name,

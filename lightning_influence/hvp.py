@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -107,10 +108,9 @@ class Curvature:
             out = _detach(fm.outputs(fm.theta, inputs))
             if not isinstance(out, Tensor) or out.ndim == 0:
                 return _gauss_newton_products(fm, inputs, targets, out, vectors)
-            if self._truncates(out):
-                rows, kept, total = _gauss_newton_rows(
-                    fm, inputs, targets, out, self.output_directions or 0
-                )
+            directions = self._truncated_directions(out)
+            if directions is not None:
+                rows, kept, total = _gauss_newton_rows(fm, inputs, targets, out, directions)
                 self._output_trace[0] += kept
                 self._output_trace[1] += total
                 return sum(
@@ -125,16 +125,15 @@ class Curvature:
         kept, total = self._output_trace
         return kept / total if total > 0 else None
 
-    def _truncates(self, out: Tensor) -> bool:
-        """Whether truncated output Hessians apply: fewer directions than outputs, and the
-        ``batch x outputs x outputs`` Hessians fit in 256 MiB."""
-        if self.output_directions is None or self._fixed_method is not None:
-            return False
+    def _truncated_directions(self, out: Tensor) -> int | None:
+        """``output_directions`` where truncation applies (fewer directions than outputs, and the
+        ``batch x outputs x outputs`` Hessians fit in 256 MiB), else ``None``: exact products."""
+        directions = self.output_directions
+        if directions is None or self._fixed_method is not None:
+            return None
         outputs = out[0].numel()
-        return (
-            self.output_directions < outputs
-            and out.shape[0] * outputs**2 * out.element_size() <= _JACOBIAN_BYTES
-        )
+        fits = out.shape[0] * outputs**2 * out.element_size() <= _JACOBIAN_BYTES
+        return directions if directions < outputs and fits else None
 
     def _fastest_gauss_newton(
         self, fm: FunctionalModel, inputs: Any, targets: Any, out: Tensor, vectors: Tensor
@@ -257,14 +256,17 @@ def _gauss_newton_by_jacobians(
     """``sum_b J_b^T H_b J_b v`` with per-example Jacobians ``J_b`` ``[k, p]`` and loss Hessians
     ``H_b`` ``[k, k]`` (``k`` outputs per example)."""
 
-    def output_of_one(th: Tensor, x: Any) -> Tensor:
-        return fm.outputs(th, one_example(x)).reshape(-1)
-
-    jac = vmap(torch.func.jacrev(output_of_one), in_dims=(None, 0))(fm.theta, inputs)  # [B, k, p]
+    jacobian = torch.func.jacrev(partial(_flat_output, fm))
+    jac = vmap(jacobian, in_dims=(None, 0))(fm.theta, inputs)  # [B, k, p]
     h_out = _output_hessians(fm, targets, out)
     jv = torch.einsum("bkp,mp->bkm", jac, vectors)
     hjv = torch.einsum("bkl,blm->bkm", h_out, jv)
     return torch.einsum("bkp,bkm->mp", jac, hjv)
+
+
+def _flat_output(fm: FunctionalModel, theta: Tensor, example: Any) -> Tensor:
+    """The outputs of one unbatched example, flattened to ``[k]``."""
+    return fm.outputs(theta, one_example(example)).reshape(-1)
 
 
 def _output_hessians(fm: FunctionalModel, targets: Any, out: Tensor) -> Tensor:
@@ -293,14 +295,10 @@ def _gauss_newton_rows(
     ``sum_s r_bs r_bs^T`` is ``J_b^T H_b J_b`` restricted to those directions: one per-example
     backward pass per direction. Also returns the kept and the total trace of the output
     Hessians."""
-
-    def output_of_one(th: Tensor, x: Any) -> Tensor:
-        return fm.outputs(th, one_example(x)).reshape(-1)
-
     top, kept, total = _top_directions(_output_hessians(fm, targets, out), directions)
 
     def along(th: Tensor, x: Any, cotangent: Tensor) -> Tensor:
-        return (output_of_one(th, x) * cotangent).sum()
+        return (_flat_output(fm, th, x) * cotangent).sum()
 
     row = vmap(grad(along), in_dims=(None, 0, 0))  # one per-example backward pass per direction
     rows = [row(fm.theta, inputs, top[:, :, j]) for j in range(top.shape[2])]

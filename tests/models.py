@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from sklearn.datasets import load_digits
 from torch import Tensor, nn
@@ -64,3 +66,29 @@ def fit_lbfgs(
         if gnorm < tol * 10:
             break
     return model
+
+
+def refit_without(
+    model: nn.Module, x: Tensor, y: Tensor, drop: int, weight_decay: float, max_iter: int = 200
+) -> nn.Module:
+    """A copy of ``model`` refitted from its optimum without example ``drop``: minimises
+    ``(1/n) * sum_{k != drop} L_k + (weight_decay / 2) * ||theta||^2`` with L-BFGS."""
+    refit = copy.deepcopy(model)
+    weights = torch.full((len(y),), 1.0 / len(y), dtype=x.dtype)
+    weights[drop] = 0.0
+    params = list(refit.parameters())
+    opt = torch.optim.LBFGS(
+        params, lr=1, max_iter=max_iter, tolerance_grad=1e-12, tolerance_change=1e-16,
+        history_size=50, line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        losses = nn.functional.cross_entropy(refit(x), y, reduction="none")
+        loss = (weights * losses).sum() + 0.5 * weight_decay * sum((p**2).sum() for p in params)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    return refit

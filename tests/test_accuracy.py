@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import digits, fit_lbfgs, logistic_regression, mlp
+from models import digits, fit_lbfgs, logistic_regression, mlp, refit_without
 from torch import Tensor, nn
 
 from lightning_influence import CG, Exact, InfluenceResult, LiSSA, compute_influence
@@ -84,31 +84,6 @@ def test_lissa_defaults_match_exact_on_the_mlp(problem, exact) -> None:
     assert pearson >= 0.95
 
 
-def _refit_without(model: nn.Module, x: Tensor, y: Tensor, drop: int) -> nn.Module:
-    """Minimise (1/n) * sum_{k != drop} L_k + (wd/2)||theta||^2 from the current optimum."""
-    import copy
-
-    refit = copy.deepcopy(model)
-    weights = torch.full((len(y),), 1.0 / len(y), dtype=x.dtype)
-    weights[drop] = 0.0
-    params = list(refit.parameters())
-    opt = torch.optim.LBFGS(
-        params, lr=1, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-16,
-        history_size=50, line_search_fn="strong_wolfe",
-    )  # fmt: skip
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        losses = nn.functional.cross_entropy(refit(x), y, reduction="none")
-        loss = (weights * losses).sum() + 0.5 * WEIGHT_DECAY * sum((p**2).sum() for p in params)
-        loss.backward()
-        return loss
-
-    for _ in range(5):
-        opt.step(closure)
-    return refit
-
-
 def test_predicted_leave_one_out_matches_retraining(problem, exact) -> None:
     model = problem["models"]["logistic"]
     x, y = problem["train"].tensors
@@ -126,7 +101,9 @@ def test_predicted_leave_one_out_matches_retraining(problem, exact) -> None:
             return float(nn.functional.cross_entropy(m(xv[j : j + 1]), yv[j : j + 1]))
 
     base = val_loss(model)
-    actual = torch.tensor([val_loss(_refit_without(model, x, y, int(i))) - base for i in chosen])
+    actual = torch.tensor(
+        [val_loss(refit_without(model, x, y, int(i), WEIGHT_DECAY)) - base for i in chosen]
+    )
     predicted = result.removal_effect[chosen, j]
     pearson = _pearson(predicted, actual)
     print(f"leave-one-out, {len(chosen)} retrainings: pearson {pearson:.4f}")

@@ -37,6 +37,11 @@ def _curvature(kind: CurvatureKind, batch_size: int = 60) -> Curvature:
     return Curvature(fm, as_indexed(data, batch_size=batch_size), kind)
 
 
+def _exact_gn_lowrank(**kwargs: object) -> LowRank:
+    """``LowRank`` on the exact Gauss-Newton products, for comparisons with ``Exact``."""
+    return LowRank(output_directions=None, **kwargs)  # type: ignore[arg-type]
+
+
 def _rel(a: Tensor, b: Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
@@ -48,9 +53,9 @@ def test_full_rank_equals_exact(kind: CurvatureKind, block_size: int) -> None:
     p = curv.n_params
     v = torch.randn(7, p, dtype=torch.float64)
     exact, _ = Exact().solve(curv, v, DAMPING)
-    low, info = LowRank(
-        output_directions=None, rank=p, method="lanczos", block_size=block_size
-    ).solve(curv, v, DAMPING)
+    low, info = _exact_gn_lowrank(rank=p, method="lanczos", block_size=block_size).solve(
+        curv, v, DAMPING
+    )
     assert _rel(low, exact) < 1e-9
     assert info["rank"] == p and info["matvecs"] == p
     assert info["curvature_passes"] == -(-p // block_size)
@@ -67,24 +72,22 @@ def test_small_rank_equals_truncated_inverse(kind: CurvatureKind) -> None:
     v = torch.randn(5, p, dtype=torch.float64)
     reference = v / DAMPING + ((v @ top_u) * (1 / (top_e + DAMPING) - 1 / DAMPING)) @ top_u.T
     # A complete Krylov space: the Ritz pairs are the eigenpairs.
-    solver = LowRank(output_directions=None, rank=rank, oversample=p - rank, method="lanczos")
+    solver = _exact_gn_lowrank(rank=rank, oversample=p - rank, method="lanczos")
     low, info = solver.solve(curv, v, DAMPING)
     assert _rel(low, reference) < 1e-10
     assert info["max_eigenvalue"] == pytest.approx(float(evals[-1]), rel=1e-10)
     assert info["min_eigenvalue"] == pytest.approx(float(evals[-rank]), rel=1e-10)
     if kind == "gauss_newton":
         # Nystrom from a complete random basis is the matrix itself (up to its tiny shift).
-        solver = LowRank(output_directions=None, rank=rank, oversample=p - rank, method="nystrom")
+        solver = _exact_gn_lowrank(rank=rank, oversample=p - rank, method="nystrom")
         low, info = solver.solve(curv, v, DAMPING)
         assert _rel(low, reference) < 1e-8
         assert info["curvature_passes"] == 1 and info["matvecs"] == p
     else:
         with pytest.raises(ValueError, match="positive semi-definite"):
-            LowRank(output_directions=None, rank=rank, method="nystrom").solve(curv, v, DAMPING)
+            _exact_gn_lowrank(rank=rank, method="nystrom").solve(curv, v, DAMPING)
         # The default picks block Lanczos for the Hessian: 2 passes, complete at this size.
-        low, info = LowRank(output_directions=None, rank=rank, oversample=p - rank).solve(
-            curv, v, DAMPING
-        )
+        low, info = _exact_gn_lowrank(rank=rank, oversample=p - rank).solve(curv, v, DAMPING)
         assert info["curvature_passes"] == 2
         assert _rel(low, reference) < 1e-9
 
@@ -97,14 +100,13 @@ def test_default_oversampling_finds_the_top_eigenpairs() -> None:
     curv = Curvature(fm, as_indexed(train, batch_size=300))
     evals = torch.linalg.eigvalsh(curv.dense())
     # Lanczos with 32 steps: the 8 kept eigenvalues to near machine precision (measured 1e-9).
-    _, info = LowRank(
-        output_directions=None, rank=8, oversample=24, method="lanczos", max_examples=None
+    _, info = _exact_gn_lowrank(
+        rank=8, oversample=24, method="lanczos", max_examples=None
     ).factorize(curv, 1e-2)
     assert info["max_eigenvalue"] == pytest.approx(float(evals[-1]), rel=1e-10)
     assert info["min_eigenvalue"] == pytest.approx(float(evals[-8]), rel=1e-7)
     # The block variant at the same dimension (4 passes of 8) is cruder (measured 1e-4 / 4e-2).
-    solver = LowRank(
-        output_directions=None,
+    solver = _exact_gn_lowrank(
         rank=8,
         oversample=24,
         method="lanczos",
@@ -117,14 +119,10 @@ def test_default_oversampling_finds_the_top_eigenpairs() -> None:
     assert info["curvature_passes"] == 4
     # Nystrom from 32 products in one pass: a lower bound, crude on this flat spectrum
     # (measured 0.286 against 0.394); with 128 products it tightens.
-    _, info = LowRank(output_directions=None, rank=8, oversample=24, max_examples=None).factorize(
-        curv, 1e-2
-    )
+    _, info = _exact_gn_lowrank(rank=8, oversample=24, max_examples=None).factorize(curv, 1e-2)
     assert info["curvature_passes"] == 1
     assert 0.5 * float(evals[-1]) < info["max_eigenvalue"] <= float(evals[-1]) * (1 + 1e-12)
-    _, more = LowRank(output_directions=None, rank=8, oversample=120, max_examples=None).factorize(
-        curv, 1e-2
-    )
+    _, more = _exact_gn_lowrank(rank=8, oversample=120, max_examples=None).factorize(curv, 1e-2)
     assert info["max_eigenvalue"] < more["max_eigenvalue"] <= float(evals[-1]) * (1 + 1e-12)
 
 
@@ -162,9 +160,7 @@ def test_arguments_are_checked() -> None:
 def test_max_examples_uses_a_subset_of_the_curvature() -> None:
     curv = _curvature("gauss_newton")
     p = curv.n_params
-    _, info = LowRank(output_directions=None, rank=p, method="lanczos", max_examples=25).factorize(
-        curv, DAMPING
-    )
+    _, info = _exact_gn_lowrank(rank=p, method="lanczos", max_examples=25).factorize(curv, DAMPING)
     assert info["examples"] == 25
     # The subset curvature is a different matrix: full rank reproduces its exact inverse.
     model, data = _tiny()
@@ -173,9 +169,7 @@ def test_max_examples_uses_a_subset_of_the_curvature() -> None:
     fm = FunctionalModel(model, ClassificationTask())
     sub = Curvature(fm, as_indexed(data, subset, batch_size=16))
     v = torch.randn(3, p, dtype=torch.float64)
-    low, _ = LowRank(output_directions=None, rank=p, method="lanczos", max_examples=25).solve(
-        curv, v, DAMPING
-    )
+    low, _ = _exact_gn_lowrank(rank=p, method="lanczos", max_examples=25).solve(curv, v, DAMPING)
     assert _rel(low, Exact().solve(sub, v, DAMPING)[0]) < 1e-9
 
 
