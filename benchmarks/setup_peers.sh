@@ -6,16 +6,8 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
-venv="${PEERS_VENV:-$here/.venv-peers}"
-if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
-fi
-# shellcheck disable=SC1091
-source "$venv/bin/activate"
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-if ! python -c "import torch" >/dev/null 2>&1; then
-    pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
-fi
+# The package's own set-up (venv, torch, the package), in a separate venv.
+VENV="${PEERS_VENV:-$here/.venv-peers}" source "$root/scripts/setup_env.sh" ""
 constraints="$(mktemp)"
 python -c "import torch; print(f'torch=={torch.__version__}')" > "$constraints"
 # Each peer on its own, so one that fails to install does not block the others.
@@ -25,7 +17,6 @@ while read -r req; do
         echo "setup_peers: could not install $req" >&2
     fi
 done < "$here/requirements-peers.txt"
-pip install --quiet --constraint "$constraints" --editable "$root"
 # kronfluence pulls a torchvision whose compiled ops do not load beside this torch, and
 # torchmetrics (through lightning) imports torchvision when present: no benchmark needs it.
 pip uninstall --quiet --yes torchvision >/dev/null 2>&1 || true
