@@ -34,11 +34,11 @@ from common import (
 from torch import Tensor, nn
 
 from lightning_influence import CG, Exact, LiSSA, compute_influence
-from lightning_influence.data import as_indexed
-from lightning_influence.grads import per_sample_gradients
-from lightning_influence.hvp import Curvature
-from lightning_influence.params import FunctionalModel
-from lightning_influence.task import ClassificationTask
+from lightning_influence.core.curvature import Curvature
+from lightning_influence.core.data import as_indexed
+from lightning_influence.core.gradients import per_sample_gradients
+from lightning_influence.core.model import FunctionalModel
+from lightning_influence.core.task import ClassificationTask
 
 
 def loop_gradients(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:

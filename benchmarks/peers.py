@@ -345,7 +345,7 @@ def methods() -> list[tuple[str, str, Callable[[Case], Outcome]]]:
     low_rank = getattr(li, "LowRank", None)
     if low_rank is None:
         try:
-            from lightning_influence.lowrank import LowRank as low_rank
+            from lightning_influence.solvers.lowrank import LowRank as low_rank
         except ImportError:
             low_rank = None
     rows: list[tuple[str, str, Callable[[Case], Outcome]]] = [

@@ -174,8 +174,8 @@ def overhead_digits_cnn() -> dict[str, Any]:
 def _time_logging(result: Any, train: Any, val: Any) -> float | None:
     """Time of the plain-file output of ``log_influence`` (no logger), if it is implemented."""
     try:
-        from lightning_influence.logging import log_influence
-        from lightning_influence.task import ClassificationTask
+        from lightning_influence.core.task import ClassificationTask
+        from lightning_influence.report import log_influence
 
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()

@@ -44,13 +44,13 @@ from digits import flip_labels  # noqa: E402
 from models import digits, fit_lbfgs  # noqa: E402
 
 from lightning_influence import Exact, LowRank, detection_metrics  # noqa: E402
-from lightning_influence.data import IndexedData, as_indexed  # noqa: E402
-from lightning_influence.grads import per_sample_gradients  # noqa: E402
-from lightning_influence.hvp import Curvature, CurvatureKind  # noqa: E402
-from lightning_influence.params import FunctionalModel  # noqa: E402
-from lightning_influence.scores import quadratic_form  # noqa: E402
+from lightning_influence.core.curvature import Curvature, CurvatureKind  # noqa: E402
+from lightning_influence.core.data import IndexedData, as_indexed  # noqa: E402
+from lightning_influence.core.gradients import per_sample_gradients  # noqa: E402
+from lightning_influence.core.model import FunctionalModel  # noqa: E402
+from lightning_influence.core.scores import quadratic_form  # noqa: E402
+from lightning_influence.core.task import ClassificationTask  # noqa: E402
 from lightning_influence.solvers import FactorizedSolver  # noqa: E402
-from lightning_influence.task import ClassificationTask  # noqa: E402
 
 CASES: dict[str, dict[str, Any]] = {
     "a": {"mode": "random", "hidden": 32, "weight_decay": 1e-2, "damping": 1e-2},

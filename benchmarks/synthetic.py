@@ -61,10 +61,10 @@ def peak_rss_mb() -> float:
 
 def run_influence(args: argparse.Namespace) -> dict[str, Any]:
     from lightning_influence import LiSSA, compute_influence
-    from lightning_influence.data import as_indexed
-    from lightning_influence.hvp import Curvature
-    from lightning_influence.params import FunctionalModel
-    from lightning_influence.task import ClassificationTask
+    from lightning_influence.core.curvature import Curvature
+    from lightning_influence.core.data import as_indexed
+    from lightning_influence.core.model import FunctionalModel
+    from lightning_influence.core.task import ClassificationTask
 
     model = wide_mlp(args.hidden).eval()
     train = SyntheticClassification(args.n_train, seed=0)

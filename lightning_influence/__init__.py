@@ -3,21 +3,21 @@
 Start with `compute_influence` or the `InfluenceCallback`.
 """
 
-from lightning_influence.api import compute_influence, influence_on_parameters
 from lightning_influence.callback import (
     InfluenceCallback,
     InfluenceError,
     influence_from_checkpoint,
 )
-from lightning_influence.data import IndexedData, as_indexed
-from lightning_influence.hvp import Curvature
-from lightning_influence.lowrank import LowRank
+from lightning_influence.compute import compute_influence, influence_on_parameters
+from lightning_influence.core.curvature import Curvature
+from lightning_influence.core.data import IndexedData, as_indexed
+from lightning_influence.core.model import FunctionalModel, select_parameters
+from lightning_influence.core.scores import perturbation_influence
+from lightning_influence.core.task import ClassificationTask, RegressionTask, Task, TaskError
 from lightning_influence.metrics import detection_metrics
-from lightning_influence.params import FunctionalModel, select_parameters
-from lightning_influence.results import InfluenceResult, Ranking
-from lightning_influence.scores import perturbation_influence
+from lightning_influence.result import InfluenceResult, Ranking
 from lightning_influence.solvers import CG, Exact, LiSSA, Solver, SolverDivergedError
-from lightning_influence.task import ClassificationTask, RegressionTask, Task, TaskError
+from lightning_influence.solvers.lowrank import LowRank
 
 __version__ = "0.1.0.dev0"
 

@@ -284,7 +284,7 @@ def test_out_of_memory_names_the_settings_and_restores_the_module(
         model.eval()  # fail half-way, with the module changed
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("lightning_influence.callback.compute_influence", out_of_memory)
+    monkeypatch.setattr("lightning_influence.callback.callback.compute_influence", out_of_memory)
     data, model = _small(), DigitsCNN(channels=2)
     model.net[3].requires_grad_(False)
     callback = InfluenceCallback(batch_size=16, num_val=4, parameters=["net.7.*"])

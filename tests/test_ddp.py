@@ -17,8 +17,8 @@ from ddp_influence_run import CALLBACK_ARGS, N_TRAIN, make_data, make_model, tra
 from torch.utils.data import TensorDataset
 
 from lightning_influence import Exact, InfluenceResult, compute_influence, influence_from_checkpoint
-from lightning_influence.distributed import shard_indices, strategy_reduce
-from lightning_influence.results import ROW_FIELDS
+from lightning_influence.callback.distributed import shard_indices, strategy_reduce
+from lightning_influence.result import ROW_FIELDS
 
 SCRIPT = Path(__file__).with_name("ddp_influence_run.py")
 REL_TOL = 1e-4

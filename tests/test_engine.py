@@ -28,7 +28,7 @@ from lightning_influence import (
     perturbation_influence,
     select_parameters,
 )
-from lightning_influence.grads import per_sample_gradients
+from lightning_influence.core.gradients import per_sample_gradients
 
 
 @pytest.fixture(autouse=True)
@@ -143,7 +143,7 @@ def test_gauss_newton_products_equal_jacobian_reference() -> None:
 
 @pytest.mark.parametrize("method", ["products", "jacobians"])
 def test_both_gauss_newton_methods_agree_with_the_dense_matrix(method: str) -> None:
-    from lightning_influence import hvp
+    from lightning_influence.core import curvature as hvp
 
     model, data = _mlp(), _toy()
     x, y = data.tensors

@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from lightning_influence import ClassificationTask, Exact, InfluenceResult, compute_influence
-from lightning_influence.logging import LogSettings, log_influence
+from lightning_influence.report import LogSettings, log_influence
 
 N_VAL, TOP_K, N_OUT = 3, 4, 12
 SETTINGS = LogSettings(n_val=N_VAL, top_k=TOP_K, n_outliers=N_OUT)

@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from lightning_influence import Exact, LowRank, compute_influence
-from lightning_influence.data import as_indexed
-from lightning_influence.hvp import Curvature, CurvatureKind
-from lightning_influence.params import FunctionalModel
-from lightning_influence.task import ClassificationTask, RegressionTask
+from lightning_influence.core.curvature import Curvature, CurvatureKind
+from lightning_influence.core.data import as_indexed
+from lightning_influence.core.model import FunctionalModel
+from lightning_influence.core.task import ClassificationTask, RegressionTask
 
 DAMPING = 0.05
 

@@ -40,9 +40,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_influence.data import as_indexed
-from lightning_influence.results import InfluenceResult
-from lightning_influence.task import Task
+from lightning_influence.core.data import as_indexed
+from lightning_influence.core.task import Task
+from lightning_influence.result import InfluenceResult
 
 __all__ = ["LogSettings", "log_influence"]
 

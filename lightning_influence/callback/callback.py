@@ -25,13 +25,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_influence.api import compute_influence
-from lightning_influence.data import as_indexed
-from lightning_influence.distributed import gather_result, shard_indices, strategy_reduce
-from lightning_influence.hvp import CurvatureKind
-from lightning_influence.logging import LogSettings, log_influence
-from lightning_influence.params import FunctionalModel
-from lightning_influence.results import InfluenceResult
+from lightning_influence.callback.distributed import gather_result, shard_indices, strategy_reduce
+from lightning_influence.compute import compute_influence
+from lightning_influence.core.curvature import CurvatureKind
+from lightning_influence.core.data import as_indexed
+from lightning_influence.core.model import FunctionalModel
+from lightning_influence.core.task import ClassificationTask, Task, TaskError
+from lightning_influence.report import LogSettings, log_influence
+from lightning_influence.result import InfluenceResult
 from lightning_influence.solvers import (
     CG,
     Exact,
@@ -40,7 +41,6 @@ from lightning_influence.solvers import (
     Solver,
     SolverDivergedError,
 )
-from lightning_influence.task import ClassificationTask, Task, TaskError
 
 __all__ = ["InfluenceCallback", "InfluenceError", "influence_from_checkpoint"]
 

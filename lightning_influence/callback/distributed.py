@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_influence.results import ROW_FIELDS, InfluenceResult
+from lightning_influence.result import ROW_FIELDS, InfluenceResult
 
 __all__ = ["gather_result", "shard_indices", "strategy_reduce"]
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
-from lightning_influence.task import Task, TaskError
+from lightning_influence.core.task import Task, TaskError
 
 __all__ = ["FunctionalModel", "select_parameters"]
 
@@ -70,7 +70,7 @@ class FunctionalModel:
 
     Example:
         >>> import torch
-        >>> from lightning_influence.task import ClassificationTask
+        >>> from lightning_influence.core.task import ClassificationTask
         >>> fm = FunctionalModel(torch.nn.Linear(4, 3), ClassificationTask())
         >>> fm.theta.shape
         torch.Size([15])

@@ -15,8 +15,8 @@ from torch import Tensor
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_map
 
-from lightning_influence.params import FunctionalModel
-from lightning_influence.task import TaskError
+from lightning_influence.core.model import FunctionalModel
+from lightning_influence.core.task import TaskError
 
 __all__ = ["per_sample_gradients"]
 
@@ -35,8 +35,8 @@ def per_sample_gradients(model: FunctionalModel, inputs: Any, targets: Any) -> T
 
     Example:
         >>> import torch
-        >>> from lightning_influence.params import FunctionalModel
-        >>> from lightning_influence.task import ClassificationTask
+        >>> from lightning_influence.core.model import FunctionalModel
+        >>> from lightning_influence.core.task import ClassificationTask
         >>> fm = FunctionalModel(torch.nn.Linear(4, 3), ClassificationTask())
         >>> per_sample_gradients(fm, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])).shape
         torch.Size([5, 15])

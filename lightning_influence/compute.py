@@ -14,14 +14,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_influence.data import IndexedData, as_indexed
-from lightning_influence.hvp import Curvature, CurvatureKind
-from lightning_influence.lowrank import LowRank
-from lightning_influence.params import FunctionalModel
-from lightning_influence.results import InfluenceResult
-from lightning_influence.scores import example_pass, perturbation_influence
+from lightning_influence.core.curvature import Curvature, CurvatureKind
+from lightning_influence.core.data import IndexedData, as_indexed
+from lightning_influence.core.model import FunctionalModel
+from lightning_influence.core.scores import example_pass, perturbation_influence
+from lightning_influence.core.task import ClassificationTask, Task
+from lightning_influence.result import InfluenceResult
 from lightning_influence.solvers import Exact, FactorizedSolver, LiSSA, Solver
-from lightning_influence.task import ClassificationTask, Task
+from lightning_influence.solvers.lowrank import LowRank
 
 __all__ = [
     "compute_influence",

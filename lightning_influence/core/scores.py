@@ -15,9 +15,9 @@ from torch import Tensor
 from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
-from lightning_influence.data import IndexedData
-from lightning_influence.grads import one_example, per_sample_gradients
-from lightning_influence.params import FunctionalModel
+from lightning_influence.core.data import IndexedData
+from lightning_influence.core.gradients import one_example, per_sample_gradients
+from lightning_influence.core.model import FunctionalModel
 
 __all__ = ["ExamplePass", "example_pass", "perturbation_influence", "quadratic_form"]
 

@@ -21,9 +21,9 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
-from lightning_influence.data import IndexedData
-from lightning_influence.grads import one_example
-from lightning_influence.params import FunctionalModel
+from lightning_influence.core.data import IndexedData
+from lightning_influence.core.gradients import one_example
+from lightning_influence.core.model import FunctionalModel
 
 __all__ = ["Curvature", "CurvatureKind"]
 
@@ -51,9 +51,9 @@ class Curvature:
     Example:
         >>> import torch
         >>> from torch.utils.data import TensorDataset
-        >>> from lightning_influence.data import as_indexed
-        >>> from lightning_influence.params import FunctionalModel
-        >>> from lightning_influence.task import ClassificationTask
+        >>> from lightning_influence.core.data import as_indexed
+        >>> from lightning_influence.core.model import FunctionalModel
+        >>> from lightning_influence.core.task import ClassificationTask
         >>> fm = FunctionalModel(torch.nn.Linear(4, 3), ClassificationTask())
         >>> data = as_indexed(TensorDataset(torch.randn(10, 4), torch.randint(0, 3, (10,))))
         >>> curvature = Curvature(fm, data, kind="hessian")

@@ -1,172 +1,21 @@
-"""Solvers: apply ``(H + damping I)^-1`` to a block of vectors.
-
-All solvers share one interface, :meth:`Solver.solve`, and consume the same
-:class:`~lightning_influence.hvp.Curvature`. Rows of the block are independent right-hand sides
-that move together, so one curvature product serves all of them.
-
-- :class:`LiSSA`: the stochastic Neumann recursion on minibatch curvature, with momentum.
-- :class:`CG`: batched conjugate gradient on full-data curvature products.
-- :class:`Exact`: the explicit matrix and an eigendecomposition, for small models and tests.
-"""
+"""``LiSSA``: the stochastic Neumann recursion on minibatch curvature."""
 
 from __future__ import annotations
 
 import math
 import warnings
-from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_influence.hvp import Curvature
+from lightning_influence.core.curvature import Curvature
+from lightning_influence.solvers.base import Diagnostics, Solver, check_finite, raise_diverged
 
-__all__ = ["CG", "Exact", "InverseOperator", "LiSSA", "Solver", "SolverDivergedError"]
-
-Diagnostics = dict[str, float]
-InverseOperator = Callable[[Tensor], Tensor]
-
-
-class SolverDivergedError(RuntimeError):
-    """The solver produced NaN/Inf or grew without bound."""
-
-
-class Solver(ABC):
-    """Applies ``(H + damping I)^-1`` to each row of a block ``[m, p]``."""
-
-    name: str = "solver"
-
-    @abstractmethod
-    def solve(
-        self, curvature: Curvature, vectors: Tensor, damping: float, progress: bool = False
-    ) -> tuple[Tensor, Diagnostics]:
-        """Return ``(H + damping I)^-1`` applied to each row of ``vectors``, and diagnostics."""
-
-    def settings(self) -> dict[str, Any]:
-        """The solver's settings, JSON-serialisable."""
-        values = asdict(self) if hasattr(self, "__dataclass_fields__") else {}  # type: ignore[call-overload]
-        return {"name": self.name, **values}
-
-
-class FactorizedSolver(Solver):
-    """A solver that builds the inverse once and applies it to any number of vectors."""
-
-    @abstractmethod
-    def factorize(
-        self, curvature: Curvature, damping: float, progress: bool = False
-    ) -> tuple[InverseOperator, Diagnostics]:
-        """The inverse as a function of a block of vectors, and diagnostics."""
-
-    def solve(
-        self, curvature: Curvature, vectors: Tensor, damping: float, progress: bool = False
-    ) -> tuple[Tensor, Diagnostics]:
-        """Factorize, then apply to ``vectors``."""
-        inverse, info = self.factorize(curvature, damping, progress)
-        return inverse(vectors), info
-
-
-@dataclass(frozen=True)
-class Exact(FactorizedSolver):
-    """The explicit curvature matrix and an eigendecomposition; for small parameter counts.
-
-    Args:
-        max_params: refuse models with more chosen parameters than this (the matrix is ``p x p``).
-
-    Example:
-        >>> Exact(max_params=2000).max_params
-        2000
-    """
-
-    max_params: int = 6000
-    name = "exact"
-
-    def __post_init__(self) -> None:
-        if self.max_params < 1:
-            raise ValueError(f"`max_params` must be positive, got {self.max_params}.")
-
-    def factorize(
-        self, curvature: Curvature, damping: float, progress: bool = False
-    ) -> tuple[InverseOperator, Diagnostics]:
-        """Eigendecompose ``H + damping I``."""
-        p = curvature.n_params
-        if p > self.max_params:
-            raise ValueError(
-                f"Exact needs the full {p} x {p} curvature matrix, above `max_params="
-                f"{self.max_params}`. Use `LiSSA()` or `CG()` for validation scores and "
-                "`LowRank()` for self-influence, or select fewer parameters with `parameters=`."
-            )
-        mat = curvature.dense().double()  # the eigendecomposition in float64, whatever the dtype
-        mat.diagonal().add_(damping)
-        evals, evecs = torch.linalg.eigh(mat)
-        if evals.abs().min() <= 1e-12 * evals.abs().max():
-            raise ValueError(
-                "H + damping I is singular; increase `damping` (it is "
-                f"{damping:g}, smallest eigenvalue {evals.min().item():.3g})."
-            )
-        info = {
-            "min_eigenvalue": float(evals.min()),
-            "max_eigenvalue": float(evals.max()),
-            "negative_eigenvalues": float((evals < 0).sum()),
-        }
-
-        def inverse(vectors: Tensor) -> Tensor:
-            v = vectors.to(evecs.dtype)
-            return (((v @ evecs) / evals) @ evecs.T).to(vectors.dtype)
-
-        return inverse, info
-
-
-@dataclass(frozen=True)
-class CG(Solver):
-    """Batched conjugate gradient on full-data curvature products.
-
-    Args:
-        max_iter: at most this many iterations (each one full pass over the training data).
-        tol: stop when every residual norm is below ``tol`` times its right-hand side's norm.
-
-    Example:
-        >>> CG(max_iter=50).tol
-        1e-06
-    """
-
-    max_iter: int = 100
-    tol: float = 1e-6
-    name = "cg"
-
-    def solve(
-        self, curvature: Curvature, vectors: Tensor, damping: float, progress: bool = False
-    ) -> tuple[Tensor, Diagnostics]:
-        """Run CG on every row at once."""
-        b = vectors.to(curvature.model.dtype)
-        x = torch.zeros_like(b)
-        r = b.clone()
-        p = r.clone()
-        rs = (r * r).sum(1)
-        bnorm = b.norm(dim=1).clamp_min(1e-30)
-        steps = 0
-        bar = tqdm(total=self.max_iter, desc="CG", disable=not progress, leave=False)
-        for steps in range(1, self.max_iter + 1):  # noqa: B007
-            ap = curvature.matvec(p) + damping * p
-            denom = (p * ap).sum(1)
-            active = rs.sqrt() > self.tol * bnorm
-            alpha = torch.where(active, rs / denom.where(active, torch.ones_like(denom)), 0.0)
-            _check_finite(alpha, "CG", damping, None)
-            x += alpha[:, None] * p
-            r -= alpha[:, None] * ap
-            rs_new = (r * r).sum(1)
-            bar.update()
-            if bool((rs_new.sqrt() <= self.tol * bnorm).all()):
-                rs = rs_new
-                break
-            beta = torch.where(active, rs_new / rs.clamp_min(1e-300), 0.0)
-            p = r + beta[:, None] * p
-            rs = rs_new
-        bar.close()
-        rel = float((rs.sqrt() / bnorm).max())
-        return x, {"steps": float(steps), "relative_residual": rel}
+__all__ = ["LiSSA", "auto_depth"]
 
 
 @dataclass(frozen=True)
@@ -293,9 +142,9 @@ class LiSSA(Solver):
                 steps += 1
                 bar.update()
                 if t % 25 == 0:
-                    _check_finite(h, "LiSSA", damping, scale)
+                    check_finite(h, "LiSSA", damping, scale)
                     if bool(h.norm(dim=1).max() > limit):
-                        _raise_diverged("LiSSA", damping, scale, "grew without bound")
+                        raise_diverged("LiSSA", damping, scale, "grew without bound")
                 if t < start_avg:
                     continue
                 avg += h
@@ -311,7 +160,7 @@ class LiSSA(Solver):
             total += avg / n_avg if n_avg else h
         bar.close()
         result = total / (self.repeats * scale)
-        _check_finite(result, "LiSSA", damping, scale)
+        check_finite(result, "LiSSA", damping, scale)
         info = {"scale": scale, "depth": float(depth), "steps": float(steps)}
         return result, {**info, "relative_change": rel, "momentum": beta}
 
@@ -345,17 +194,3 @@ def auto_depth(scale: float, damping: float, min_depth: int = 100, max_depth: in
     """
     kappa = scale / max(damping, 1e-12)
     return int(min(max(math.ceil(3 * kappa), min_depth), max_depth))
-
-
-def _check_finite(t: Tensor, solver: str, damping: float, scale: float | None) -> None:
-    if not bool(torch.isfinite(t).all()):
-        _raise_diverged(solver, damping, scale, "produced NaN or Inf")
-
-
-def _raise_diverged(solver: str, damping: float, scale: float | None, what: str) -> None:
-    hint = f"increase `scale` (it is {scale:g}) or " if scale is not None else ""
-    raise SolverDivergedError(
-        f"{solver} {what}. The curvature may be larger than the solver assumed or H + damping I "
-        f"may not be positive definite: {hint}increase `damping` (it is {damping:g}), "
-        "or use curvature='gauss_newton', which is positive semi-definite."
-    )

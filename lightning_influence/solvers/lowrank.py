@@ -1,7 +1,7 @@
 """A low-rank inverse of the damped curvature, built from curvature products.
 
 ``LowRank`` finds the top ``rank`` eigenpairs ``(e_k, u_k)`` of the curvature from products with
-:meth:`Curvature.matvec <lightning_influence.hvp.Curvature.matvec>` (a randomized Nystrom
+:meth:`Curvature.matvec <lightning_influence.core.curvature.Curvature.matvec>` (a randomized Nystrom
 approximation from one block of products, or Lanczos with full reorthogonalisation and its
 block variant), then applies
 
@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_influence.hvp import Curvature
-from lightning_influence.solvers import Diagnostics, FactorizedSolver, InverseOperator
+from lightning_influence.core.curvature import Curvature
+from lightning_influence.solvers.base import Diagnostics, FactorizedSolver, InverseOperator
 
 __all__ = ["LowRank", "LowRankInverse"]
 
@@ -102,10 +102,10 @@ class LowRank(FactorizedSolver):
     Example:
         >>> import torch
         >>> from torch.utils.data import TensorDataset
-        >>> from lightning_influence.data import as_indexed
-        >>> from lightning_influence.hvp import Curvature
-        >>> from lightning_influence.params import FunctionalModel
-        >>> from lightning_influence.task import ClassificationTask
+        >>> from lightning_influence.core.data import as_indexed
+        >>> from lightning_influence.core.curvature import Curvature
+        >>> from lightning_influence.core.model import FunctionalModel
+        >>> from lightning_influence.core.task import ClassificationTask
         >>> fm = FunctionalModel(torch.nn.Linear(4, 3), ClassificationTask())
         >>> data = as_indexed(TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,))))
         >>> inverse, info = LowRank(rank=5).factorize(Curvature(fm, data), damping=0.1)

@@ -1,0 +1,1 @@
+"""The numerical core: tasks, data access, the functional model, gradients, curvature, scores."""
