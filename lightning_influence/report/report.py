@@ -27,7 +27,7 @@ import json
 import math
 import re
 import textwrap
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +42,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_influence.core.data import as_indexed
 from lightning_influence.core.task import Task
+from lightning_influence.report.settings import LogSettings
 from lightning_influence.result import InfluenceResult
 
-__all__ = ["LogSettings", "log_influence"]
+__all__ = ["log_influence"]
 
 _Color = tuple[float, ...]
 _HELPFUL: _Color = (0.13, 0.55, 0.13)
@@ -59,55 +60,6 @@ _RANKING_COLUMNS = (
     *("val_index", "val_label", "val_prediction", "kind", "rank", "train_index", "label"),
     *("prediction", "score"),
 )
-
-
-@dataclass(frozen=True)
-class LogSettings:
-    """What to show, and how.
-
-    Args:
-        n_val: how many validation examples get a panel (the first ones of the result, unless
-            ``val_indices`` names them).
-        top_k: helpful and harmful training examples shown per validation example.
-        n_outliers: training examples with the highest self-influence in the review list.
-        prefix: tag prefix in TensorBoard and W&B, and the stem of the file names in ``out_dir``.
-        describe: turns one input into text for tables (and replaces pictures when the inputs
-            are not image-like); a short default shows shapes or values.
-        val_indices: dataset indices of the validation examples to show (overrides ``n_val``).
-        image_size: smallest side, in pixels, that a small image is upscaled to (nearest).
-        images: draw inputs as images (``True``), as text (``False``), or decide from the shape of
-            one input: ``[C, H, W]`` with ``C`` in 1..4, or ``[H, W]`` (``None``, the default).
-
-    Example:
-        >>> LogSettings(n_val=2, top_k=4).top_k
-        4
-        >>> LogSettings(top_k=0)
-        Traceback (most recent call last):
-        ...
-        ValueError: `top_k` must be at least 1, got 0.
-    """
-
-    n_val: int = 8
-    top_k: int = 8
-    n_outliers: int = 32
-    prefix: str = "influence"
-    describe: Callable[[Any], str] | None = None
-    val_indices: tuple[int, ...] | None = None
-    image_size: int = 64
-    images: bool | None = None
-
-    def __post_init__(self) -> None:
-        for name, low in (("n_val", 0), ("top_k", 1), ("n_outliers", 0), ("image_size", 8)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be at least {low}, got {value!r}.")
-        if not self.prefix or self.prefix.strip("/") != self.prefix:
-            raise ValueError(
-                f"`prefix` must be a non-empty tag such as 'influence' with no leading or "
-                f"trailing '/', got {self.prefix!r}."
-            )
-        if self.val_indices is not None:
-            object.__setattr__(self, "val_indices", tuple(int(i) for i in self.val_indices))
 
 
 def log_influence(
