@@ -1,0 +1,234 @@
+"""Pictures: tiles with torch, annotated figures with matplotlib (Agg, imported when drawing).
+
+Small images are upscaled with nearest-neighbour interpolation so that 8x8 digits stay legible.
+With matplotlib installed (the ``[examples]`` extra) figures carry the dataset index, label,
+prediction and score above each tile; without it they are plain grids framed by colour (blue: the
+validation example, green: helpful, red: harmful), and the text lives in the tables beside them.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_influence.report.model import Example, Panel
+
+__all__ = [
+    "histogram_figure",
+    "image_tile",
+    "outliers_figure",
+    "panel_figure",
+    "saliency_tile",
+    "to_uint8",
+]
+
+_Color = tuple[float, ...]
+_HELPFUL: _Color = (0.13, 0.55, 0.13)
+_HARMFUL: _Color = (0.84, 0.15, 0.16)
+_VALIDATION: _Color = (0.12, 0.47, 0.71)
+_NEUTRAL: _Color = (0.6, 0.6, 0.6)
+_HISTOGRAM_AXES = {
+    "scores": "I_up,loss(train, val): < 0 helpful, > 0 harmful",
+    "self_influence": "self-influence g^T (H + damping I)^-1 g",
+}
+
+
+def _upscale(img: Tensor, size: int) -> Tensor:
+    """Nearest-neighbour upscaling of ``[C, h, w]`` so that its longer side is at least ``size``;
+    larger images are shrunk (area) to ``4 * size`` at most."""
+    longest = max(img.shape[-2:])
+    if longest < size:
+        factor = math.ceil(size / longest)
+        return img.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    if longest > 4 * size:
+        scale = 4 * size / longest
+        hw = [max(1, round(s * scale)) for s in img.shape[-2:]]
+        return F.interpolate(img[None], size=hw, mode="area")[0]
+    return img
+
+
+def image_tile(x: Tensor, size: int) -> Tensor:
+    """One input ``[C, H, W]`` or ``[H, W]`` as an RGB tile ``[3, h, w]`` in [0, 1]."""
+    img = x.detach().cpu().float()
+    if x.dtype == torch.uint8:
+        img = img / 255.0
+    if img.ndim == 2:
+        img = img[None]
+    if img.shape[0] == 4:
+        img = img[:3]
+    elif img.shape[0] == 2:
+        img = img.mean(0, keepdim=True)
+    lo, hi = img.min(), img.max()
+    if lo < 0 or hi > 1:  # standardised data: stretch each image to [0, 1]
+        img = (img - lo) / (hi - lo).clamp_min(1e-12)
+    return _upscale(img.expand(3, -1, -1).contiguous(), size)
+
+
+def saliency_tile(m: Tensor, size: int) -> Tensor:
+    """A signed map, summed over channels, as a red (raises the validation loss) / white / blue
+    (lowers it) tile, scaled by its largest magnitude."""
+    sal = m.detach().cpu().float()
+    if sal.ndim == 3:
+        sal = sal.sum(0)
+    sal = sal / sal.abs().max().clamp_min(1e-30)
+    pos, neg = sal.clamp_min(0), (-sal).clamp_min(0)
+    rgb = torch.stack([1 - neg, 1 - pos - neg, 1 - pos]).clamp(0, 1)
+    return _upscale(rgb, size)
+
+
+@dataclass
+class _Cell:
+    """One tile of a figure: a picture (or none), its frame colour and a caption."""
+
+    tile: Tensor | None
+    color: _Color = _NEUTRAL
+    caption: str = ""
+
+
+def _caption(e: Example, score: str = "{:+.3g}") -> str:
+    return f"#{e.index} y={e.label} ŷ={e.prediction}\n" + score.format(e.score)
+
+
+def panel_figure(panel: Panel) -> Tensor:
+    """One row of helpful and one of harmful training images (each with its saliency row below
+    when computed), the validation image at the top left."""
+    v = panel.val
+    loss = "" if math.isnan(v.score) else f" loss {v.score:.3g}"
+    with_maps = any(e.saliency is not None for e in panel.helpful + panel.harmful)
+    rows: list[list[_Cell]] = []
+    labels: list[tuple[str, _Color]] = []
+    for name, color, examples in (
+        ("helpful", _HELPFUL, panel.helpful),
+        ("harmful", _HARMFUL, panel.harmful),
+    ):
+        first = _Cell(v.image, _VALIDATION, f"val #{v.index}{loss}\ny={v.label} ŷ={v.prediction}")
+        rows.append([first if not rows else _Cell(None)])
+        rows[-1] += [_Cell(e.image, color, _caption(e)) for e in examples]
+        labels.append((name, color))
+        if with_maps:
+            rows.append([_Cell(None)] + [_Cell(e.saliency) for e in examples])
+            labels.append(("I_pert,loss", _NEUTRAL))
+    title = (
+        f"validation example {v.index}: green = helpful (score < 0), red = harmful (score > 0)"
+        + ("; I_pert,loss: red pixels raise its loss" if with_maps else "")
+    )
+    return _figure(rows, labels, title)
+
+
+def outliers_figure(outliers: list[Example], ncols: int = 8) -> Tensor:
+    """The training examples with the highest self-influence, framed red where the model's
+    prediction disagrees with the given label."""
+    cells = [
+        _Cell(
+            e.image,
+            _HARMFUL if e.label != e.prediction else _NEUTRAL,
+            _caption(e, "self-infl. {:.3g}"),
+        )
+        for e in outliers
+    ]
+    rows = [cells[r : r + ncols] for r in range(0, len(cells), ncols)]
+    title = "highest self-influence first (suspected mislabels); red: prediction ≠ given label"
+    return _figure(rows, [], title)
+
+
+def _figure(rows: list[list[_Cell]], labels: list[tuple[str, _Color]], title: str) -> Tensor:
+    """Tiles on one canvas built with torch; matplotlib (when importable) adds the captions,
+    row labels and title. Without it the canvas is returned as is: colours, no text."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return _grid(rows, top=0, left=0)[0]
+    top, left, dpi = 26, 18 if labels else 0, 150
+    canvas, spots, starts = _grid(rows, top=top, left=left)
+    title = textwrap.fill(title, width=max(20, int(canvas.shape[2] / 5.0)))
+    head = 10 + 10 * (title.count("\n") + 1)
+    height, width = canvas.shape[1] + head, canvas.shape[2]
+    fig = Figure(figsize=(width / 100, height / 100), dpi=dpi)
+    agg = FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.0, 0.0, 1.0, canvas.shape[1] / height))
+    ax.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest", aspect="auto")
+    ax.set_axis_off()
+    for (x, y), cell in spots:
+        if cell.caption:
+            ax.text(
+                x, y - 2, cell.caption, ha="center", va="bottom", fontsize=5.2, linespacing=1.05
+            )
+    for r, (label, color) in enumerate(labels):
+        y = (starts[r] + starts[r + 1]) / 2
+        ax.text(left / 2, y, label, ha="center", va="center", rotation=90, fontsize=6, color=color)
+    fig.text(0.5, 1 - 0.5 * head / height, title, ha="center", va="center", fontsize=5.5)
+    return _draw(agg)
+
+
+def _draw(agg: Any) -> Tensor:
+    """Render a matplotlib Agg canvas to ``[3, H, W]`` in [0, 1]."""
+    agg.draw()
+    rgba = np.asarray(agg.buffer_rgba())
+    return torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1).float() / 255.0
+
+
+def _grid(
+    rows: list[list[_Cell]], top: int, left: int, pad: int = 6
+) -> tuple[Tensor, list[tuple[tuple[float, float], _Cell]], list[int]]:
+    """A white canvas with each tile framed in its colour, ``top`` pixels above each tile for a
+    caption (rows with captions only) and a ``left`` strip for row labels; returns it with each
+    cell's caption anchor and the first pixel row of each row (and the end)."""
+    tiles = [c.tile for row in rows for c in row if c.tile is not None]
+    h = max((t.shape[1] for t in tiles), default=8)
+    w = max((t.shape[2] for t in tiles), default=8)
+    cw = w + 2 * pad
+    tops = [top if any(c.caption for c in row) else 0 for row in rows]
+    starts = [sum(tops[:r]) + r * (h + 2 * pad) for r in range(len(rows) + 1)]
+    ncols = max((len(row) for row in rows), default=1)
+    canvas = torch.ones(3, starts[-1], left + cw * ncols)
+    frame = pad // 2
+    spots: list[tuple[tuple[float, float], _Cell]] = []
+    for r, row in enumerate(rows):
+        for c, cell in enumerate(row):
+            if cell.tile is None:
+                continue
+            y, x = starts[r] + tops[r] + pad, left + c * cw + pad
+            th, tw = cell.tile.shape[1:]
+            color = torch.tensor(cell.color)[:, None, None]
+            canvas[:, y - frame : y + th + frame, x - frame : x + tw + frame] = color
+            canvas[:, y : y + th, x : x + tw] = cell.tile
+            spots.append(((x + tw / 2, float(y - frame)), cell))
+    return canvas, spots, starts
+
+
+def histogram_figure(histograms: dict[str, Tensor]) -> Tensor | None:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    if not histograms:
+        return None
+    fig = Figure(figsize=(4.0 * len(histograms), 3.0), dpi=100)
+    agg = FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(histograms), squeeze=False)[0]
+    for ax, (name, values) in zip(axes, histograms.items(), strict=True):
+        ax.hist(values.numpy(), bins=50, color=_VALIDATION)
+        ax.set_yscale("log")
+        ax.set_title(name.replace("_", "-"), fontsize=9)
+        ax.set_xlabel(_HISTOGRAM_AXES.get(name, name), fontsize=8)
+        ax.set_ylabel(
+            "examples (log scale)" if name != "scores" else "pairs (log scale)", fontsize=8
+        )
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return _draw(agg)
+
+
+def to_uint8(img: Tensor) -> np.ndarray:
+    """``[3, H, W]`` in [0, 1] -> ``[H, W, 3]`` uint8."""
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()

@@ -1,0 +1,284 @@
+"""The report: what is shown of an :class:`InfluenceResult`, built once for every backend.
+
+:func:`build_report` fetches the examples the rankings name (by dataset index), labels them,
+renders image-like inputs as tiles and gathers panels (a validation example with its most helpful
+and harmful training examples), the self-influence review list, histograms and diagnostics.
+Image-like inputs (one example shaped ``[C, H, W]`` or ``[H, W]``) become pictures; other inputs
+are shown as text through ``LogSettings.describe``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_influence.core.data import as_indexed
+from lightning_influence.core.task import Task
+from lightning_influence.report import drawing
+from lightning_influence.report.settings import LogSettings
+
+if TYPE_CHECKING:
+    from lightning_influence.result import InfluenceResult
+
+__all__ = ["Example", "Panel", "Report", "Row", "build_report"]
+
+
+@dataclass
+class Example:
+    """One example as shown: dataset index, label, prediction, a score and its picture or text."""
+
+    index: int
+    label: str
+    prediction: str
+    score: float
+    text: str
+    image: Tensor | None = None  # [3, h, w] in [0, 1], upscaled
+    saliency: Tensor | None = None  # [3, h, w] in [0, 1], red raises the validation loss
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of a table: a ranked example, with its kind and validation example in rankings."""
+
+    rank: int
+    example: Example
+    kind: str = ""
+    val: Example | None = None
+
+
+@dataclass
+class Panel:
+    """A validation example with its top helpful and harmful training examples."""
+
+    val: Example  # score = its loss
+    helpful: list[Example]
+    harmful: list[Example]
+    figure: Tensor | None = None  # [3, H, W]
+
+    def rows(self) -> list[Row]:
+        """Helpful then harmful examples, ranked from 1 within each kind."""
+        return [
+            Row(rank, e, kind, self.val)
+            for kind, examples in (("helpful", self.helpful), ("harmful", self.harmful))
+            for rank, e in enumerate(examples, start=1)
+        ]
+
+
+@dataclass
+class Report:
+    """Everything shown, built once: panels, the review list, histograms and diagnostics."""
+
+    result: InfluenceResult
+    panels: list[Panel]
+    outliers: list[Example]  # score = self-influence
+    images: bool
+    outliers_figure: Tensor | None = None
+    histograms: dict[str, Tensor] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
+
+    def outlier_rows(self) -> list[Row]:
+        """The review list ranked from 1, highest self-influence first."""
+        return [Row(rank, e) for rank, e in enumerate(self.outliers, start=1)]
+
+
+def build_report(
+    result: InfluenceResult,
+    train_data: Dataset[Any] | DataLoader[Any],
+    val_data: Dataset[Any] | DataLoader[Any],
+    task: Task,
+    settings: LogSettings,
+) -> Report:
+    """Fetch, label and render what ``settings`` asks to show of ``result``."""
+    train = _ExampleSource(train_data, task, settings, result.train_indices)
+    val = _ExampleSource(val_data, task, settings, result.val_indices)
+    train.labels(result.train_targets, result.train_predictions)
+    val.labels(result.val_targets, result.val_predictions)
+
+    columns = _val_columns(result, settings)
+    helpful, harmful = result.helpful(settings.top_k), result.harmful(settings.top_k)
+    wanted_train = [helpful.indices[columns].reshape(-1), harmful.indices[columns].reshape(-1)]
+    outliers = result.outliers(settings.n_outliers) if result.self_influence is not None else None
+    if outliers is not None:
+        wanted_train.append(outliers.indices)
+    val.load(result.val_indices[columns])
+    train.load(torch.cat(wanted_train))
+    images = train.image_like and val.image_like
+
+    losses = result.val_losses
+    panels = []
+    for j in columns.tolist():
+        ranked = []
+        for half, ranking in enumerate((helpful, harmful)):
+            pairs = zip(ranking.indices[j].tolist(), ranking.scores[j].tolist(), strict=True)
+            ranked.append(
+                [train.example(i, s, _saliency(result, j, i, half, images)) for i, s in pairs]
+            )
+        loss = float(losses[j]) if losses is not None else math.nan
+        panel = Panel(val.example(int(result.val_indices[j]), loss), ranked[0], ranked[1])
+        if images:
+            panel.figure = drawing.panel_figure(panel)
+        panels.append(panel)
+
+    review = []
+    if outliers is not None:
+        pairs = zip(outliers.indices.tolist(), outliers.scores.tolist(), strict=True)
+        review = [train.example(i, s) for i, s in pairs]
+    histograms = {"scores": _finite(result.scores)}
+    if result.self_influence is not None:
+        histograms["self_influence"] = _finite(result.self_influence)
+    scalars = {k: float(v) for k, v in result.diagnostics.items()}
+    scalars.update(damping=float(result.damping))
+    return Report(
+        result=result,
+        panels=panels,
+        outliers=review,
+        images=images,
+        outliers_figure=drawing.outliers_figure(review) if images and review else None,
+        histograms={name: values for name, values in histograms.items() if values.numel()},
+        scalars=scalars,
+    )
+
+
+def _finite(values: Tensor) -> Tensor:
+    flat = values.detach().reshape(-1).float().cpu()
+    return flat[torch.isfinite(flat)]
+
+
+def _val_columns(result: InfluenceResult, settings: LogSettings) -> Tensor:
+    """Positions (columns of ``result.scores``) of the validation examples to show."""
+    if settings.val_indices is None:
+        return torch.arange(min(settings.n_val, result.val_indices.numel()))
+    positions = []
+    for index in settings.val_indices:
+        hits = (result.val_indices == index).nonzero().flatten()
+        if hits.numel() == 0:
+            raise ValueError(
+                f"`val_indices` names validation dataset index {index}, which the result does "
+                f"not hold; it holds {result.val_indices[:10].tolist()}"
+                f"{' ...' if result.val_indices.numel() > 10 else ''}."
+            )
+        positions.append(int(hits[0]))
+    return torch.tensor(positions, dtype=torch.long)
+
+
+class _ExampleSource:
+    """Fetches examples of one dataset by dataset index and renders them once."""
+
+    def __init__(
+        self,
+        data: Dataset[Any] | DataLoader[Any],
+        task: Task,
+        settings: LogSettings,
+        indices: Tensor,
+    ) -> None:
+        self.data = as_indexed(data)
+        self.task = task
+        self.settings = settings
+        self.position = {int(i): p for p, i in enumerate(indices.tolist())}
+        self.targets: Tensor | None = None
+        self.predictions: Tensor | None = None
+        self.inputs: dict[int, Any] = {}
+        self.tiles: dict[int, Tensor] = {}
+        self.image_like = settings.images is not False
+
+    def labels(self, targets: Tensor | None, predictions: Tensor | None) -> None:
+        self.targets, self.predictions = targets, predictions
+
+    def load(self, indices: Tensor) -> None:
+        unique = torch.unique(indices)
+        if unique.numel() == 0:
+            return
+        inputs, _ = self.task.unpack(self.data.fetch(unique))
+        for n, index in enumerate(unique.tolist()):
+            self.inputs[index] = _nth(inputs, n)
+        if self.settings.images is None:
+            self.image_like = all(_is_image(x) for x in self.inputs.values())
+        if self.image_like:
+            for index, x in self.inputs.items():
+                self.tiles[index] = drawing.image_tile(x, self.settings.image_size)
+
+    def _label(self, labels: Tensor | None, index: int) -> str:
+        pos = self.position.get(index)
+        return "-" if labels is None or pos is None else _format_label(labels[pos])
+
+    def example(self, index: int, score: float, saliency: Tensor | None = None) -> Example:
+        x = self.inputs[index]
+        describe = self.settings.describe or _default_describe
+        size = self.settings.image_size
+        return Example(
+            index=index,
+            label=self._label(self.targets, index),
+            prediction=self._label(self.predictions, index),
+            score=score,
+            text=describe(x),
+            image=self.tiles.get(index),
+            saliency=None if saliency is None else drawing.saliency_tile(saliency, size),
+        )
+
+
+def _saliency(
+    result: InfluenceResult, column: int, train_index: int, half: int, images: bool
+) -> Tensor | None:
+    """The ``I_pert,loss`` map of ``train_index`` for validation column ``column``, if computed.
+
+    ``half`` 0 searches the helpful columns of ``result.perturbation``, 1 the harmful ones.
+    """
+    maps, indices = result.perturbation, result.perturbation_indices
+    if not images or maps is None or indices is None:
+        return None
+    k = indices.shape[1] // 2
+    row = indices[column, half * k : (half + 1) * k]
+    hits = (row == train_index).nonzero().flatten()
+    return None if hits.numel() == 0 else maps[column, half * k + int(hits[0])]
+
+
+def _nth(inputs: Any, n: int) -> Any:
+    """The ``n``-th example of a batch of inputs (tensor, sequence or dict of those)."""
+    if isinstance(inputs, Mapping):
+        return {k: _nth(v, n) for k, v in inputs.items()}
+    if isinstance(inputs, Tensor | np.ndarray | list | tuple):
+        return inputs[n]
+    return inputs
+
+
+def _is_image(x: Any) -> bool:
+    if not isinstance(x, Tensor) or not (x.is_floating_point() or x.dtype == torch.uint8):
+        return False
+    if x.ndim == 3:
+        return 1 <= x.shape[0] <= 4 and min(x.shape[1:]) >= 2
+    return x.ndim == 2 and min(x.shape) >= 2
+
+
+def _default_describe(x: Any) -> str:
+    """A short text for one input: values of small tensors, shape and range of larger ones.
+
+    Example:
+        >>> _default_describe(torch.tensor([1.0, 2.5]))
+        '[1, 2.5]'
+    """
+    if isinstance(x, Tensor):
+        flat = x.detach().float().reshape(-1)
+        if flat.numel() <= 6:
+            return "[" + ", ".join(f"{v:.3g}" for v in flat.tolist()) + "]"
+        return (
+            f"tensor{list(x.shape)} [{', '.join(f'{v:.3g}' for v in flat[:4].tolist())}, ...] "
+            f"min {flat.min():.3g} max {flat.max():.3g}"
+        )
+    if isinstance(x, Mapping):
+        return ", ".join(f"{k}: {_default_describe(v)}" for k, v in x.items())
+    text = str(x).replace("\n", " ")
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _format_label(value: Tensor) -> str:
+    if value.numel() != 1:
+        return str([round(v, 3) for v in value.reshape(-1).tolist()][:4])
+    item = value.item()
+    return str(item) if isinstance(item, int | bool) else f"{item:.3g}"

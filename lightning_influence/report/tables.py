@@ -1,0 +1,136 @@
+"""Tables: markdown (TensorBoard's Text tab, the markdown report) and CSV, from one column list.
+
+A :class:`Column` says once what a table column holds; :data:`RANKINGS` and :data:`OUTLIERS` list
+them for the two tables (helpful and harmful examples per validation example, and the
+self-influence review list). Every backend reads its cells through these lists.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightning_influence.report.model import Example, Panel, Report, Row
+
+if TYPE_CHECKING:
+    from lightning_influence.result import InfluenceResult
+
+__all__ = [
+    "OUTLIERS",
+    "RANKINGS",
+    "Column",
+    "outliers_markdown",
+    "panel_markdown",
+    "summary_markdown",
+    "write_csv",
+]
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: its key (CSV and W&B), its markdown header and how a row fills it."""
+
+    key: str
+    header: str
+    value: Callable[[Row], Any]
+    number: str = ""  # format of a float in markdown; CSV keeps every digit
+    markdown: bool = True  # shown in the markdown tables (False: CSV and W&B only)
+
+    def text(self, row: Row) -> str:
+        value = self.value(row)
+        return format(value, self.number) if self.number else str(value)
+
+
+def _val(row: Row) -> Example:
+    if row.val is None:
+        raise ValueError("a ranking row needs its validation example")
+    return row.val
+
+
+RANKINGS: tuple[Column, ...] = (
+    Column("val_index", "val index", lambda r: _val(r).index, markdown=False),
+    Column("val_label", "val label", lambda r: _val(r).label, markdown=False),
+    Column("val_prediction", "val prediction", lambda r: _val(r).prediction, markdown=False),
+    Column("kind", "kind", lambda r: r.kind),
+    Column("rank", "rank", lambda r: r.rank),
+    Column("train_index", "train index", lambda r: r.example.index),
+    Column("label", "label", lambda r: r.example.label),
+    Column("prediction", "prediction", lambda r: r.example.prediction),
+    Column("score", "score", lambda r: r.example.score, "+.4g"),
+)
+OUTLIERS: tuple[Column, ...] = (
+    Column("rank", "rank", lambda r: r.rank),
+    Column("index", "index", lambda r: r.example.index),
+    Column("given_label", "given label", lambda r: r.example.label),
+    Column("predicted_label", "predicted label", lambda r: r.example.prediction),
+    Column("self_influence", "self-influence", lambda r: r.example.score, ".4g"),
+)
+_NUMERIC = {"rank", "train_index", "index", "score", "self_influence"}
+
+
+def _markdown(columns: Sequence[Column], rows: Sequence[Row], text_inputs: bool) -> list[str]:
+    """Header, rule and body lines; an ``input`` column with each example's text when asked."""
+    shown = [c for c in columns if c.markdown]
+    head = [c.header for c in shown] + (["input"] if text_inputs else [])
+    rule = ["---:" if c.key in _NUMERIC else "---" for c in shown] + ["---"] * text_inputs
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(rule) + " |"]
+    for row in rows:
+        cells = [c.text(row) for c in shown]
+        cells += [f"`{_escape(row.example.text)}`"] if text_inputs else []
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def panel_markdown(panel: Panel, text_inputs: bool) -> str:
+    """A validation example's line, then its helpful and harmful training examples."""
+    v = panel.val
+    loss = "" if math.isnan(v.score) else f", loss {v.score:.4g}"
+    lines = [f"**Validation example {v.index}**: label {v.label}, predicted {v.prediction}{loss}."]
+    if text_inputs:
+        lines.append(f"Input: `{_escape(v.text)}`")
+    lines += ["Score = I_up,loss: negative = helpful, positive = harmful.", ""]
+    return "\n".join(lines + _markdown(RANKINGS, panel.rows(), text_inputs))
+
+
+def outliers_markdown(report: Report) -> str:
+    """The review list: highest self-influence first."""
+    lines = ["**Highest self-influence**: review these training labels first.", ""]
+    return "\n".join(lines + _markdown(OUTLIERS, report.outlier_rows(), not report.images))
+
+
+def summary_markdown(result: InfluenceResult) -> str:
+    """Sizes, damping, the diagnostics table and the solver's settings."""
+    lines = [
+        f"**{result.n_train} training x {result.val_indices.numel()} validation examples**, "
+        f"damping {result.damping:g}.",
+        "",
+        "| diagnostic | value |",
+        "| --- | ---: |",
+    ]
+    lines += [f"| {k} | {v:.4g} |" for k, v in result.diagnostics.items()]
+    solver = result.settings.get("solver")
+    if solver:
+        lines += ["", f"Solver: `{json.dumps(solver)}`"]
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, columns: Sequence[Column], rows: Sequence[Row]) -> Path | None:
+    """One CSV row per table row, floats with every digit (``repr``); nothing when empty."""
+    if not rows:
+        return None
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([c.key for c in columns])
+        for row in rows:
+            values = [c.value(row) for c in columns]
+            writer.writerow([repr(v) if isinstance(v, float) else v for v in values])
+    return path

@@ -1,0 +1,75 @@
+"""Weights & Biases: tables with image cells (or text columns), the panel images, histograms,
+summary values and the saved result file as an artifact. ``wandb`` is imported only here, when a
+``WandbLogger`` is present."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor
+
+from lightning_influence.report.drawing import to_uint8
+from lightning_influence.report.model import Report, Row
+from lightning_influence.report.tables import OUTLIERS, RANKINGS, Column
+
+__all__ = ["write_wandb"]
+
+Media = Callable[[Row], Any]
+
+
+def write_wandb(
+    logger: WandbLogger, report: Report, prefix: str, step: int, result_path: Path | None
+) -> None:
+    """Log ``report`` to the logger's run at ``step``, and ``result_path`` as an artifact."""
+    import wandb  # optional dependency
+
+    run = logger.experiment
+
+    def picture(img: Tensor | None, caption: str = "") -> Any:
+        return None if img is None else wandb.Image(to_uint8(img), caption=caption or None)
+
+    def table(columns: tuple[Column, ...], rows: list[Row], media: dict[str, Media]) -> Any:
+        """The columns' values, then the inputs: text columns, or image cells."""
+        keys: list[str | int] = [c.key for c in columns]
+        out = wandb.Table(columns=keys + list(media))
+        for row in rows:
+            out.add_data(*[c.value(row) for c in columns], *[cell(row) for cell in media.values()])
+        return out
+
+    logged: dict[str, Any] = {}
+    if report.panels:
+        rows = [row for panel in report.panels for row in panel.rows()]
+        media: dict[str, Media] = {
+            "image": lambda r: picture(r.example.image),
+            "saliency": lambda r: picture(r.example.saliency),
+        }
+        if not report.images:
+            media = {"val_input": lambda r: r.val and r.val.text, "input": lambda r: r.example.text}
+        logged[f"{prefix}/rankings"] = table(RANKINGS, rows, media)
+        for panel in report.panels:
+            if panel.figure is not None:
+                logged[f"{prefix}/val_{panel.val.index}"] = picture(
+                    panel.figure, f"validation example {panel.val.index}"
+                )
+    if report.outliers:
+        media = {"image": lambda r: picture(r.example.image)}
+        if not report.images:
+            media = {"input": lambda r: r.example.text}
+        logged[f"{prefix}/outliers"] = table(OUTLIERS, report.outlier_rows(), media)
+        if report.outliers_figure is not None:
+            logged[f"{prefix}/outliers_image"] = picture(report.outliers_figure, "outliers")
+    for name, values in report.histograms.items():
+        logged[f"{prefix}/{name}"] = wandb.Histogram(
+            np_histogram=np.histogram(values.numpy(), bins=64)
+        )
+    run.log({**logged, "trainer/global_step": step})
+    for name, value in report.scalars.items():
+        run.summary[f"{prefix}/{name}"] = value
+    if result_path is not None:
+        artifact = wandb.Artifact(f"{prefix.replace('/', '-')}-result-{run.id}", type="influence")
+        artifact.add_file(str(result_path))
+        run.log_artifact(artifact)
