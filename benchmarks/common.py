@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_influence import detection_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 RESULTS = BENCH / "results"
@@ -133,11 +135,9 @@ def topk_overlap(ref: Any, est: Any, k: int = 10) -> float:
 
 def auroc(scores: Any, positives: Any, n: int) -> float:
     """Area under the ROC curve of ``scores`` (higher = more suspect) for the ``positives``."""
-    from sklearn.metrics import roc_auc_score
-
-    labels = np.zeros(n, dtype=bool)
-    labels[np.asarray(positives, dtype=np.int64)] = True
-    return float(roc_auc_score(labels, _np(scores)))
+    labels = torch.zeros(n, dtype=torch.bool)
+    labels[torch.as_tensor(np.asarray(positives, dtype=np.int64))] = True
+    return detection_metrics(torch.as_tensor(_np(scores)), labels, fractions=())["auroc"]
 
 
 def agreement(ref: Any, est: Any, k: int = 10) -> dict[str, float]:

@@ -10,18 +10,16 @@ The same code runs unchanged on one process.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_influence.core.curvature import Reduce
 from lightning_influence.result import ROW_FIELDS, InfluenceResult
 
 __all__ = ["gather_result", "shard_indices", "strategy_reduce"]
-
-Reduce = Callable[[Tensor], Tensor]
 
 
 def shard_indices(indices: Tensor, rank: int, world_size: int) -> Tensor:

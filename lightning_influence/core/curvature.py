@@ -10,8 +10,6 @@ Under data parallelism ``reduce`` sums across processes, so every process sees t
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
@@ -24,8 +22,9 @@ from torch.utils._pytree import tree_map
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.gradients import one_example
 from lightning_influence.core.model import FunctionalModel
+from lightning_influence.solvers.base import check_positive_int
 
-__all__ = ["Curvature", "CurvatureKind"]
+__all__ = ["Curvature", "CurvatureKind", "Reduce", "gauss_newton_method"]
 
 CurvatureKind = Literal["gauss_newton", "hessian"]
 Reduce = Callable[[Tensor], Tensor]
@@ -37,6 +36,8 @@ def _identity(t: Tensor) -> Tensor:
 
 class Curvature:
     """Curvature of the mean training loss as products with blocks of vectors.
+
+    Implements :class:`~lightning_influence.solvers.base.CurvatureOperator`, all that solvers see.
 
     Args:
         model: the model as a function of its flat parameters.
@@ -71,36 +72,52 @@ class Curvature:
     ) -> None:
         if kind not in ("gauss_newton", "hessian"):
             raise ValueError(f"`curvature` must be 'gauss_newton' or 'hessian', got {kind!r}.")
-        if output_directions is not None and (
-            not isinstance(output_directions, int) or output_directions < 1
-        ):
-            raise ValueError(
-                "`output_directions` must be a positive integer or None (exact Gauss-Newton), "
-                f"got {output_directions!r}."
-            )
+        check_positive_int("output_directions", output_directions, allow_none=True)
         self.model = model
         self.data = data
         self.kind = kind
         self.reduce = reduce or _identity
         self.output_directions = output_directions
-        self._output_trace = [0.0, 0.0]  # kept and total output-Hessian trace, when truncating
+        # Running totals of the output Hessians' trace, kept and overall, over truncated products.
+        self.trace_kept = 0.0
+        self.trace_total = 0.0
         local = torch.tensor(float(len(data)), dtype=torch.float64, device=model.device)
         self.n_total = int(self.reduce(local).item())
         if self.n_total == 0:
             raise ValueError("The training data is empty: there is no curvature to compute.")
-        self._gauss_newton_method: dict[int, str] = {}
-        self._fixed_method: str | None = None
 
     @property
     def n_params(self) -> int:
         """Dimension of the parameter space."""
         return self.model.n_params
 
-    def batch_matvec(self, batch: Any, vectors: Tensor) -> Tensor:
-        """Summed curvature of the examples in ``batch`` applied to each row of ``vectors``."""
+    @property
+    def dtype(self) -> torch.dtype:
+        """Working precision of the products."""
+        return self.model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the products."""
+        return self.model.device
+
+    @property
+    def positive_semidefinite(self) -> bool:
+        """True for the Gauss-Newton matrix; the Hessian may be indefinite."""
+        return self.kind == "gauss_newton"
+
+    @property
+    def output_trace_kept(self) -> float | None:
+        """Share of the output Hessians' trace that the kept ``output_directions`` carried over
+        the products so far (``None`` when nothing was truncated)."""
+        return self.trace_kept / self.trace_total if self.trace_total > 0 else None
+
+    def batch_matvec(self, batch: Any, vectors: Tensor, exact: bool = False) -> Tensor:
+        """Summed curvature of the examples in ``batch`` applied to each row of ``vectors``;
+        ``exact`` ignores ``output_directions``."""
         fm = self.model
-        inputs, targets = fm.task.unpack(batch)
-        inputs, targets = fm.cast(inputs), fm.cast(targets)
+        prepared = fm.prepare(batch)
+        inputs, targets = prepared.inputs, prepared.targets
         vectors = vectors.to(dtype=fm.dtype, device=fm.device)
         with torch.enable_grad():
             if self.kind == "hessian":
@@ -108,115 +125,93 @@ class Curvature:
             out = _detach(fm.outputs(fm.theta, inputs))
             if not isinstance(out, Tensor) or out.ndim == 0:
                 return _gauss_newton_products(fm, inputs, targets, out, vectors)
-            directions = self._truncated_directions(out)
+            directions = None if exact else self._truncated_directions(out)
             if directions is not None:
                 rows, kept, total = _gauss_newton_rows(fm, inputs, targets, out, directions)
-                self._output_trace[0] += kept
-                self._output_trace[1] += total
+                self.trace_kept += kept
+                self.trace_total += total
                 return sum(
                     ((block @ vectors.T).T @ block for block in rows), torch.zeros_like(vectors)
                 )
-            return self._fastest_gauss_newton(fm, inputs, targets, out, vectors)
-
-    @property
-    def output_trace_kept(self) -> float | None:
-        """Share of the output Hessians' trace that the kept ``output_directions`` carried over
-        the products so far (``None`` when nothing was truncated)."""
-        kept, total = self._output_trace
-        return kept / total if total > 0 else None
+            return gauss_newton_method(out, vectors)(fm, inputs, targets, out, vectors)
 
     def _truncated_directions(self, out: Tensor) -> int | None:
         """``output_directions`` where truncation applies (fewer directions than outputs, and the
         ``batch x outputs x outputs`` Hessians fit in 256 MiB), else ``None``: exact products."""
         directions = self.output_directions
-        if directions is None or self._fixed_method is not None:
+        if directions is None:
             return None
         outputs = out[0].numel()
         fits = out.shape[0] * outputs**2 * out.element_size() <= _JACOBIAN_BYTES
         return directions if directions < outputs and fits else None
 
-    def _fastest_gauss_newton(
-        self, fm: FunctionalModel, inputs: Any, targets: Any, out: Tensor, vectors: Tensor
-    ) -> Tensor:
-        """Gauss-Newton products by whichever method is faster for this block size.
-
-        Forward-and-reverse products cost two passes per vector; per-example Jacobians cost one
-        reverse pass per model output, whatever the number of vectors. Which wins depends on the
-        layers (convolutions are slow under vmapped forward mode), so both are timed, twice each, on
-        the first examples of the first batch. Jacobians are used only while the batch's
-        ``batch x outputs x p`` numbers fit in 256 MiB.
-        """
-        methods = {"products": _gauss_newton_products, "jacobians": _gauss_newton_by_jacobians}
-        jacobian_bytes = out.numel() * vectors.shape[1] * vectors.element_size()
-        if jacobian_bytes > _JACOBIAN_BYTES and self._fixed_method is None:
-            return _gauss_newton_products(fm, inputs, targets, out, vectors)  # memory-bound
-        chosen = self._fixed_method or self._gauss_newton_method.get(vectors.shape[0])
-        if chosen is None:
-            few_inputs, few_targets, few_out = (
-                _head(t, _PROBE_EXAMPLES) for t in (inputs, targets, out)
-            )
-            timings = dict.fromkeys(methods, math.inf)
-            for _ in range(2):  # the first call of each also pays one-off set-up costs
-                for name, method in methods.items():
-                    _synchronize(fm.device)
-                    start = time.perf_counter()
-                    method(fm, few_inputs, few_targets, few_out, vectors)
-                    _synchronize(fm.device)
-                    timings[name] = min(timings[name], time.perf_counter() - start)
-            chosen = min(timings, key=timings.__getitem__)
-            self._gauss_newton_method[vectors.shape[0]] = chosen
-        return methods[chosen](fm, inputs, targets, out, vectors)
-
-    def matvec(self, vectors: Tensor) -> Tensor:
+    def matvec(self, vectors: Tensor, exact: bool = False) -> Tensor:
         """Mean curvature over all training data applied to each row of ``vectors`` ``[m, p]``."""
         acc = torch.zeros_like(vectors, dtype=self.model.dtype, device=self.model.device)
         for _, batch in self.data.batches():
-            acc += self.batch_matvec(batch, vectors).detach()
+            acc += self.batch_matvec(batch, vectors, exact).detach()
         return self.reduce(acc) / self.n_total
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> Any:
-        """A random minibatch of this process's training data, drawn without replacement."""
+    def minibatch(self, batch_size: int, generator: torch.Generator) -> Callable[[Tensor], Tensor]:
+        """Products with the mean curvature of one random minibatch of this process's data,
+        drawn without replacement (pooled over processes)."""
         n_local = len(self.data)
         pos = torch.randperm(n_local, generator=generator)[: min(batch_size, n_local)]
-        return self.data.fetch(self.data.indices[pos])
+        batch = self.data.fetch(self.data.indices[pos])
+        count = self.reduce(torch.tensor(float(len(pos)), device=self.device, dtype=self.dtype))
 
-    def minibatch_matvec(self, batch: Any, vectors: Tensor) -> Tensor:
-        """Mean curvature of ``batch`` (pooled over processes) times the rows of ``vectors``."""
-        out = self.batch_matvec(batch, vectors).detach()
-        size = self.model.task.batch_size(self.model.task.unpack(batch)[0])
-        count = torch.tensor(float(size), dtype=out.dtype, device=out.device)
-        return self.reduce(out) / self.reduce(count)
+        def matvec(vectors: Tensor) -> Tensor:
+            return self.reduce(self.batch_matvec(batch, vectors).detach()) / count
+
+        return matvec
+
+    def subsample(
+        self, max_examples: int | None, output_directions: int | None, generator: torch.Generator
+    ) -> Curvature:
+        """The same curvature on at most ``max_examples`` random examples of this process's data,
+        with ``output_directions`` for the Gauss-Newton matrix (ignored for the Hessian)."""
+        data = self.data
+        if max_examples is not None and max_examples < len(data):
+            pos = torch.randperm(len(data), generator=generator)[:max_examples]
+            data = data.subset(data.indices[pos.sort().values])
+        directions = output_directions if self.kind == "gauss_newton" else None
+        if data is self.data and directions == self.output_directions:
+            return self
+        return Curvature(self.model, data, self.kind, self.reduce, directions)
 
     def dense(self, chunk: int = 256) -> Tensor:
-        """The whole ``[p, p]`` curvature matrix, built from products with identity blocks.
-
-        Gauss-Newton blocks always use per-example Jacobians here, so the matrix is the same
-        from run to run (no timing-dependent choice).
-        """
+        """The whole ``[p, p]`` curvature matrix (exact products), from identity blocks."""
         p = self.n_params
         eye = torch.eye(p, dtype=self.model.dtype, device=self.model.device)
-        self._fixed_method = "jacobians"
-        try:
-            cols = [self.matvec(eye[i : i + chunk]) for i in range(0, p, chunk)]
-        finally:
-            self._fixed_method = None
-        mat = torch.cat(cols)
+        mat = torch.cat([self.matvec(eye[i : i + chunk], exact=True) for i in range(0, p, chunk)])
         return (mat + mat.T) / 2
 
 
-_PROBE_EXAMPLES = 128
 # Per-example Jacobians of a batch hold ``batch x outputs x p`` numbers: never more than this.
 _JACOBIAN_BYTES = 256 * 2**20
+GaussNewtonMethod = Callable[[FunctionalModel, Any, Any, Any, Tensor], Tensor]
 
 
-def _head(tree: Any, n: int) -> Any:
-    """The first ``n`` examples of a batch (a tensor or a nest of them)."""
-    return tree_map(lambda t: t[:n] if isinstance(t, Tensor) and t.ndim > 0 else t, tree)
+def gauss_newton_method(out: Tensor, vectors: Tensor) -> GaussNewtonMethod:
+    """The cheaper way to compute ``J^T H_out J V`` for a batch, by a rule on shapes.
 
+    Forward-and-reverse products cost about three passes per vector; per-example Jacobians one
+    reverse pass per model output, whatever the number of vectors. Jacobians are used when the
+    outputs per example are at most twice the vectors and the batch's ``batch x outputs x p``
+    Jacobians fit in 256 MiB.
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    Example:
+        >>> import torch
+        >>> gauss_newton_method(torch.zeros(8, 10), torch.zeros(16, 100)).__name__
+        '_gauss_newton_by_jacobians'
+        >>> gauss_newton_method(torch.zeros(8, 10), torch.zeros(1, 100)).__name__
+        '_gauss_newton_products'
+    """
+    outputs = out[0].numel()
+    jacobian_bytes = out.numel() * vectors.shape[1] * vectors.element_size()
+    if outputs <= 2 * vectors.shape[0] and jacobian_bytes <= _JACOBIAN_BYTES:
+        return _gauss_newton_by_jacobians
+    return _gauss_newton_products
 
 
 def _hessian_products(fm: FunctionalModel, inputs: Any, targets: Any, vectors: Tensor) -> Tensor:

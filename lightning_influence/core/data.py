@@ -50,10 +50,6 @@ class IndexedData:
             idx = self.indices[start : start + self.batch_size]
             yield idx, self.fetch(idx)
 
-    def num_batches(self) -> int:
-        """How many batches :meth:`batches` yields."""
-        return -(-len(self) // self.batch_size)
-
     def rebatched(self, batch_size: int) -> IndexedData:
         """The same examples in batches of ``batch_size``."""
         return IndexedData(self.dataset, self.indices, batch_size, self.collate_fn)

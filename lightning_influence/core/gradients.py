@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_map
 from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.task import TaskError
 
-__all__ = ["per_sample_gradients"]
+__all__ = ["PerSampleGradients", "one_example", "per_sample_gradients"]
 
 
 def one_example(tree: Any, i: int | None = None) -> Any:
@@ -28,10 +28,57 @@ def one_example(tree: Any, i: int | None = None) -> Any:
     return tree_map(lambda t: t[i : i + 1] if isinstance(t, Tensor) else t, tree)
 
 
+class PerSampleGradients:
+    """Per-sample gradients of one model's loss over its chosen parameters, ``[batch, p]``.
+
+    The first batch that ``vmap`` cannot handle switches this object to the loop, with one
+    warning; :attr:`vectorized` says which path it is on.
+
+    Example:
+        >>> import torch
+        >>> from lightning_influence.core.model import FunctionalModel
+        >>> from lightning_influence.core.task import ClassificationTask
+        >>> fm = FunctionalModel(torch.nn.Linear(4, 3), ClassificationTask())
+        >>> gradients = PerSampleGradients(fm)
+        >>> gradients(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])).shape, gradients.vectorized
+        (torch.Size([5, 15]), True)
+    """
+
+    def __init__(self, model: FunctionalModel) -> None:
+        self.model = model
+        self.vectorized = True
+
+    def __call__(self, inputs: Any, targets: Any) -> Tensor:
+        """Gradients for a batch already cast by :meth:`FunctionalModel.prepare`."""
+        model = self.model
+        if not self.vectorized:
+            return _loop_gradients(model, inputs, targets)
+
+        def loss_one(th: Tensor, x: Any, y: Any) -> Tensor:
+            return model.losses(th, one_example(x), one_example(y))[0]
+
+        try:
+            with torch.enable_grad():
+                return vmap(grad(loss_one), in_dims=(None, 0, 0))(model.theta, inputs, targets)
+        except TaskError:
+            raise
+        except (RuntimeError, ValueError, NotImplementedError) as err:
+            warnings.warn(
+                f"Per-sample gradients with torch.func.vmap failed ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200]}); falling back to a slower loop over examples. "
+                "Make the model vmap-friendly (no in-place ops on inputs, no .item()) to speed "
+                "it up.",
+                stacklevel=2,
+            )
+            self.vectorized = False
+            return _loop_gradients(model, inputs, targets)
+
+
 def per_sample_gradients(model: FunctionalModel, inputs: Any, targets: Any) -> Tensor:
     """Gradients of each example's loss w.r.t. ``model.theta``, shape ``[batch, p]``.
 
-    Inputs and targets must already be cast (see :meth:`FunctionalModel.cast`).
+    Inputs and targets must already be cast (see :meth:`FunctionalModel.prepare`). For many
+    batches, keep one :class:`PerSampleGradients` so a failed ``vmap`` is tried only once.
 
     Example:
         >>> import torch
@@ -41,27 +88,7 @@ def per_sample_gradients(model: FunctionalModel, inputs: Any, targets: Any) -> T
         >>> per_sample_gradients(fm, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])).shape
         torch.Size([5, 15])
     """
-    theta = model.theta
-    if getattr(model, "_vmap_failed", False):
-        return _loop_gradients(model, inputs, targets)
-
-    def loss_one(th: Tensor, x: Any, y: Any) -> Tensor:
-        return model.losses(th, one_example(x), one_example(y))[0]
-
-    try:
-        with torch.enable_grad():
-            return vmap(grad(loss_one), in_dims=(None, 0, 0))(theta, inputs, targets)
-    except TaskError:
-        raise
-    except (RuntimeError, ValueError, NotImplementedError) as err:
-        warnings.warn(
-            f"Per-sample gradients with torch.func.vmap failed ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200]}); falling back to a slower loop over examples. "
-            "Make the model vmap-friendly (no in-place ops on inputs, no .item()) to speed it up.",
-            stacklevel=2,
-        )
-        model._vmap_failed = True  # type: ignore[attr-defined]
-        return _loop_gradients(model, inputs, targets)
+    return PerSampleGradients(model)(inputs, targets)
 
 
 def _loop_gradients(model: FunctionalModel, inputs: Any, targets: Any) -> Tensor:

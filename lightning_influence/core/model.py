@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from torch.utils._pytree import tree_map
 
 from lightning_influence.core.task import Task, TaskError
 
-__all__ = ["FunctionalModel", "select_parameters"]
+__all__ = ["Batch", "FunctionalModel", "select_parameters"]
 
 
 def select_parameters(model: nn.Module, patterns: Sequence[str] | None = None) -> list[str]:
@@ -130,14 +131,16 @@ class FunctionalModel:
         state = {**self.fixed, **self.unflatten(theta)}
         return functional_call(self._forward, _prefixed(state), (inputs,), strict=False)
 
-    def losses_from_outputs(self, outputs: Any, targets: Any) -> Tensor:
-        """Per-sample losses from outputs, checked to be one per example."""
+    def losses_from_outputs(self, outputs: Any, targets: Any, size: int | None = None) -> Tensor:
+        """Per-sample losses from outputs, checked to be one per example (``size`` of them)."""
         loss = self.task.loss(outputs, targets)
-        if not isinstance(loss, Tensor) or loss.ndim != 1:
+        if not isinstance(loss, Tensor) or loss.ndim != 1 or size not in (None, loss.shape[0]):
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            examples = f" for a batch of {size} examples" if size is not None else ""
             raise TaskError(
-                f"The task's loss returned {shape}; it must return one loss per example, shape "
-                "[batch] (use reduction='none', not a mean). Override `Task.loss` to fix it."
+                f"The task's loss returned {shape}{examples}; it must return one loss per "
+                "example, shape [batch] (use reduction='none', not a mean). Override `Task.loss` "
+                "to fix it."
             )
         return loss
 
@@ -145,20 +148,28 @@ class FunctionalModel:
         """Per-sample losses ``[batch]`` with parameters ``theta``."""
         return self.losses_from_outputs(self.outputs(theta, inputs), targets)
 
-    def check_batch(self, batch: Any) -> tuple[Any, Any, int]:
-        """Unpack and cast a batch; verify that the loss is per-sample."""
+    def prepare(self, batch: Any) -> Batch:
+        """Unpack a collated batch with the task and cast it, once, for every later use."""
         inputs, targets = self.task.unpack(batch)
         inputs, targets = self.cast(inputs), self.cast(targets)
-        size = self.task.batch_size(inputs)
+        return Batch(inputs, targets, self.task.batch_size(inputs))
+
+    def check_batch(self, batch: Any) -> tuple[Any, Any, int]:
+        """Unpack and cast a batch; verify, with one forward pass, that the loss is per-sample."""
+        prepared = self.prepare(batch)
         with torch.no_grad():
-            loss = self.losses(self.theta, inputs, targets)
-        if loss.shape[0] != size:
-            raise TaskError(
-                f"The task's loss returned shape {tuple(loss.shape)} for a batch of {size} "
-                "examples; it must return one loss per example (reduction='none'). "
-                "Override `Task.loss` to fix it."
-            )
-        return inputs, targets, size
+            outputs = self.outputs(self.theta, prepared.inputs)
+            self.losses_from_outputs(outputs, prepared.targets, prepared.size)
+        return prepared.inputs, prepared.targets, prepared.size
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch unpacked by the task and cast to the model's device and dtype."""
+
+    inputs: Any
+    targets: Any
+    size: int
 
 
 def _prefixed(state: dict[str, Tensor]) -> dict[str, Tensor]:

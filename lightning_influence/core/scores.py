@@ -6,7 +6,6 @@ Memory holds the validation inverse-HVPs ``[m, p]`` and one batch of training gr
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +15,9 @@ from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
 from lightning_influence.core.data import IndexedData
-from lightning_influence.core.gradients import one_example, per_sample_gradients
+from lightning_influence.core.gradients import PerSampleGradients, one_example
 from lightning_influence.core.model import FunctionalModel
+from lightning_influence.solvers.base import InverseOperator
 
 __all__ = ["ExamplePass", "example_pass", "perturbation_influence", "quadratic_form"]
 
@@ -45,33 +45,38 @@ def example_pass(
     model: FunctionalModel,
     data: IndexedData,
     val_inverse: Tensor | None = None,
-    inverse: Callable[[Tensor], Tensor] | None = None,
+    inverse: InverseOperator | None = None,
     keep_gradients: bool = False,
     progress: bool = False,
     desc: str = "Scoring",
+    gradients: PerSampleGradients | None = None,
 ) -> ExamplePass:
     """Stream per-sample gradients over ``data`` and reduce each batch at once.
 
     With ``val_inverse`` (``S``, shape ``[m, p]``) it computes ``scores = -G S^T``; with
     ``inverse`` (``(H + damping I)^-1`` on a block) the self-influence ``g^T (H + damping I)^-1 g``;
     ``keep_gradients`` keeps ``G`` (only for small sets, such as the validation points).
+    Each batch is unpacked and cast once and runs one forward pass (for losses and predictions)
+    besides its per-sample gradients; pass ``gradients`` to share one vmap fallback decision.
     """
+    gradients = gradients or PerSampleGradients(model)
     idx_parts: list[Tensor] = []
     parts: dict[str, list[Tensor]] = {k: [] for k in ("loss", "score", "self", "grad")}
     targets: list[Tensor | None] = []
     preds: list[Tensor | None] = []
     bar = tqdm(total=len(data), desc=desc, disable=not progress, leave=False, unit="ex")
     for idx, batch in data.batches():
-        inputs, tgt, size = model.check_batch(batch)
+        prepared = model.prepare(batch)
+        inputs, tgt, size = prepared.inputs, prepared.targets, prepared.size
         with torch.no_grad():
             outputs = model.outputs(model.theta, inputs)
-            parts["loss"].append(model.losses_from_outputs(outputs, tgt).cpu())
+            parts["loss"].append(model.losses_from_outputs(outputs, tgt, size).cpu())
         prediction = model.task.predict(outputs)
-        g = per_sample_gradients(model, inputs, tgt).detach()
+        g = gradients(inputs, tgt).detach()
         if val_inverse is not None:
             parts["score"].append((-(g @ val_inverse.to(g.dtype).T)).cpu())
         if inverse is not None:
-            parts["self"].append(quadratic_form(inverse, g).cpu())
+            parts["self"].append(inverse.quadratic(g).to(g.dtype).cpu())
         if keep_gradients:
             parts["grad"].append(g)
         idx_parts.append(idx)
@@ -94,19 +99,18 @@ def example_pass(
     )
 
 
-def quadratic_form(inverse: Callable[[Tensor], Tensor], g: Tensor) -> Tensor:
-    """``g_i^T inverse(g_i)`` per row ``g_i`` of ``g`` (self-influence for an inverse of the damped
-    curvature); one matrix product when the inverse offers ``quadratic``.
+def quadratic_form(inverse: InverseOperator, g: Tensor) -> Tensor:
+    """``g_i^T inverse(g_i)`` per row ``g_i`` of ``g``: self-influence for an inverse of the damped
+    curvature, computed the way the training pass computes it.
 
     Example:
         >>> import torch
-        >>> quadratic_form(lambda v: 2 * v, torch.tensor([[1.0, 2.0], [0.0, 3.0]]))
+        >>> from lightning_influence.solvers.exact import DenseInverse
+        >>> quadratic_form(DenseInverse(torch.eye(2), torch.tensor([0.5, 0.5])),
+        ...                torch.tensor([[1.0, 2.0], [0.0, 3.0]]))
         tensor([10., 18.])
     """
-    quadratic = getattr(inverse, "quadratic", None)
-    if quadratic is not None:
-        return quadratic(g).to(g.dtype)
-    return (g * inverse(g).to(g.dtype)).sum(1)
+    return inverse.quadratic(g).to(g.dtype)
 
 
 def perturbation_influence(model: FunctionalModel, batch: Any, val_inverse: Tensor) -> Tensor:
@@ -116,7 +120,8 @@ def perturbation_influence(model: FunctionalModel, batch: Any, val_inverse: Tens
     It is the direction in input space along which a small change of the training input most
     raises the validation loss. Needs floating-point tensor inputs.
     """
-    inputs, targets, _ = model.check_batch(batch)
+    prepared = model.prepare(batch)
+    inputs, targets = prepared.inputs, prepared.targets
     if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
         raise TypeError(
             "Perturbation influence needs floating-point tensor inputs (an image or feature "

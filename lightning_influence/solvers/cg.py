@@ -8,8 +8,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_influence.core.curvature import Curvature
-from lightning_influence.solvers.base import Diagnostics, Solver, check_finite
+from lightning_influence.solvers.base import CurvatureOperator, Diagnostics, Solver, check_finite
 
 __all__ = ["CG"]
 
@@ -32,10 +31,10 @@ class CG(Solver):
     name = "cg"
 
     def solve(
-        self, curvature: Curvature, vectors: Tensor, damping: float, progress: bool = False
+        self, curvature: CurvatureOperator, vectors: Tensor, damping: float, progress: bool = False
     ) -> tuple[Tensor, Diagnostics]:
         """Run CG on every row at once."""
-        b = vectors.to(curvature.model.dtype)
+        b = vectors.to(curvature.dtype)
         x = torch.zeros_like(b)
         r = b.clone()
         p = r.clone()

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_influence.core.curvature import Curvature
-from lightning_influence.solvers.base import Diagnostics, FactorizedSolver, InverseOperator
+from lightning_influence.solvers.base import CurvatureOperator, Diagnostics, FactorizedSolver
 
-__all__ = ["Exact"]
+__all__ = ["DenseInverse", "Exact"]
 
 
 @dataclass(frozen=True)
@@ -33,8 +32,8 @@ class Exact(FactorizedSolver):
             raise ValueError(f"`max_params` must be positive, got {self.max_params}.")
 
     def factorize(
-        self, curvature: Curvature, damping: float, progress: bool = False
-    ) -> tuple[InverseOperator, Diagnostics]:
+        self, curvature: CurvatureOperator, damping: float, progress: bool = False
+    ) -> tuple[DenseInverse, Diagnostics]:
         """Eigendecompose ``H + damping I``."""
         p = curvature.n_params
         if p > self.max_params:
@@ -56,9 +55,28 @@ class Exact(FactorizedSolver):
             "max_eigenvalue": float(evals.max()),
             "negative_eigenvalues": float((evals < 0).sum()),
         }
+        return DenseInverse(evecs, evals), info
 
-        def inverse(vectors: Tensor) -> Tensor:
-            v = vectors.to(evecs.dtype)
-            return (((v @ evecs) / evals) @ evecs.T).to(vectors.dtype)
 
-        return inverse, info
+class DenseInverse:
+    """``(H + damping I)^-1`` from its full eigendecomposition: eigenvectors as columns of
+    ``evecs`` ``[p, p]`` and the eigenvalues ``evals`` of ``H + damping I``.
+
+    Example:
+        >>> import torch
+        >>> inverse = DenseInverse(torch.eye(2), torch.tensor([2.0, 4.0]))
+        >>> inverse(torch.ones(1, 2)), inverse.quadratic(torch.ones(1, 2))
+        (tensor([[0.5000, 0.2500]]), tensor([0.7500]))
+    """
+
+    def __init__(self, evecs: Tensor, evals: Tensor) -> None:
+        self.evecs, self.evals = evecs, evals
+
+    def __call__(self, vectors: Tensor) -> Tensor:
+        v = vectors.to(self.evecs.dtype)
+        return (((v @ self.evecs) / self.evals) @ self.evecs.T).to(vectors.dtype)
+
+    def quadratic(self, vectors: Tensor) -> Tensor:
+        """``v^T (H + damping I)^-1 v`` for each row ``v``."""
+        projected = vectors.to(self.evecs.dtype) @ self.evecs
+        return (projected.square() / self.evals).sum(1).to(vectors.dtype)

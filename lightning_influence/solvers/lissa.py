@@ -6,14 +6,18 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_influence.core.curvature import Curvature
-from lightning_influence.solvers.base import Diagnostics, Solver, check_finite, raise_diverged
+from lightning_influence.solvers.base import (
+    CurvatureOperator,
+    Diagnostics,
+    Solver,
+    check_finite,
+    raise_diverged,
+)
 
 __all__ = ["LiSSA", "auto_depth"]
 
@@ -80,7 +84,7 @@ class LiSSA(Solver):
             raise ValueError(f"`average` must be in [0, 1), got {self.average}.")
 
     def estimate_scale(
-        self, curvature: Curvature, damping: float, generator: torch.Generator
+        self, curvature: CurvatureOperator, damping: float, generator: torch.Generator
     ) -> float:
         """``scale_margin`` times the largest eigenvalue over several minibatch curvatures.
 
@@ -91,16 +95,12 @@ class LiSSA(Solver):
         n_probe = self.probe_batches if curvature.n_total > self.batch_size else 1
         top = 0.0
         for _ in range(n_probe):
-            batch = curvature.sample(self.batch_size, generator)
-
-            def matvec(v: Tensor, batch: Any = batch) -> Tensor:
-                return curvature.minibatch_matvec(batch, v)
-
-            top = max(top, _top_eigenvalue(matvec, curvature.model.theta, generator))
+            matvec = curvature.minibatch(self.batch_size, generator)
+            top = max(top, _top_eigenvalue(matvec, curvature, generator))
         return self.scale_margin * (top + damping)
 
     def solve(
-        self, curvature: Curvature, vectors: Tensor, damping: float, progress: bool = False
+        self, curvature: CurvatureOperator, vectors: Tensor, damping: float, progress: bool = False
     ) -> tuple[Tensor, Diagnostics]:
         """Run the recursion on every row of ``vectors`` at once."""
         generator = torch.Generator().manual_seed(self.seed)
@@ -119,7 +119,7 @@ class LiSSA(Solver):
             beta, step = ((1 - root) / (1 + root)) ** 2, 4 / (1 + root) ** 2
         else:
             beta, step = float(self.momentum), 1.0 + float(self.momentum)
-        v = vectors.to(curvature.model.dtype)
+        v = vectors.to(curvature.dtype)
         limit = 1e6 * scale / max(damping, 1e-12) * v.norm(dim=1).max()
         start_avg = int(depth * (1 - self.average))
         total = torch.zeros_like(v)
@@ -130,9 +130,8 @@ class LiSSA(Solver):
             prev = h.clone() if beta else h
             avg, n_avg, last = torch.zeros_like(v), 0, None
             for t in range(1, depth + 1):
-                batch = curvature.sample(self.batch_size, generator)
                 # update = v - (H_B + damping I) h / scale, computed in place
-                update = curvature.minibatch_matvec(batch, h)
+                update = curvature.minibatch(self.batch_size, generator)(h)
                 update.add_(h, alpha=damping).div_(-scale).add_(v)
                 if beta:
                     update.mul_(step).add_(h - prev, alpha=beta)
@@ -167,13 +166,14 @@ class LiSSA(Solver):
 
 def _top_eigenvalue(
     matvec: Callable[[Tensor], Tensor],
-    like: Tensor,
+    curvature: CurvatureOperator,
     generator: torch.Generator,
     iters: int = 30,
     rtol: float = 1e-3,
 ) -> float:
     """Largest eigenvalue magnitude by power iteration."""
-    v = torch.randn(1, like.numel(), generator=generator, dtype=torch.float64).to(like)
+    v = torch.randn(1, curvature.n_params, generator=generator, dtype=torch.float64)
+    v = v.to(dtype=curvature.dtype, device=curvature.device)
     v /= v.norm()
     eig = 0.0
     for _ in range(iters):

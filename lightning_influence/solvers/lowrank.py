@@ -1,7 +1,7 @@
 """A low-rank inverse of the damped curvature, built from curvature products.
 
 ``LowRank`` finds the top ``rank`` eigenpairs ``(e_k, u_k)`` of the curvature from products with
-:meth:`Curvature.matvec <lightning_influence.core.curvature.Curvature.matvec>` (a randomized Nystrom
+:meth:`Curvature.matvec <lightning_influence.Curvature.matvec>` (a randomized Nystrom
 approximation from one block of products, or Lanczos with full reorthogonalisation and its
 block variant), then applies
 
@@ -24,8 +24,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_influence.core.curvature import Curvature
-from lightning_influence.solvers.base import Diagnostics, FactorizedSolver, InverseOperator
+from lightning_influence.solvers.base import (
+    CurvatureOperator,
+    Diagnostics,
+    FactorizedSolver,
+    check_positive_int,
+)
 
 __all__ = ["LowRank", "LowRankInverse"]
 
@@ -128,32 +132,18 @@ class LowRank(FactorizedSolver):
             raise ValueError(
                 f"`method` must be 'auto', 'nystrom' or 'lanczos', got {self.method!r}."
             )
-        for arg in ("rank", "block_size"):
-            value = getattr(self, arg)
-            if arg == "block_size" and value is None:
-                continue
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{arg}` must be a positive integer, got {value!r}.")
+        check_positive_int("rank", self.rank)
+        check_positive_int("block_size", self.block_size, allow_none=True)
         if not isinstance(self.oversample, int) or self.oversample < 0:
             raise ValueError(
                 f"`oversample` must be a non-negative integer, got {self.oversample!r}."
             )
-        if self.output_directions is not None and (
-            not isinstance(self.output_directions, int) or self.output_directions < 1
-        ):
-            raise ValueError(
-                "`output_directions` must be a positive integer or None (exact Gauss-Newton), "
-                f"got {self.output_directions!r}."
-            )
-        if self.max_examples is not None and self.max_examples < 1:
-            raise ValueError(
-                "`max_examples` must be a positive integer or None (all examples), got "
-                f"{self.max_examples!r}."
-            )
+        check_positive_int("output_directions", self.output_directions, allow_none=True)
+        check_positive_int("max_examples", self.max_examples, allow_none=True)
 
     def factorize(
-        self, curvature: Curvature, damping: float, progress: bool = False
-    ) -> tuple[InverseOperator, Diagnostics]:
+        self, curvature: CurvatureOperator, damping: float, progress: bool = False
+    ) -> tuple[LowRankInverse, Diagnostics]:
         """Find the top eigenpairs and return the low-rank-plus-damping inverse."""
         p = curvature.n_params
         if self.rank > p:
@@ -169,11 +159,11 @@ class LowRank(FactorizedSolver):
                 "value such as 1e-3."
             )
         generator = torch.Generator().manual_seed(self.seed)
-        curv = self._subset(curvature, generator)
+        curv = curvature.subsample(self.max_examples, self.output_directions, generator)
         dim = min(p, self.rank + self.oversample)
         method, block_size = self.method, self.block_size
         if method == "auto":
-            method = "nystrom" if curv.kind == "gauss_newton" else "lanczos"
+            method = "nystrom" if curv.positive_semidefinite else "lanczos"
             if method == "lanczos" and block_size is None:
                 block_size = max(1, -(-dim // 2))
         if method == "nystrom":
@@ -219,24 +209,16 @@ class LowRank(FactorizedSolver):
                 )
         return inverse, info
 
-    def _subset(self, curvature: Curvature, generator: torch.Generator) -> Curvature:
-        """The curvature the eigenpairs are estimated from: on at most ``max_examples`` examples,
-        with ``output_directions`` for the Gauss-Newton matrix."""
-        data = curvature.data
-        if self.max_examples is not None and self.max_examples < len(data):
-            pos = torch.randperm(len(data), generator=generator)[: self.max_examples]
-            data = data.subset(data.indices[pos.sort().values])
-        directions = self.output_directions if curvature.kind == "gauss_newton" else None
-        if data is curvature.data and directions == curvature.output_directions:
-            return curvature
-        return Curvature(curvature.model, data, curvature.kind, curvature.reduce, directions)
-
 
 _LOW_TRACE_SHARE = 0.25
 
 
 def _lanczos(
-    curvature: Curvature, dim: int, block_size: int, generator: torch.Generator, progress: bool
+    curvature: CurvatureOperator,
+    dim: int,
+    block_size: int,
+    generator: torch.Generator,
+    progress: bool,
 ) -> tuple[Tensor, Tensor, int, int]:
     """Ritz pairs of the curvature on a ``dim``-dimensional Krylov space.
 
@@ -244,7 +226,7 @@ def _lanczos(
     curvature-vector products and the number of passes over the data.
     """
     p = curvature.n_params
-    dtype, device = curvature.model.dtype, curvature.model.device
+    dtype, device = curvature.dtype, curvature.device
     basis = torch.zeros(dim, p, dtype=dtype, device=device)
     proj = torch.zeros(dim, dim, dtype=torch.float64)
     filled = 0
@@ -274,7 +256,11 @@ def _lanczos(
 
 
 def _nystrom(
-    curvature: Curvature, dim: int, block_size: int, generator: torch.Generator, progress: bool
+    curvature: CurvatureOperator,
+    dim: int,
+    block_size: int,
+    generator: torch.Generator,
+    progress: bool,
 ) -> tuple[Tensor, Tensor, int, int]:
     """Eigenpairs of the randomized Nystrom approximation from ``dim`` products.
 
@@ -283,7 +269,7 @@ def _nystrom(
     eigenvalues are the squared singular values minus ``nu``.
     """
     p = curvature.n_params
-    dtype, device = curvature.model.dtype, curvature.model.device
+    dtype, device = curvature.dtype, curvature.device
     omega = _orthonormal(
         _random(dim, p, generator, dtype, device), torch.zeros(0, p).to(dtype), generator
     )
