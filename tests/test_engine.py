@@ -1,4 +1,10 @@
-"""The numerical core against references computed another way, in float64."""
+"""The numerical core against references computed without the package, in float64.
+
+References come from the ``reference`` fixture (tests/conftest.py): per-example gradients from a
+loop of batch-size-1 backward passes, the Hessian from ``torch.func.hessian``, the Gauss-Newton
+matrix from dense Jacobians, closed forms for logistic and least-squares regression, and inverses
+from ``torch.linalg.solve``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, hessian
+from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence import (
@@ -30,12 +36,7 @@ from lightning_influence import (
 )
 from lightning_influence.core.gradients import per_sample_gradients
 
-
-@pytest.fixture(autouse=True)
-def _float64() -> object:
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _toy(n: int = 40, d: int = 5, classes: int = 3) -> TensorDataset:
@@ -50,6 +51,14 @@ def _mlp(d: int = 5, classes: int = 3) -> nn.Module:
     return nn.Sequential(nn.Linear(d, 6), nn.Tanh(), nn.Linear(6, classes)).double()
 
 
+def _curvature(
+    model: nn.Module, data: TensorDataset, kind: str = "gauss_newton", batch_size: int = 64
+) -> Curvature:
+    """The package's curvature of the mean cross-entropy on ``data`` (the one place it is built)."""
+    fm = FunctionalModel(model, ClassificationTask())
+    return Curvature(fm, as_indexed(data, batch_size=batch_size), kind=kind)  # type: ignore[arg-type]
+
+
 class _BatchNormCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -62,17 +71,8 @@ class _BatchNormCNN(nn.Module):
         return self.head(self.drop(torch.relu(self.bn(self.conv(x)))).flatten(1))
 
 
-def _loop_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    rows = []
-    for i in range(len(y)):
-        model.zero_grad()
-        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
-        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
-    return torch.stack(rows)
-
-
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
-def test_per_sample_gradients_equal_a_loop_of_single_backward_passes(kind: str) -> None:
+def test_per_sample_gradients_equal_a_loop_of_single_backward_passes(kind: str, reference) -> None:
     if kind == "mlp":
         model, data = _mlp(), _toy()
         x, y = data.tensors
@@ -85,7 +85,7 @@ def test_per_sample_gradients_equal_a_loop_of_single_backward_passes(kind: str) 
         x, y = torch.randn(12, 1, 4, 4), torch.randint(0, 4, (12,))
     fm = FunctionalModel(model, ClassificationTask())
     got = per_sample_gradients(fm, x, y)
-    torch.testing.assert_close(got, _loop_gradients(model, x, y), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, reference.gradients(model, x, y), rtol=1e-10, atol=1e-12)
 
 
 class _NotVmappable(nn.Module):
@@ -99,112 +99,87 @@ class _NotVmappable(nn.Module):
         return self.lin(x)
 
 
-def test_a_model_that_cannot_be_vmapped_falls_back_to_the_same_numbers() -> None:
+def test_a_model_that_cannot_be_vmapped_falls_back_to_the_same_numbers(reference) -> None:
     model = _NotVmappable().double()
     x, y = _toy().tensors
     fm = FunctionalModel(model, ClassificationTask())
     with pytest.warns(UserWarning, match="falling back"):
         got = per_sample_gradients(fm, x, y)
-    torch.testing.assert_close(got, _loop_gradients(model, x, y))
-
-
-def _total_loss_fn(model: nn.Module, fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor):
-    def total(theta: torch.Tensor) -> torch.Tensor:
-        return fm.losses(theta, x, y).mean()
-
-    return total
+    torch.testing.assert_close(got, reference.gradients(model, x, y))
 
 
 @pytest.mark.parametrize("batch_size", [7, 40])
-def test_hessian_products_equal_torch_func_hessian(batch_size: int) -> None:
+def test_hessian_products_equal_torch_func_hessian(batch_size: int, reference) -> None:
     model, data = _mlp(), _toy()
-    fm = FunctionalModel(model, ClassificationTask())
-    curvature = Curvature(fm, as_indexed(data, batch_size=batch_size), kind="hessian")
-    full = hessian(_total_loss_fn(model, fm, *data.tensors))(fm.theta)
-    v = torch.randn(4, fm.n_params)
+    full = reference.hessian(model, *data.tensors)
+    curvature = _curvature(model, data, "hessian", batch_size)
+    v = torch.randn(4, len(full))
     torch.testing.assert_close(curvature.matvec(v), v @ full, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(curvature.dense(), full, rtol=1e-9, atol=1e-12)
+    eye = torch.eye(len(full))
+    torch.testing.assert_close(curvature.matvec(eye), full, rtol=1e-9, atol=1e-12)
 
 
-def test_gauss_newton_products_equal_jacobian_reference() -> None:
-    model, data = _mlp(), _toy()
-    x, y = data.tensors
-    fm = FunctionalModel(model, ClassificationTask())
-    jac = torch.func.jacrev(lambda th: fm.outputs(th, x))(fm.theta)  # [n, c, p]
-    probs = torch.softmax(fm.outputs(fm.theta, x), -1)
-    h_out = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
-    reference = torch.einsum("nkp,nkl,nlq->pq", jac, h_out, jac) / len(y)
-    curvature = Curvature(fm, as_indexed(data, batch_size=16), kind="gauss_newton")
-    v = torch.randn(3, fm.n_params)
-    torch.testing.assert_close(curvature.matvec(v), v @ reference, rtol=1e-9, atol=1e-12)
-    eig = torch.linalg.eigvalsh(curvature.dense())
-    assert eig.min() > -1e-12  # positive semi-definite even though the model is not convex
+# Few outputs with one vector (forward-and-reverse products), few outputs with many vectors
+# (per-example Jacobians), many outputs with few vectors: whichever way the products are formed
+# for a shape, each way is checked against the same reference.
+@pytest.mark.parametrize(("classes", "n_vectors"), [(3, 1), (3, 40), (12, 2)])
+def test_gauss_newton_products_equal_jacobian_reference(
+    classes: int, n_vectors: int, reference
+) -> None:
+    model, data = _mlp(classes=classes), _toy(classes=classes)
+    x, _ = data.tensors
+    expected = reference.gauss_newton(model, x)
+    curvature = _curvature(model, data, "gauss_newton", batch_size=16)
+    v = torch.randn(n_vectors, len(expected))
+    torch.testing.assert_close(curvature.matvec(v), v @ expected, rtol=1e-9, atol=1e-12)
+    if n_vectors == 1:  # the matrix the products apply, column by column
+        columns = torch.stack([curvature.matvec(e[None])[0] for e in torch.eye(len(expected))])
+        eig = torch.linalg.eigvalsh((columns + columns.T) / 2)
+        assert eig.min() > -1e-12  # positive semi-definite even though the model is not convex
 
 
-@pytest.mark.parametrize("method", ["products", "jacobians"])
-def test_both_gauss_newton_methods_agree_with_the_dense_matrix(method: str) -> None:
-    from lightning_influence.core import curvature as hvp
-
-    model, data = _mlp(), _toy()
-    x, y = data.tensors
-    fm = FunctionalModel(model, ClassificationTask())
-    dense = Curvature(fm, as_indexed(data, batch_size=64)).dense() * len(y)
-    out = fm.outputs(fm.theta, x).detach()
-    v = torch.randn(7, fm.n_params)
-    fn = {"products": hvp._gauss_newton_products, "jacobians": hvp._gauss_newton_by_jacobians}
-    torch.testing.assert_close(fn[method](fm, x, y, out, v), v @ dense, rtol=1e-9, atol=1e-11)
-
-
-def _analytic_logistic_hessian(model: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Hessian of mean softmax cross-entropy for logits W x + b, parameters (W row-major, b)."""
-    probs = torch.softmax(model(x), -1).detach()
-    xa = torch.cat([x, torch.ones(len(x), 1)], 1)
-    s = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]  # [n, c, c]
-    h = torch.einsum("nab,ni,nj->aibj", s, xa, xa) / len(x)  # [c, d+1, c, d+1]
-    c, d1 = h.shape[0], h.shape[1]
-    d = d1 - 1
-    weight = h[:, :d, :, :d].reshape(c * d, c * d)
-    cross = h[:, :d, :, d].reshape(c * d, c)
-    bias = h[:, d, :, d]
-    return torch.cat([torch.cat([weight, cross], 1), torch.cat([cross.T, bias], 1)], 0)
-
-
-def test_exact_matches_the_analytic_logistic_regression_hessian() -> None:
+def test_curvature_and_scores_of_logistic_regression_equal_the_closed_form(reference) -> None:
     data = _toy(60, 4, 3)
+    x, y = data.tensors
     torch.manual_seed(3)
     model = nn.Linear(4, 3).double()
-    fm = FunctionalModel(model, ClassificationTask())
     damping = 0.05
-    analytic = _analytic_logistic_hessian(model, data.tensors[0])
+    analytic = reference.logistic_hessian(model, x)
+    g = reference.logistic_gradients(model, x, y)
+    inverse = reference.inverse(analytic, damping)
+    eye = torch.eye(len(analytic))
     for kind in ("hessian", "gauss_newton"):
-        curvature = Curvature(fm, as_indexed(data, batch_size=25), kind=kind)
-        torch.testing.assert_close(curvature.dense(), analytic, rtol=1e-9, atol=1e-12)
-        v = torch.randn(5, fm.n_params)
-        solved, info = Exact().solve(curvature, v, damping)
-        expected = torch.linalg.solve(analytic + damping * torch.eye(fm.n_params), v.T).T
-        torch.testing.assert_close(solved, expected, rtol=1e-8, atol=1e-10)
-        assert info["min_eigenvalue"] >= damping - 1e-12
+        curvature = _curvature(model, data, kind, batch_size=25)
+        torch.testing.assert_close(curvature.matvec(eye), analytic, rtol=1e-9, atol=1e-12)
+        result = compute_influence(
+            model, data, data, solver=Exact(), damping=damping, curvature=kind, progress=False
+        )
+        torch.testing.assert_close(result.scores, -g @ inverse @ g.T, rtol=1e-8, atol=1e-10)
+        expected_self = torch.einsum("ip,pq,iq->i", g, inverse, g)
+        torch.testing.assert_close(result.self_influence, expected_self, rtol=1e-8, atol=1e-10)
+        assert result.diagnostics["solver_min_eigenvalue"] >= damping - 1e-12
 
 
 @pytest.mark.parametrize("solver", [CG(), LiSSA(batch_size=64)])
-def test_iterative_solvers_match_a_direct_solve_on_a_small_problem(solver) -> None:
+def test_iterative_solvers_match_a_direct_solve_on_a_small_problem(solver, reference) -> None:
     data, model = _toy(64), _mlp()
-    fm = FunctionalModel(model, ClassificationTask())
-    curvature = Curvature(fm, as_indexed(data, batch_size=64))
+    x, y = data.tensors
     damping = 0.1
-    v = torch.randn(6, fm.n_params)
-    expected = torch.linalg.solve(curvature.dense() + damping * torch.eye(fm.n_params), v.T).T
-    got, info = solver.solve(curvature, v, damping)
+    chosen = [0, 5, 11, 23, 42, 63]
+    expected = reference.gradients(model, x[chosen], y[chosen]) @ reference.inverse(
+        reference.gauss_newton(model, x), damping
+    )
+    got = -influence_on_parameters(model, data, chosen, solver=solver, damping=damping)
     rel = (got - expected).norm() / expected.norm()
-    assert rel < (1e-6 if isinstance(solver, CG) else 1e-3), (rel, info)
+    assert rel < (1e-6 if isinstance(solver, CG) else 1e-3), rel
 
 
 def test_lissa_with_a_too_small_scale_raises_the_divergence_error() -> None:
     data, model = _toy(64), _mlp()
-    fm = FunctionalModel(model, ClassificationTask())
-    curvature = Curvature(fm, as_indexed(data, batch_size=64))
     with pytest.raises(SolverDivergedError, match=r"scale.*damping"):
-        LiSSA(scale=1e-3, depth=2000).solve(curvature, torch.randn(2, fm.n_params), 0.1)
+        compute_influence(
+            model, data, data, solver=LiSSA(scale=1e-3, depth=2000), damping=0.1, progress=False
+        )
 
 
 def test_lissa_arguments_are_checked_at_construction() -> None:
@@ -218,9 +193,8 @@ def test_lissa_arguments_are_checked_at_construction() -> None:
 
 def test_exact_refuses_large_models_and_names_other_solvers() -> None:
     data, model = _toy(), _mlp()
-    fm = FunctionalModel(model, ClassificationTask())
     with pytest.raises(ValueError, match="LiSSA"):
-        Exact(max_params=10).factorize(Curvature(fm, as_indexed(data)), 0.1)
+        compute_influence(model, data, data, solver=Exact(max_params=10), progress=False)
 
 
 def test_scores_do_not_depend_on_batch_sizes_and_keep_dataset_indices() -> None:
@@ -234,17 +208,16 @@ def test_scores_do_not_depend_on_batch_sizes_and_keep_dataset_indices() -> None:
     assert a.train_indices.tolist() == list(range(len(data)))
 
 
-def test_scores_are_minus_val_gradient_times_inverse_times_train_gradient() -> None:
+def test_scores_are_minus_val_gradient_times_inverse_times_train_gradient(reference) -> None:
     data, model = _toy(), _mlp()
+    x, y = data.tensors
     damping = 0.2
     result = compute_influence(model, data, data, solver=Exact(), damping=damping, progress=False)
-    fm = FunctionalModel(model, ClassificationTask())
-    g = per_sample_gradients(fm, *data.tensors)
-    h = Curvature(fm, as_indexed(data)).dense() + damping * torch.eye(fm.n_params)
-    expected = -g @ torch.linalg.solve(h, g.T)
-    torch.testing.assert_close(result.scores, expected, rtol=1e-8, atol=1e-10)
-    # self-influence is the diagonal of the pairwise scores when validation is the training set
-    torch.testing.assert_close(result.self_influence, -torch.diagonal(result.scores))
+    g = reference.gradients(model, x, y)
+    inverse = reference.inverse(reference.gauss_newton(model, x), damping)
+    torch.testing.assert_close(result.scores, -g @ inverse @ g.T, rtol=1e-8, atol=1e-10)
+    expected_self = torch.einsum("ip,pq,iq->i", g, inverse, g)
+    torch.testing.assert_close(result.self_influence, expected_self, rtol=1e-8, atol=1e-10)
     assert bool((result.self_influence > 0).all())
     torch.testing.assert_close(result.removal_effect, -result.scores / len(data))
 
@@ -265,14 +238,14 @@ def test_rankings_are_ordered_and_carry_dataset_indices() -> None:
     assert outliers.scores.tolist() == sorted(result.self_influence.tolist(), reverse=True)[:5]
 
 
-def test_influence_on_parameters_is_minus_inverse_times_gradient() -> None:
+def test_influence_on_parameters_is_minus_inverse_times_gradient(reference) -> None:
     data, model = _toy(), _mlp()
+    x, y = data.tensors
     damping = 0.1
     got = influence_on_parameters(model, data, [4, 9], solver=Exact(), damping=damping)
-    fm = FunctionalModel(model, ClassificationTask())
-    g = per_sample_gradients(fm, *data[[4, 9]])
-    h = Curvature(fm, as_indexed(data)).dense() + damping * torch.eye(fm.n_params)
-    torch.testing.assert_close(got, -torch.linalg.solve(h, g.T).T, rtol=1e-8, atol=1e-10)
+    g = reference.gradients(model, x[[4, 9]], y[[4, 9]])
+    inverse = reference.inverse(reference.gauss_newton(model, x), damping)
+    torch.testing.assert_close(got, -g @ inverse, rtol=1e-8, atol=1e-10)
 
 
 def test_perturbation_influence_equals_autograd_double_backward() -> None:
