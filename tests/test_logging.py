@@ -217,15 +217,26 @@ def test_tensorboard_images_tables_histograms_scalars(digits: Digits, tmp_path: 
     assert [int(r[2]) for r in rows] == labels
     assert "time_total" in tb_text(acc, "influence/summary")
 
-    # Histograms hold every value; scalars equal the diagnostics.
-    hist = acc.Histograms("influence/self_influence")[0].histogram_value
-    assert hist.num == result.n_train
-    assert hist.sum == pytest.approx(float(result.self_influence.sum()), rel=1e-4)
+    median = float(result.self_influence.median())
+    np.testing.assert_allclose([float(r[5]) for r in rows], outliers.scores / median, rtol=1e-2)
+
+    # Histograms hold every value, self-influence on a log scale.
+    hist = acc.Histograms("influence/log10_self_influence")[0].histogram_value
+    positive = result.self_influence[result.self_influence > 0].double()
+    assert hist.num == positive.numel() >= result.n_train - 2
+    assert hist.sum == pytest.approx(float(positive.log10().sum()), rel=1e-4)
     assert acc.Histograms("influence/scores")[0].histogram_value.num == result.scores.numel()
+    # The diagnostics are one text table, not a single-point chart each.
+    assert tags["scalars"] == []
+    summary = dict(table_rows(tb_text(acc, "influence/summary")))
     for key, value in result.diagnostics.items():
-        assert acc.Scalars(f"influence/{key}")[0].value == pytest.approx(value, rel=1e-6)
-    # The review list is always written; images and markdown only for other loggers.
-    assert [f.name for f in files] == ["influence_outliers.csv", "influence_rankings.csv"]
+        assert float(summary[key]) == pytest.approx(value, rel=1e-3)
+    # The CSV tables and the dashboard are always written; images and markdown only for others.
+    assert [f.relative_to(tmp_path / "out").as_posix() for f in files] == [
+        "influence_outliers.csv",
+        "influence_rankings.csv",
+        "influence_dashboard/index.json",
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,8 +304,9 @@ def test_wandb_offline_tables_images_histograms_artifact(digits: Digits, tmp_pat
     np.testing.assert_allclose([r[columns.index("self_influence")] for r in rows], outliers.scores)
     assert image(rows[0][columns.index("image")], manifest).shape == (64, 64, 3)
 
-    assert summary["influence/self_influence"]["_type"] == "histogram"
-    assert sum(summary["influence/self_influence"]["values"]) == result.n_train
+    assert summary["influence/log10_self_influence"]["_type"] == "histogram"
+    positive = int((result.self_influence > 0).sum())
+    assert sum(summary["influence/log10_self_influence"]["values"]) == positive
     assert sum(summary["influence/scores"]["values"]) == result.scores.numel()
     for key, value in result.diagnostics.items():
         assert summary[f"influence/{key}"] == pytest.approx(value)
@@ -317,9 +329,10 @@ def test_csv_logger_gets_files_and_review_list(digits: Digits, tmp_path: Path) -
     assert names == sorted(
         ["influence_outliers.csv", "influence_rankings.csv", "influence_outliers.png"]
         + [f"influence_val_{i}.png" for i in val_ids]
-        + ["influence_histograms.png", "influence.md", "influence_diagnostics.json"]
+        + ["influence_histograms.png", "influence.md", "influence_diagnostics.json", "index.json"]
     )
-    assert all(f.parent == tmp_path / "out" and f.stat().st_size > 0 for f in files)
+    assert all(f.stat().st_size > 0 for f in files)
+    assert {f.parent for f in files} == {tmp_path / "out", tmp_path / "out" / "influence_dashboard"}
 
     # The review list equals result.outliers, with the given and predicted labels.
     with (tmp_path / "out" / "influence_outliers.csv").open() as f:
@@ -431,7 +444,7 @@ def test_text_inputs_use_describe(tmp_path: Path) -> None:
     assert acc.Tags()["images"] == []  # feature vectors are not images
     rows = table_rows(tb_text(acc, "influence/outliers"))
     first = int(result.outliers(4).indices[0])
-    assert rows[0][1] == str(first) and rows[0][5] == f"`x0={x[first, 0]:.2f}`"
+    assert rows[0][1] == str(first) and rows[0][6] == f"`x0={x[first, 0]:.2f}`"
 
 
 def test_nothing_logged_off_rank_zero(

@@ -3,7 +3,9 @@
 :func:`log_influence` builds the report once (:mod:`.model`: examples, panels, the review list;
 :mod:`.drawing`: pictures; :mod:`.tables`: markdown and CSV) and hands it to one writer per logger
 type: :mod:`.tensorboard`, :mod:`.wandb`; every other logger gets the diagnostics through
-``log_metrics`` and the plain files of :mod:`.files`. What is shown is set by :class:`LogSettings`.
+``log_metrics`` and the plain files of :mod:`.files`. The CSV tables and the folder the Influence
+tab of TensorBoard reads (:mod:`.dashboard`, shown by :mod:`.plugin`) are always written. What is
+shown is set by :class:`LogSettings`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_influence.core.task import Task
+from lightning_influence.report.dashboard import write_dashboard
 from lightning_influence.report.files import write_files, write_tables
 from lightning_influence.report.model import Report, build_report
 from lightning_influence.report.settings import LogSettings
@@ -67,7 +70,7 @@ def log_influence(
         step: the step every logger records the entries at.
 
     Returns:
-        Paths of the files written to ``out_dir``.
+        Paths of the files written to ``out_dir`` (the dashboard folder by its index).
 
     Example:
         >>> import tempfile, torch
@@ -76,10 +79,11 @@ def log_influence(
         >>> data = TensorDataset(torch.randn(20, 3), torch.randint(0, 2, (20,)))
         >>> result = compute_influence(torch.nn.Linear(3, 2), data, data, solver=Exact(),
         ...                            damping=0.1, progress=False)
-        >>> files = log_influence(result, [], data, data, ClassificationTask(),
-        ...                       Path(tempfile.mkdtemp()), LogSettings(n_val=2, top_k=3))
-        >>> sorted(f.name for f in files)[:3]
-        ['influence.md', 'influence_diagnostics.json', 'influence_histograms.png']
+        >>> out = Path(tempfile.mkdtemp())
+        >>> files = log_influence(result, [], data, data, ClassificationTask(), out,
+        ...                       LogSettings(n_val=2, top_k=3))
+        >>> sorted(f.relative_to(out).as_posix() for f in files)[:3]
+        ['influence.md', 'influence_dashboard/index.json', 'influence_diagnostics.json']
     """
     if getattr(rank_zero_only, "rank", 0) != 0:
         return []
@@ -89,7 +93,7 @@ def log_influence(
     report = build_report(result, train_data, val_data, task, settings)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", settings.prefix)
 
-    files = write_tables(report, out_dir, stem)
+    files = [*write_tables(report, out_dir, stem), write_dashboard(report, out_dir, stem)]
     plain = not loggers
     for logger in loggers:
         writer = _writer(logger)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,6 +29,7 @@ __all__ = [
     "panel_figure",
     "saliency_tile",
     "to_uint8",
+    "write_png",
 ]
 
 _Color = tuple[float, ...]
@@ -36,8 +38,8 @@ _HARMFUL: _Color = (0.84, 0.15, 0.16)
 _VALIDATION: _Color = (0.12, 0.47, 0.71)
 _NEUTRAL: _Color = (0.6, 0.6, 0.6)
 _HISTOGRAM_AXES = {
-    "scores": "I_up,loss(train, val): < 0 helpful, > 0 harmful",
-    "self_influence": "self-influence g^T (H + damping I)^-1 g",
+    "scores": "score of a (training, validation) pair: < 0 helped, > 0 hurt",
+    "log10_self_influence": "log10 of self-influence (how much an example shapes its own loss)",
 }
 
 
@@ -94,7 +96,7 @@ class _Cell:
 
 
 def _caption(e: Example, score: str = "{:+.3g}") -> str:
-    return f"#{e.index} y={e.label} ŷ={e.prediction}\n" + score.format(e.score)
+    return f"#{e.index} label {e.label} pred {e.prediction}\n" + score.format(e.score)
 
 
 def panel_figure(panel: Panel) -> Tensor:
@@ -109,33 +111,39 @@ def panel_figure(panel: Panel) -> Tensor:
         ("helpful", _HELPFUL, panel.helpful),
         ("harmful", _HARMFUL, panel.harmful),
     ):
-        first = _Cell(v.image, _VALIDATION, f"val #{v.index}{loss}\ny={v.label} ŷ={v.prediction}")
+        first = _Cell(
+            v.image, _VALIDATION, f"val #{v.index}{loss}\nlabel {v.label} pred {v.prediction}"
+        )
         rows.append([first if not rows else _Cell(None)])
         rows[-1] += [_Cell(e.image, color, _caption(e)) for e in examples]
         labels.append((name, color))
         if with_maps:
             rows.append([_Cell(None)] + [_Cell(e.saliency) for e in examples])
-            labels.append(("I_pert,loss", _NEUTRAL))
+            labels.append(("raise loss", _NEUTRAL))
     title = (
-        f"validation example {v.index}: green = helpful (score < 0), red = harmful (score > 0)"
-        + ("; I_pert,loss: red pixels raise its loss" if with_maps else "")
+        f"validation example {v.index}: green = helpful training examples (they lower its loss), "
+        "red = harmful (they raise it)"
+        + ("; under each, red pixels are those that raise this loss" if with_maps else "")
     )
     return _figure(rows, labels, title)
 
 
-def outliers_figure(outliers: list[Example], ncols: int = 8) -> Tensor:
+def outliers_figure(outliers: list[Example], median: float, ncols: int = 8) -> Tensor:
     """The training examples with the highest self-influence, framed red where the model's
     prediction disagrees with the given label."""
     cells = [
         _Cell(
             e.image,
             _HARMFUL if e.label != e.prediction else _NEUTRAL,
-            _caption(e, "self-infl. {:.3g}"),
+            _caption(e, "{:.3g}" + (f", {e.score / median:.2g}x median" if median > 0 else "")),
         )
         for e in outliers
     ]
     rows = [cells[r : r + ncols] for r in range(0, len(cells), ncols)]
-    title = "highest self-influence first (suspected mislabels); red: prediction ≠ given label"
+    title = (
+        "highest self-influence first: review these labels; red frame: the model predicts "
+        "another label than the one given"
+    )
     return _figure(rows, [], title)
 
 
@@ -227,6 +235,14 @@ def histogram_figure(histograms: dict[str, Tensor]) -> Tensor | None:
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     return _draw(agg)
+
+
+def write_png(img: Tensor, path: Path) -> Path:
+    """Save ``[3, H, W]`` in [0, 1] as a PNG file."""
+    from PIL import Image  # pillow ships with tensorboard
+
+    Image.fromarray(to_uint8(img)).save(path)
+    return path
 
 
 def to_uint8(img: Tensor) -> np.ndarray:

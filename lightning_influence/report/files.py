@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from torch import Tensor
-
-from lightning_influence.report.drawing import histogram_figure, to_uint8
+from lightning_influence.report.drawing import histogram_figure, write_png
 from lightning_influence.report.model import Report
 from lightning_influence.report.tables import (
     OUTLIERS,
@@ -41,20 +39,20 @@ def write_files(report: Report, out_dir: Path, stem: str) -> list[Path]:
     for panel in report.panels:
         section = panel_markdown(panel, text_inputs)
         if panel.figure is not None:
-            png = _write_png(panel.figure, out_dir / f"{stem}_val_{panel.val.index}.png")
+            png = write_png(panel.figure, out_dir / f"{stem}_val_{panel.val.index}.png")
             files.append(png)
             section = f"![validation example {panel.val.index}]({png.name})\n\n{section}"
         sections.append(f"## Validation example {panel.val.index}\n\n{section}")
     if report.outliers:
         section = outliers_markdown(report)
         if report.outliers_figure is not None:
-            png = _write_png(report.outliers_figure, out_dir / f"{stem}_outliers.png")
+            png = write_png(report.outliers_figure, out_dir / f"{stem}_outliers.png")
             files.append(png)
             section = f"![outliers]({png.name})\n\n{section}"
         sections.append(f"## Self-influence outliers\n\n{section}")
     hist = histogram_figure(report.histograms)
     if hist is not None:
-        png = _write_png(hist, out_dir / f"{stem}_histograms.png")
+        png = write_png(hist, out_dir / f"{stem}_histograms.png")
         files.append(png)
         sections.append(f"## Histograms\n\n![histograms]({png.name})")
     md = out_dir / f"{stem}.md"
@@ -62,10 +60,3 @@ def write_files(report: Report, out_dir: Path, stem: str) -> list[Path]:
     diag = out_dir / f"{stem}_diagnostics.json"
     diag.write_text(json.dumps(report.scalars, indent=2) + "\n")
     return [*files, md, diag]
-
-
-def _write_png(img: Tensor, path: Path) -> Path:
-    from PIL import Image  # pillow ships with tensorboard
-
-    Image.fromarray(to_uint8(img)).save(path)
-    return path

@@ -41,6 +41,7 @@ class Example:
     text: str
     image: Tensor | None = None  # [3, h, w] in [0, 1], upscaled
     saliency: Tensor | None = None  # [3, h, w] in [0, 1], red raises the validation loss
+    fields: tuple[tuple[str, str], ...] = ()  # (feature name, value) of a tabular input
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Row:
     example: Example
     kind: str = ""
     val: Example | None = None
+    times_median: float | None = None  # self-influence over its median, in the review list
 
 
 @dataclass
@@ -73,19 +75,35 @@ class Panel:
 
 @dataclass
 class Report:
-    """Everything shown, built once: panels, the review list, histograms and diagnostics."""
+    """Everything shown, built once: panels, the review list, histograms and diagnostics.
+
+    ``panels`` are the validation examples the loggers show; ``dashboard`` holds those and more
+    (``LogSettings.dashboard_size``) for the Influence tab, and ``review`` the training examples
+    ranked by self-influence, of which ``outliers`` are the first ``n_outliers``.
+    """
 
     result: InfluenceResult
+    kind: str  # "image", "text" or "table"
     panels: list[Panel]
-    outliers: list[Example]  # score = self-influence
-    images: bool
+    dashboard: list[Panel]
+    review: list[Example]  # score = self-influence, highest first
+    outliers: list[Example]
     outliers_figure: Tensor | None = None
     histograms: dict[str, Tensor] = field(default_factory=dict)
     scalars: dict[str, float] = field(default_factory=dict)
+    median_self_influence: float = math.nan
+
+    @property
+    def images(self) -> bool:
+        return self.kind == "image"
 
     def outlier_rows(self) -> list[Row]:
         """The review list ranked from 1, highest self-influence first."""
-        return [Row(rank, e) for rank, e in enumerate(self.outliers, start=1)]
+        median = self.median_self_influence
+        return [
+            Row(rank, e, times_median=e.score / median if median > 0 else None)
+            for rank, e in enumerate(self.outliers, start=1)
+        ]
 
 
 def build_report(
@@ -101,48 +119,57 @@ def build_report(
     train.labels(result.train_targets, result.train_predictions)
     val.labels(result.val_targets, result.val_predictions)
 
-    columns = _val_columns(result, settings)
+    shown = _val_columns(result, settings).tolist()
+    more = range(min(settings.dashboard_size, result.val_indices.numel()))
+    columns = shown + [j for j in more if j not in shown and settings.val_indices is None]
     helpful, harmful = result.helpful(settings.top_k), result.harmful(settings.top_k)
-    wanted_train = [helpful.indices[columns].reshape(-1), harmful.indices[columns].reshape(-1)]
-    outliers = result.outliers(settings.n_outliers) if result.self_influence is not None else None
-    if outliers is not None:
-        wanted_train.append(outliers.indices)
-    val.load(result.val_indices[columns])
+    at = torch.tensor(columns, dtype=torch.long)
+    wanted_train = [helpful.indices[at].reshape(-1), harmful.indices[at].reshape(-1)]
+    ranked = None
+    if result.self_influence is not None:
+        ranked = result.outliers(max(settings.n_outliers, settings.dashboard_size))
+        wanted_train.append(ranked.indices)
+    val.load(result.val_indices[at])
     train.load(torch.cat(wanted_train))
-    images = train.image_like and val.image_like
+    kind = train.kind if train.kind == val.kind else "text"
+    images = kind == "image"
 
     losses = result.val_losses
     panels = []
-    for j in columns.tolist():
-        ranked = []
+    for j in columns:
+        lists = []
         for half, ranking in enumerate((helpful, harmful)):
             pairs = zip(ranking.indices[j].tolist(), ranking.scores[j].tolist(), strict=True)
-            ranked.append(
+            lists.append(
                 [train.example(i, s, _saliency(result, j, i, half, images)) for i, s in pairs]
             )
         loss = float(losses[j]) if losses is not None else math.nan
-        panel = Panel(val.example(int(result.val_indices[j]), loss), ranked[0], ranked[1])
-        if images:
-            panel.figure = drawing.panel_figure(panel)
-        panels.append(panel)
+        panels.append(Panel(val.example(int(result.val_indices[j]), loss), lists[0], lists[1]))
+    for panel in panels[: len(shown)] if images else []:
+        panel.figure = drawing.panel_figure(panel)
 
     review = []
-    if outliers is not None:
-        pairs = zip(outliers.indices.tolist(), outliers.scores.tolist(), strict=True)
+    if ranked is not None:
+        pairs = zip(ranked.indices.tolist(), ranked.scores.tolist(), strict=True)
         review = [train.example(i, s) for i, s in pairs]
+    outliers = review[: settings.n_outliers]
     histograms = {"scores": _finite(result.scores)}
+    median = math.nan
     if result.self_influence is not None:
-        histograms["self_influence"] = _finite(result.self_influence)
-    scalars = {k: float(v) for k, v in result.diagnostics.items()}
-    scalars.update(damping=float(result.damping))
+        values = _finite(result.self_influence)
+        histograms["log10_self_influence"] = values[values > 0].log10()
+        median = float(values.median()) if values.numel() else math.nan
     return Report(
         result=result,
-        panels=panels,
-        outliers=review,
-        images=images,
-        outliers_figure=drawing.outliers_figure(review) if images and review else None,
+        kind=kind,
+        panels=panels[: len(shown)],
+        dashboard=panels,
+        review=review,
+        outliers=outliers,
+        outliers_figure=drawing.outliers_figure(outliers, median) if images and outliers else None,
         histograms={name: values for name, values in histograms.items() if values.numel()},
-        scalars=scalars,
+        scalars={**{k: float(v) for k, v in result.diagnostics.items()}, "damping": result.damping},
+        median_self_influence=median,
     )
 
 
@@ -186,7 +213,7 @@ class _ExampleSource:
         self.predictions: Tensor | None = None
         self.inputs: dict[int, Any] = {}
         self.tiles: dict[int, Tensor] = {}
-        self.image_like = settings.images is not False
+        self.kind = "image" if settings.kind == "auto" else settings.kind
 
     def labels(self, targets: Tensor | None, predictions: Tensor | None) -> None:
         self.targets, self.predictions = targets, predictions
@@ -198,9 +225,9 @@ class _ExampleSource:
         inputs, _ = self.task.unpack(self.data.fetch(unique))
         for n, index in enumerate(unique.tolist()):
             self.inputs[index] = _nth(inputs, n)
-        if self.settings.images is None:
-            self.image_like = all(_is_image(x) for x in self.inputs.values())
-        if self.image_like:
+        if self.settings.kind == "auto":
+            self.kind = "image" if all(_is_image(x) for x in self.inputs.values()) else "text"
+        if self.kind == "image":
             for index, x in self.inputs.items():
                 self.tiles[index] = drawing.image_tile(x, self.settings.image_size)
 
@@ -210,16 +237,18 @@ class _ExampleSource:
 
     def example(self, index: int, score: float, saliency: Tensor | None = None) -> Example:
         x = self.inputs[index]
-        describe = self.settings.describe or _default_describe
         size = self.settings.image_size
+        fields = _fields(x, self.settings.feature_names) if self.kind == "table" else ()
+        text = ", ".join(f"{n}={v}" for n, v in fields) if fields else _default_describe(x)
         return Example(
             index=index,
             label=self._label(self.targets, index),
             prediction=self._label(self.predictions, index),
             score=score,
-            text=describe(x),
+            text=self.settings.describe(x) if self.settings.describe else text,
             image=self.tiles.get(index),
             saliency=None if saliency is None else drawing.saliency_tile(saliency, size),
+            fields=fields,
         )
 
 
@@ -256,6 +285,28 @@ def _is_image(x: Any) -> bool:
     return x.ndim == 2 and min(x.shape) >= 2
 
 
+def _fields(x: Any, names: tuple[str, ...] | None) -> tuple[tuple[str, str], ...]:
+    """(name, value) of each feature of one tabular input (a mapping or a flat sequence).
+
+    Example:
+        >>> _fields(torch.tensor([0.5, 12.0]), ("age", "income"))
+        (('age', '0.5'), ('income', '12'))
+    """
+    if isinstance(x, Mapping):
+        return tuple((str(k), _default_describe(v)) for k, v in x.items())
+    values = x.detach().reshape(-1).tolist() if isinstance(x, Tensor) else list(x)
+    names = names or tuple(f"x{n}" for n in range(len(values)))
+    if len(names) != len(values):
+        raise ValueError(
+            f"`feature_names` names {len(names)} features but an input holds {len(values)}; "
+            "give one name per feature."
+        )
+    return tuple(
+        (n, f"{v:.4g}" if isinstance(v, float) else str(v))
+        for n, v in zip(names, values, strict=True)
+    )
+
+
 def _default_describe(x: Any) -> str:
     """A short text for one input: values of small tensors, shape and range of larger ones.
 
@@ -274,7 +325,7 @@ def _default_describe(x: Any) -> str:
     if isinstance(x, Mapping):
         return ", ".join(f"{k}: {_default_describe(v)}" for k, v in x.items())
     text = str(x).replace("\n", " ")
-    return text if len(text) <= 80 else text[:77] + "..."
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _format_label(value: Tensor) -> str:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["LogSettings"]
+__all__ = ["KINDS", "LogSettings"]
+
+KINDS = ("auto", "image", "text", "table")
 
 
 @dataclass(frozen=True)
@@ -23,12 +25,19 @@ class LogSettings:
         top_k: helpful and harmful training examples shown per validation example.
         n_outliers: training examples with the highest self-influence in the review list.
         prefix: tag prefix in TensorBoard and W&B, and the stem of the file names in ``out_dir``.
-        describe: turns one input into text for tables (and replaces pictures when the inputs
-            are not image-like); a short default shows shapes or values.
+        describe: turns one input into text: a tokenizer's decode for token ids, or any
+            function; by default strings show as they are, small tensors their values and larger
+            ones their shape and range.
         val_indices: dataset indices of the validation examples to show (overrides ``n_val``).
         image_size: smallest side, in pixels, that a small image is upscaled to (nearest).
-        images: draw inputs as images (``True``), as text (``False``), or decide from the shape of
-            one input: ``[C, H, W]`` with ``C`` in 1..4, or ``[H, W]`` (``None``, the default).
+        kind: how an example is shown: ``"image"`` (a picture), ``"text"`` (the text of
+            ``describe``), ``"table"`` (a row of named values, one per feature) or ``"auto"``:
+            images when every input is shaped ``[C, H, W]`` with ``C`` in 1..4 or ``[H, W]``,
+            else text.
+        feature_names: names of the features of a tabular input (``kind="table"``), in order;
+            ``x0, x1, ...`` when not given.
+        dashboard_size: validation examples, and rows of the self-influence review, kept for the
+            Influence tab of TensorBoard (with their pictures).
 
     Example:
         >>> LogSettings(n_val=2, top_k=4).top_k
@@ -46,10 +55,18 @@ class LogSettings:
     describe: Callable[[Any], str] | None = None
     val_indices: tuple[int, ...] | None = None
     image_size: int = 64
-    images: bool | None = None
+    kind: Literal["auto", "image", "text", "table"] = "auto"
+    feature_names: tuple[str, ...] | None = None
+    dashboard_size: int = 128
 
     def __post_init__(self) -> None:
-        for name, low in (("n_val", 0), ("top_k", 1), ("n_outliers", 0), ("image_size", 8)):
+        for name, low in (
+            ("n_val", 0),
+            ("top_k", 1),
+            ("n_outliers", 0),
+            ("image_size", 8),
+            ("dashboard_size", 1),
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"`{name}` must be at least {low}, got {value!r}.")
@@ -58,5 +75,9 @@ class LogSettings:
                 f"`prefix` must be a non-empty tag such as 'influence' with no leading or "
                 f"trailing '/', got {self.prefix!r}."
             )
+        if self.kind not in KINDS:
+            raise ValueError(f"`kind` must be one of {list(KINDS)}, got {self.kind!r}.")
+        if self.feature_names is not None:
+            object.__setattr__(self, "feature_names", tuple(str(n) for n in self.feature_names))
         if self.val_indices is not None:
             object.__setattr__(self, "val_indices", tuple(int(i) for i in self.val_indices))

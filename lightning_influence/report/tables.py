@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from lightning_influence.result import InfluenceResult
 
 __all__ = [
+    "MISLABELED_NOTE",
     "OUTLIERS",
     "RANKINGS",
     "Column",
@@ -43,6 +44,8 @@ class Column:
 
     def text(self, row: Row) -> str:
         value = self.value(row)
+        if value is None:
+            return "-"
         return format(value, self.number) if self.number else str(value)
 
 
@@ -69,8 +72,19 @@ OUTLIERS: tuple[Column, ...] = (
     Column("given_label", "given label", lambda r: r.example.label),
     Column("predicted_label", "predicted label", lambda r: r.example.prediction),
     Column("self_influence", "self-influence", lambda r: r.example.score, ".4g"),
+    Column("times_median", "x median", lambda r: r.times_median, ".3g"),
 )
-_NUMERIC = {"rank", "train_index", "index", "score", "self_influence"}
+_NUMERIC = {"rank", "train_index", "index", "score", "self_influence", "times_median"}
+MISLABELED_NOTE = (
+    "A training example with a wrong label can still be helpful: its input resembles this "
+    "example's, so learning from it moves the model the same way. Judge labels by "
+    "self-influence (the review list), not by this panel."
+)
+SCORE_NOTE = (
+    "Score: how much up-weighting a training example changes this example's loss; negative = "
+    "it helped (lowered the loss), positive = it hurt. Removing it changes the loss by about "
+    "-score / (number of training examples)."
+)
 
 
 def _markdown(columns: Sequence[Column], rows: Sequence[Row], text_inputs: bool) -> list[str]:
@@ -97,13 +111,18 @@ def panel_markdown(panel: Panel, text_inputs: bool) -> str:
     lines = [f"**Validation example {v.index}**: label {v.label}, predicted {v.prediction}{loss}."]
     if text_inputs:
         lines.append(f"Input: `{_escape(v.text)}`")
-    lines += ["Score = I_up,loss: negative = helpful, positive = harmful.", ""]
+    lines += [SCORE_NOTE, "", MISLABELED_NOTE, ""]
     return "\n".join(lines + _markdown(RANKINGS, panel.rows(), text_inputs))
 
 
 def outliers_markdown(report: Report) -> str:
     """The review list: highest self-influence first."""
-    lines = ["**Highest self-influence**: review these training labels first.", ""]
+    lines = [
+        "**Highest self-influence**: review these training labels first. Self-influence says how "
+        "much an example shapes its own prediction; *x median* compares it with a typical "
+        "example.",
+        "",
+    ]
     return "\n".join(lines + _markdown(OUTLIERS, report.outlier_rows(), not report.images))
 
 

@@ -1,4 +1,8 @@
-"""TensorBoard: images, markdown tables, histograms and scalars under one tag prefix."""
+"""TensorBoard: images, markdown tables and histograms under one tag prefix.
+
+The diagnostics go into one text summary, not a single-point chart each; the Influence tab
+(:mod:`.plugin`) reads the files of :mod:`.dashboard` written beside the result.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +35,4 @@ def write_tensorboard(
     writer.add_text(f"{prefix}/summary", summary_markdown(report.result), step)
     for name, values in report.histograms.items():
         writer.add_histogram(f"{prefix}/{name}", values, step)
-    for name, value in report.scalars.items():
-        writer.add_scalar(f"{prefix}/{name}", value, step)
     writer.flush()

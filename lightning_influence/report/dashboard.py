@@ -1,0 +1,129 @@
+"""The files the Influence tab of TensorBoard reads: a JSON index and PNG pictures, in one folder.
+
+``<out_dir>/<stem>_dashboard/`` (next to the result file; ``<stem>`` is the tag prefix made
+file-safe, ``influence`` by default) holds:
+
+- ``index.json``: ``{"format": "lightning-influence-dashboard", "version": 1, ...}`` with the
+  run's ``summary`` (sizes, damping, diagnostics, solver), the example ``kind`` (``image``,
+  ``text`` or ``table``) and its ``feature_names``, ``validation``: one entry per validation
+  example kept (dataset ``index``, ``label``, ``prediction``, ``loss``, ``correct``, ``spread``:
+  the standard deviation of its scores, ``text``, ``fields``, ``image``) with its ``helpful`` and
+  ``harmful`` training examples (``rank``, ``index``, ``label``, ``prediction``, ``score``,
+  ``removal_effect``: the predicted change of this validation loss when the example is removed,
+  ``text``, ``fields``, ``image``, ``saliency``), and ``review``: the training examples ranked by
+  ``self_influence``, with ``times_median`` and the ``median``, out of ``n_train``;
+- ``val_<index>.png``, ``train_<index>.png``: each example once, as drawn in the panels;
+  ``map_<val index>_<train index>.png``: the input-space map of a pair, where computed.
+
+Picture fields hold a file name in the same folder, or ``null``. Nothing in it needs unpickling.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lightning_influence.report.drawing import write_png
+from lightning_influence.report.model import Example, Panel, Report
+
+__all__ = ["FORMAT", "INDEX", "VERSION", "write_dashboard"]
+
+FORMAT = "lightning-influence-dashboard"
+VERSION = 1
+INDEX = "index.json"
+
+
+def write_dashboard(report: Report, out_dir: Path, stem: str) -> Path:
+    """Write the folder ``<out_dir>/<stem>_dashboard`` and return the path of its index."""
+    folder = out_dir / f"{stem}_dashboard"
+    folder.mkdir(parents=True, exist_ok=True)
+    result = report.result
+    position = {int(i): j for j, i in enumerate(result.val_indices.tolist())}
+    spread = result.scores.float().std(dim=0) if result.n_train > 1 else None
+    pictures: dict[str, Any] = {}
+
+    def picture(name: str, tile: Any) -> str | None:
+        if tile is None:
+            return None
+        if name not in pictures:
+            pictures[name] = write_png(tile, folder / name)
+        return name
+
+    def entry(e: Example, name: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "index": e.index,
+            "label": e.label,
+            "prediction": e.prediction,
+            **extra,
+            "text": e.text,
+            "fields": [list(f) for f in e.fields],
+            "image": picture(name, e.image),
+        }
+
+    def ranked(panel: Panel, kind: str) -> list[dict[str, Any]]:
+        v = panel.val.index
+        return [
+            entry(
+                e,
+                f"train_{e.index}.png",
+                rank=rank,
+                score=e.score,
+                removal_effect=-e.score / result.n_train,
+                saliency=picture(f"map_{v}_{e.index}.png", e.saliency),
+            )
+            for rank, e in enumerate(getattr(panel, kind), start=1)
+        ]
+
+    validation = []
+    for panel in report.dashboard:
+        v = panel.val
+        column = position[v.index]
+        extra = {
+            "loss": _number(v.score),
+            "correct": v.label == v.prediction if v.label != "-" else None,
+            "spread": None if spread is None else _number(float(spread[column])),
+        }
+        validation.append(
+            {
+                **entry(v, f"val_{v.index}.png", **extra),
+                "helpful": ranked(panel, "helpful"),
+                "harmful": ranked(panel, "harmful"),
+            }
+        )
+    median = report.median_self_influence
+    review = [
+        entry(
+            e,
+            f"train_{e.index}.png",
+            rank=rank,
+            self_influence=e.score,
+            times_median=_number(e.score / median) if median > 0 else None,
+        )
+        for rank, e in enumerate(report.review, start=1)
+    ]
+    index = {
+        "format": FORMAT,
+        "version": VERSION,
+        "prefix": stem,
+        "kind": report.kind,
+        "feature_names": [n for n, _ in report.dashboard[0].val.fields] if report.dashboard else [],
+        "summary": {
+            "n_train": result.n_train,
+            "n_val": int(result.val_indices.numel()),
+            "damping": result.damping,
+            "diagnostics": {k: _number(v) for k, v in report.scalars.items()},
+            "solver": result.settings.get("solver"),
+        },
+        "validation": validation,
+        "review": {"median": _number(median), "n_train": result.n_train, "rows": review},
+    }
+    path = folder / INDEX
+    path.write_text(json.dumps(index, indent=1, allow_nan=False) + "\n")
+    return path
+
+
+def _number(value: float) -> float | None:
+    """``value``, or ``None`` where JSON has no number for it (NaN, infinity)."""
+    return value if math.isfinite(value) else None
