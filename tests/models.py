@@ -1,4 +1,8 @@
-"""Reference models for the tests: scikit-learn's digits and models trained to their optimum."""
+"""Reference models: scikit-learn's digits and models trained to their optimum.
+
+Tests reach them through the fixtures of ``tests/conftest.py`` (``digits``, ``fit_lbfgs``,
+``refit_without``, ``digits_models``); the benchmarks import them directly.
+"""
 
 from __future__ import annotations
 
