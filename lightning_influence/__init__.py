@@ -9,12 +9,14 @@ from lightning_influence.callback import (
     influence_from_checkpoint,
 )
 from lightning_influence.compute import compute_influence, influence_on_parameters
+from lightning_influence.config import InfluenceConfig
 from lightning_influence.core.curvature import Curvature
 from lightning_influence.core.data import IndexedData, as_indexed
 from lightning_influence.core.model import FunctionalModel, select_parameters
 from lightning_influence.core.scores import perturbation_influence
 from lightning_influence.core.task import ClassificationTask, RegressionTask, Task, TaskError
 from lightning_influence.metrics import detection_metrics
+from lightning_influence.report import LogSettings
 from lightning_influence.result import InfluenceResult, Ranking
 from lightning_influence.solvers import CG, Exact, LiSSA, Solver, SolverDivergedError
 from lightning_influence.solvers.lowrank import LowRank
@@ -29,9 +31,11 @@ __all__ = [
     "FunctionalModel",
     "IndexedData",
     "InfluenceCallback",
+    "InfluenceConfig",
     "InfluenceError",
     "InfluenceResult",
     "LiSSA",
+    "LogSettings",
     "LowRank",
     "Ranking",
     "RegressionTask",

@@ -8,19 +8,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_influence.core.curvature import Curvature, CurvatureKind
+from lightning_influence.config import InfluenceConfig
+from lightning_influence.core.curvature import Curvature
 from lightning_influence.core.data import IndexedData, as_indexed
 from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.scores import example_pass, perturbation_influence
-from lightning_influence.core.task import ClassificationTask, Task
 from lightning_influence.result import InfluenceResult
-from lightning_influence.solvers import Exact, FactorizedSolver, LiSSA, Solver
+from lightning_influence.solvers import Exact, FactorizedSolver, InverseOperator
 from lightning_influence.solvers.lowrank import LowRank
 
 __all__ = [
@@ -45,37 +46,57 @@ def default_self_influence_solver(n_params: int) -> FactorizedSolver:
 
 
 @contextmanager
-def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Evaluation mode (BatchNorm running statistics, no dropout) for the block; each submodule's
-    own mode is restored afterwards."""
+def evaluation_mode(model: nn.Module, device: torch.device | None = None) -> Iterator[None]:
+    """Evaluation mode (BatchNorm running statistics, no dropout), gradients on, on ``device``.
+
+    Each submodule's train/eval mode, each parameter's ``requires_grad`` and every tensor's
+    device are restored afterwards, whatever happens.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
+        >>> with evaluation_mode(model):
+        ...     model[1].training
+        False
+        >>> model[1].training
+        True
+    """
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    places = [(t, t.device) for t in (*model.parameters(), *model.buffers())]
     try:
-        yield
+        if device is not None:
+            model.to(device)
+        model.eval()
+        with torch.enable_grad():
+            yield
     finally:
+        devices = {dev for _, dev in places}
+        if len(devices) == 1:
+            model.to(devices.pop())
+        else:
+            for tensor, dev in places:
+                tensor.data = tensor.data.to(dev)
         for module, training in modes:
             module.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+# Called with keywords only, `compute_influence` scores every validation example and draws no
+# perturbation maps unless asked; an `InfluenceConfig` passed as `config` keeps its own values.
+FUNCTION_DEFAULTS: dict[str, Any] = {"num_val": None, "perturbation_k": 0}
 
 
 def compute_influence(
     model: nn.Module,
     train_data: Data,
     val_data: Data,
+    config: InfluenceConfig | None = None,
     *,
-    solver: Solver | None = None,
-    damping: float = 1e-3,
-    task: Task | None = None,
-    parameters: Sequence[str] | None = None,
-    curvature: CurvatureKind = "gauss_newton",
-    self_influence: bool = True,
-    self_influence_solver: FactorizedSolver | None = None,
     train_indices: Sequence[int] | Tensor | None = None,
-    val_indices: Sequence[int] | Tensor | None = None,
-    batch_size: int | None = None,
-    dtype: torch.dtype | None = None,
-    perturbation_k: int = 0,
     progress: bool = True,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    **options: Any,
 ) -> InfluenceResult:
     """Influence of every training example on each validation example.
 
@@ -84,26 +105,18 @@ def compute_influence(
         train_data: training ``Dataset`` or ``DataLoader`` (its dataset and collate function are
             used; never its sampler, so scores carry dataset indices).
         val_data: validation ``Dataset`` or ``DataLoader``.
-        solver: applies ``(H + damping I)^-1`` to the validation gradients; ``LiSSA()`` by default.
-        damping: the ``lambda`` of ``H + lambda I``; pass the weight decay the model was trained
-            with to reproduce its objective's curvature exactly.
-        task: how a batch becomes per-sample losses; ``ClassificationTask()`` by default.
-        parameters: shell-style name patterns of the parameters to use (all trainable by default).
-        curvature: ``"gauss_newton"`` (positive semi-definite, the default) or ``"hessian"``.
-        self_influence: also compute ``g_i^T (H + damping I)^-1 g_i`` for every training example.
-        self_influence_solver: a solver that factorizes once; by default ``LowRank()`` (top
-            eigenpairs of the curvature, damping on the rest), or ``Exact()`` for models with at
-            most 512 chosen parameters.
+        config: the settings (solver, damping, task, parameters, curvature, self-influence,
+            validation points, perturbation maps, batch size, precision, seed); see
+            :class:`~lightning_influence.InfluenceConfig`.
         train_indices: dataset indices of the training examples to score (all by default). The
             curvature is always that of these examples (summed over processes with ``reduce``).
-        val_indices: dataset indices of the validation examples (all by default).
-        batch_size: examples per batch for gradients and curvature (the loader's, else 64).
-        dtype: working precision; the model's own by default (``torch.float64`` for references).
-        perturbation_k: for each validation point, compute ``I_pert,loss`` (a saliency map over
-            the input) for its ``k`` most helpful and ``k`` most harmful training examples.
         progress: show progress bars.
         reduce: sums a tensor across processes under data parallelism (each process passes its
             own shard as ``train_indices``); ``None`` on one process.
+        **options: :class:`~lightning_influence.InfluenceConfig` fields, replacing those of
+            ``config``. Without ``config`` they build one in which ``num_val=None`` (every
+            validation example) and ``perturbation_k=0`` unless given, e.g.
+            ``compute_influence(model, train, val, solver=Exact(), damping=0.1)``.
 
     Returns:
         An :class:`InfluenceResult`; ``scores[i, j]`` is positive when training example ``i``
@@ -123,45 +136,39 @@ def compute_influence(
         >>> result.scores.shape, result.self_influence.shape
         (torch.Size([30, 10]), torch.Size([30]))
     """
-    if damping < 0:
-        raise ValueError(f"`damping` must be non-negative, got {damping}.")
+    config = _config(config, options)
     with evaluation_mode(model):
-        return _compute(
-            model, train_data, val_data, solver or LiSSA(), damping, task or ClassificationTask(),
-            parameters, curvature, self_influence, self_influence_solver, train_indices,
-            val_indices, batch_size, dtype, perturbation_k, progress, reduce,
-        )  # fmt: skip
+        return _compute(model, train_data, val_data, config, train_indices, progress, reduce)
+
+
+def _config(config: InfluenceConfig | None, options: dict[str, Any]) -> InfluenceConfig:
+    if config is None:
+        return InfluenceConfig(**{**FUNCTION_DEFAULTS, **options})
+    return replace(config, **options) if options else config
 
 
 def _compute(
     model: nn.Module,
     train_data: Data,
     val_data: Data,
-    solver: Solver,
-    damping: float,
-    task: Task,
-    parameters: Sequence[str] | None,
-    curvature: CurvatureKind,
-    self_influence: bool,
-    self_influence_solver: FactorizedSolver | None,
+    config: InfluenceConfig,
     train_indices: Sequence[int] | Tensor | None,
-    val_indices: Sequence[int] | Tensor | None,
-    batch_size: int | None,
-    dtype: torch.dtype | None,
-    perturbation_k: int,
     progress: bool,
     reduce: Callable[[Tensor], Tensor] | None,
 ) -> InfluenceResult:
     started = time.perf_counter()
-    fm = FunctionalModel(model, task, parameters, dtype)
-    train = as_indexed(train_data, train_indices, batch_size)
-    val = as_indexed(val_data, val_indices, batch_size)
+    solver, damping, task = config.make_solver(), config.damping, config.make_task()
+    fm = FunctionalModel(model, task, config.parameters, config.torch_dtype)
+    train = as_indexed(train_data, train_indices, config.batch_size)
+    val = as_indexed(val_data, config.val_indices, config.batch_size)
     if len(val) == 0:
-        raise ValueError(
-            "The validation data is empty: pass a non-empty `val_data` (or `val_indices`)."
-        )
+        raise ValueError("The validation data is empty: pass a non-empty `val_data`.")
+    if config.val_indices is None:  # `num_val` of them, drawn with `seed`
+        val = val.subset(val.indices[config.choose_val(len(val))])
     # Full passes over the curvature data (CG, Exact, LowRank) run faster in larger batches.
-    curv = Curvature(fm, train.rebatched(max(train.batch_size, CURVATURE_BATCH)), curvature, reduce)
+    curv = Curvature(
+        fm, train.rebatched(max(train.batch_size, CURVATURE_BATCH)), config.curvature, reduce
+    )
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -169,8 +176,9 @@ def _compute(
     assert val_pass.gradients is not None
     timings["time_val_gradients"] = time.perf_counter() - t0
 
-    si_solver = self_influence_solver or default_self_influence_solver(fm.n_params)
-    inverse: Callable[[Tensor], Tensor] | None = None
+    self_influence = config.self_influence
+    si_solver = config.self_influence_solver or default_self_influence_solver(fm.n_params)
+    inverse: InverseOperator | None = None
     self_info: dict[str, float] = {}
     t0 = time.perf_counter()
     if isinstance(solver, FactorizedSolver):
@@ -192,10 +200,10 @@ def _compute(
     timings["time_scoring"] = time.perf_counter() - t0
 
     perturbation = perturbation_indices = None
-    if perturbation_k > 0 and train_pass.scores is not None:
+    if config.perturbation_k > 0 and train_pass.scores is not None:
         t0 = time.perf_counter()
         perturbation, perturbation_indices = _perturbations(
-            fm, train, train_pass.indices, train_pass.scores, val_inverse, perturbation_k
+            fm, train, train_pass.indices, train_pass.scores, val_inverse, config.perturbation_k
         )
         timings["time_perturbation"] = time.perf_counter() - t0
     timings["time_total"] = time.perf_counter() - started
@@ -208,7 +216,7 @@ def _compute(
     settings = {
         "solver": solver.settings(),
         "self_influence_solver": si_solver.settings() if self_influence else None,
-        "curvature": curvature,
+        "curvature": config.curvature,
         "parameters": fm.names,
         "n_params": fm.n_params,
         "n_train_total": curv.n_total,
@@ -258,19 +266,15 @@ def influence_on_parameters(
     model: nn.Module,
     train_data: Data,
     indices: Sequence[int] | Tensor,
-    *,
-    solver: Solver | None = None,
-    damping: float = 1e-3,
-    task: Task | None = None,
-    parameters: Sequence[str] | None = None,
-    curvature: CurvatureKind = "gauss_newton",
-    batch_size: int | None = None,
-    dtype: torch.dtype | None = None,
+    config: InfluenceConfig | None = None,
+    **options: Any,
 ) -> Tensor:
     """``I_up,params(z) = -(H + damping I)^-1 g(z)`` for the training examples at ``indices``.
 
     Returns ``[len(indices), p]``: the first-order change of the chosen (flattened) parameters per
     unit of upweighting; removing example ``z`` changes them by about ``-1/n`` times this.
+    ``config`` and ``**options`` as for :func:`compute_influence` (solver, damping, task,
+    parameters, curvature, batch_size and dtype are used).
 
     Example:
         >>> import torch
@@ -281,12 +285,12 @@ def influence_on_parameters(
         ...                         damping=0.1).shape
         torch.Size([2, 8])
     """
-    task = task or ClassificationTask()
+    config = _config(config, options)
     with evaluation_mode(model):
-        fm = FunctionalModel(model, task, parameters, dtype)
-        train = as_indexed(train_data, None, batch_size)
+        fm = FunctionalModel(model, config.make_task(), config.parameters, config.torch_dtype)
+        train = as_indexed(train_data, None, config.batch_size)
         chosen = example_pass(fm, as_indexed(train, indices), keep_gradients=True)
         assert chosen.gradients is not None
-        curv = Curvature(fm, train, curvature)
-        solved, _ = (solver or LiSSA()).solve(curv, chosen.gradients, damping)
+        curv = Curvature(fm, train, config.curvature)
+        solved, _ = config.make_solver().solve(curv, chosen.gradients, config.damping)
     return -solved
