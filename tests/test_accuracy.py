@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import digits, fit_lbfgs, logistic_regression, mlp, refit_without
 from torch import Tensor, nn
 
 from lightning_influence import CG, Exact, InfluenceResult, LiSSA, compute_influence
@@ -33,11 +32,12 @@ def _top10_overlap(a: Tensor, b: Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def problem() -> dict[str, object]:
+def problem(digits, digits_models, fit_lbfgs) -> dict[str, object]:
     train, val = digits()
-    models = {}
-    for name, build in (("logistic", logistic_regression), ("mlp", mlp)):
-        models[name] = fit_lbfgs(build(), *train.tensors, WEIGHT_DECAY)
+    models = {
+        name: fit_lbfgs(build(), *train.tensors, WEIGHT_DECAY)
+        for name, build in digits_models.items()
+    }
     return {"train": train, "val": val, "models": models}
 
 
@@ -84,7 +84,7 @@ def test_lissa_defaults_match_exact_on_the_mlp(problem, exact) -> None:
     assert pearson >= 0.95
 
 
-def test_predicted_leave_one_out_matches_retraining(problem, exact) -> None:
+def test_predicted_leave_one_out_matches_retraining(problem, exact, refit_without) -> None:
     model = problem["models"]["logistic"]
     x, y = problem["train"].tensors
     xv, yv = problem["val"].tensors
