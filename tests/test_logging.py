@@ -4,162 +4,45 @@ offline run log and its staged table artifact, and the plain files (CSV, PNG, ma
 from __future__ import annotations
 
 import csv
-import functools
-import glob
 import io
 import json
 import math
-import struct
 import sys
-import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from digits import DigitsCNN, DigitsDataModule
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
+from report_case import (
+    HARMFUL_RGB,
+    HELPFUL_RGB,
+    N_OUT,
+    N_VAL,
+    TOP_K,
+    Digits,
+    colour_pixels,
+    digits_case,
+    expected_rankings,
+    table_rows,
+    tb_text,
+    tensorboard_events,
+    text_case,
+    wandb_offline_run,
+    wandb_table,
+)
 from torch.utils.data import TensorDataset
 
 from lightning_influence import ClassificationTask, Exact, InfluenceResult, compute_influence
 from lightning_influence.report import LogSettings, log_influence
 
-N_VAL, TOP_K, N_OUT = 3, 4, 12
-SETTINGS = LogSettings(n_val=N_VAL, top_k=TOP_K, n_outliers=N_OUT)
-HELPFUL_RGB = (34, 140, 34)  # the frame colours of logging.py, as 8-bit RGB
-HARMFUL_RGB = (214, 38, 41)
-
-
-class Digits:
-    """A real influence result on digits: a tiny CNN trained briefly, 300 x 16 examples."""
-
-    def __init__(self) -> None:
-        torch.manual_seed(0)
-        self.dm = DigitsDataModule(n_train=400, flip_fraction=0.1)
-        model = DigitsCNN(channels=2)
-        opt = torch.optim.Adam(model.parameters(), lr=3e-2)
-        x, y = self.dm.train_dataset.tensors
-        for _ in range(30):
-            for idx in torch.randperm(len(y)).split(100):
-                loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        model.eval()
-        self.result = compute_influence(
-            model,
-            self.dm.train_dataset,
-            self.dm.val_dataset,
-            solver=Exact(),
-            damping=1e-2,
-            train_indices=torch.arange(50, 350),  # dataset indices != row positions
-            val_indices=torch.arange(10, 26),
-            perturbation_k=TOP_K,
-            progress=False,
-        )
-
-    def log(self, loggers: list[Any], out: Path, **kwargs: Any) -> list[Path]:
-        return log_influence(
-            self.result,
-            loggers,
-            self.dm.train_dataset,
-            self.dm.val_dataset,
-            ClassificationTask(),
-            out,
-            kwargs.pop("settings", SETTINGS),
-            **kwargs,
-        )
-
-
-@functools.cache
-def digits_case() -> Digits:
-    """Computed once per session and shared with the browser tests (nothing mutates it)."""
-    torch.set_num_threads(1)
-    return Digits()
-
 
 @pytest.fixture
 def digits() -> Digits:
     return digits_case()
-
-
-# --------------------------------------------------------------------------------------------
-# readers
-# --------------------------------------------------------------------------------------------
-
-
-def table_rows(markdown: str) -> list[list[str]]:
-    """Body rows of the markdown table(s) in ``markdown``, as lists of stripped cells."""
-    rows = []
-    for line in markdown.splitlines():
-        if line.startswith("|") and not line.startswith("| ---") and "---:" not in line:
-            rows.append([c.strip() for c in line.strip("|").split("|")])
-    return [r for r in rows if r[0] not in ("kind", "rank", "diagnostic")]
-
-
-def expected_rankings(result: InfluenceResult, n_val: int, k: int) -> list[tuple[str, int, float]]:
-    """(kind, train index, score) in the order the tables list them, per validation column."""
-    helpful, harmful = result.helpful(k), result.harmful(k)
-    out = []
-    for j in range(n_val):
-        for kind, ranking in (("helpful", helpful), ("harmful", harmful)):
-            pairs = zip(ranking.indices[j].tolist(), ranking.scores[j].tolist(), strict=True)
-            out += [(kind, i, s) for i, s in pairs]
-    return out
-
-
-def colour_pixels(img: np.ndarray, rgb: tuple[int, int, int], tol: int = 12) -> np.ndarray:
-    return (np.abs(img[..., :3].astype(int) - np.array(rgb)) <= tol).all(-1)
-
-
-def tensorboard_events(logdir: Path) -> Any:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    files = glob.glob(str(logdir / "**" / "events.out.tfevents.*"), recursive=True)
-    assert len(files) == 1, files
-    kinds = ("images", "histograms", "scalars", "tensors")
-    acc = EventAccumulator(files[0], size_guidance={k: 0 for k in kinds})
-    acc.Reload()
-    return acc
-
-
-def tb_text(acc: Any, tag: str) -> str:
-    from tensorboard.util.tensor_util import make_ndarray
-
-    events = acc.Tensors(f"{tag}/text_summary")
-    assert len(events) == 1
-    return make_ndarray(events[0].tensor_proto).item().decode()
-
-
-def wandb_records(path: Path) -> Iterator[Any]:
-    """Records of a W&B ``.wandb`` run log (LevelDB-style log of 32 KiB blocks)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, pending = 7, 32768, b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        payload = data[pos + 7 : pos + 7 + length]
-        if kind == 0 and length == 0:
-            pos += block - pos % block
-            continue
-        assert zlib.crc32(bytes([kind]) + payload) & 0xFFFFFFFF == crc
-        pos += 7 + length
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(pending + payload)
-            pending = b""
-            yield record
-        else:
-            pending = (pending if kind == 3 else b"") + payload
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,31 +136,14 @@ def test_wandb_offline_tables_images_histograms_artifact(digits: Digits, tmp_pat
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="logging-test")
     digits.log([logger], tmp_path / "out", result_path=saved)
     wandb.finish()
-    (log_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-
-    summary: dict[str, Any] = {}
-    artifacts = {}
-    for record in wandb_records(log_file):
-        kind = record.WhichOneof("record_type")
-        if kind == "summary":
-            for item in record.summary.update:  # nested values come one leaf at a time
-                *outer, leaf = list(item.nested_key) or [item.key]
-                node = summary
-                for key in outer:
-                    node = node.setdefault(key, {})
-                node[leaf] = json.loads(item.value_json)
-        elif kind == "artifact":
-            manifest = {c.path: Path(c.local_path) for c in record.artifact.manifest.contents}
-            artifacts[record.artifact.type, record.artifact.name] = manifest
+    summary, artifacts = wandb_offline_run(tmp_path / "wandb")
 
     # The saved result file travels as an artifact and loads back equal.
     (result_manifest,) = [m for (t, _), m in artifacts.items() if t == "influence"]
     assert InfluenceResult.load(result_manifest["influence.pt"]).equals(result)
 
     def table(name: str) -> tuple[list[str], list[list[Any]], dict[str, Path]]:
-        (manifest,) = [m for m in artifacts.values() if f"influence/{name}.table.json" in m]
-        data = json.loads(manifest[f"influence/{name}.table.json"].read_text())
-        return data["columns"], data["data"], manifest
+        return wandb_table(artifacts, f"influence/{name}")
 
     def image(cell: dict[str, Any], manifest: dict[str, Path]) -> np.ndarray:
         return np.asarray(Image.open(manifest[cell["path"]]).convert("RGB"))
@@ -445,6 +311,130 @@ def test_text_inputs_use_describe(tmp_path: Path) -> None:
     rows = table_rows(tb_text(acc, "influence/outliers"))
     first = int(result.outliers(4).indices[0])
     assert rows[0][1] == str(first) and rows[0][6] == f"`x0={x[first, 0]:.2f}`"
+
+
+def test_dashboard_index_matches_the_result(digits: Digits, tmp_path: Path) -> None:
+    result = digits.result
+    digits.log([], tmp_path)
+    folder = tmp_path / "influence_dashboard"
+    index = json.loads((folder / "index.json").read_text())
+    assert (index["format"], index["version"], index["kind"]) == (
+        "lightning-influence-dashboard",
+        1,
+        "image",
+    )
+    # every scored validation example (16 < dashboard_size), in the result's order
+    assert [v["index"] for v in index["validation"]] == result.val_indices.tolist()
+    helpful, harmful = result.helpful(TOP_K), result.harmful(TOP_K)
+    for j, v in enumerate(index["validation"]):
+        assert v["correct"] == (result.val_targets[j] == result.val_predictions[j]).item()
+        assert v["loss"] == pytest.approx(float(result.val_losses[j]), rel=1e-6)
+        assert v["spread"] == pytest.approx(float(result.scores[:, j].std()), rel=1e-5)
+        for kind, ranking in (("helpful", helpful), ("harmful", harmful)):
+            assert [e["index"] for e in v[kind]] == ranking.indices[j].tolist()
+            np.testing.assert_allclose([e["score"] for e in v[kind]], ranking.scores[j], rtol=1e-6)
+            rows = [int((result.train_indices == e["index"]).nonzero()) for e in v[kind]]
+            np.testing.assert_allclose(
+                [e["removal_effect"] for e in v[kind]],
+                result.removal_effect[rows, j],
+                rtol=1e-5,
+            )
+    # maps where computed: the first perturbation_k of each kind
+    first = index["validation"][0]
+    assert all(e["saliency"] == f"map_{first['index']}_{e['index']}.png" for e in first["helpful"])
+    # the review: the first dashboard_size (128) of the 300 training examples
+    review = index["review"]
+    outliers = result.outliers(128)
+    assert [r["index"] for r in review["rows"]] == outliers.indices.tolist()
+    median = float(result.self_influence.median())
+    assert review["median"] == pytest.approx(median, rel=1e-6) and review["n_train"] == 300
+    np.testing.assert_allclose(
+        [r["times_median"] for r in review["rows"]], outliers.scores / median, rtol=1e-5
+    )
+    # pictures: each training digit once, its 8x8 pixels as 8x8 blocks of the 64 px tile
+    x = digits.dm.train_dataset.tensors[0]
+    e = first["helpful"][0]
+    tile = np.asarray(Image.open(folder / e["image"]).convert("L"))
+    assert tile.shape == (64, 64)
+    np.testing.assert_allclose(tile[4::8, 4::8] / 255, x[e["index"], 0], atol=1 / 255 + 1e-6)
+    assert len(list(folder.glob("train_*.png"))) == len(
+        {e["index"] for v in index["validation"] for k in ("helpful", "harmful") for e in v[k]}
+        | set(outliers.indices.tolist())
+    )
+
+
+def test_text_examples_in_text_tab_and_dashboard(tmp_path: Path) -> None:
+    case = text_case()
+    result, decode = case.result, case.dm.train.decode
+    ids = case.dm.train_dataset.tensors[0]
+    case.log([TensorBoardLogger(tmp_path, name="tb")], tmp_path / "out")
+    acc = tensorboard_events(tmp_path / "tb")
+    assert acc.Tags()["images"] == []
+    v = int(result.val_indices[0])
+    text = tb_text(acc, f"influence/val_{v}")
+    assert f"Input: `{decode(case.dm.val_dataset.tensors[0][v])}`" in text
+    rows = table_rows(text)
+    helpful = result.helpful(3).indices[0].tolist()
+    assert [int(r[2]) for r in rows[:3]] == helpful
+    assert [r[6] for r in rows[:3]] == [f"`{decode(ids[i])}`" for i in helpful]
+    labels = {r[3] for r in rows} | {r[4] for r in rows}
+    assert labels <= {"sport", "weather", "cooking"}  # class names, not integers
+
+    index = json.loads((tmp_path / "out" / "influence_dashboard" / "index.json").read_text())
+    assert index["kind"] == "text"
+    first = index["validation"][0]
+    assert [e["text"] for e in first["helpful"]] == [decode(ids[i]) for i in helpful]
+    assert all(e["image"] is None for e in first["helpful"])
+    assert not list((tmp_path / "out" / "influence_dashboard").glob("*.png"))
+
+
+def test_table_examples_with_feature_names(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(30, 3), torch.randint(0, 2, (30,))
+    data = TensorDataset(x, y)
+    result = compute_influence(
+        torch.nn.Linear(3, 2), data, data, solver=Exact(), damping=0.1, progress=False
+    )
+    names = ("age", "income", "height")
+    settings = LogSettings(n_val=1, top_k=2, n_outliers=3, kind="table", feature_names=names)
+    task = ClassificationTask()
+    log_influence(
+        result, [TensorBoardLogger(tmp_path, name="tb")], data, data, task, tmp_path, settings
+    )
+    index = json.loads((tmp_path / "influence_dashboard" / "index.json").read_text())
+    assert index["kind"] == "table" and index["feature_names"] == list(names)
+    top = index["review"]["rows"][0]
+    assert top["fields"] == [
+        [n, f"{float(v):.4g}"] for n, v in zip(names, x[top["index"]], strict=True)
+    ]
+    rows = table_rows(tb_text(tensorboard_events(tmp_path / "tb"), "influence/outliers"))
+    assert rows[0][6] == "`" + ", ".join(f"{n}={v}" for n, v in top["fields"]) + "`"
+    wrong = LogSettings(kind="table", feature_names=("age",))
+    with pytest.raises(ValueError, match="`feature_names` names 1 features but an input holds 3"):
+        log_influence(result, [], data, data, task, tmp_path, wrong)
+
+
+@pytest.mark.slow  # a W&B run starts its service process: several seconds
+def test_wandb_offline_text_columns(tmp_path: Path) -> None:
+    import wandb
+
+    case = text_case()
+    result, decode = case.result, case.dm.train.decode
+    case.log([WandbLogger(save_dir=str(tmp_path), offline=True, project="text-test")], tmp_path)
+    wandb.finish()
+    _, artifacts = wandb_offline_run(tmp_path / "wandb")
+    columns, rows, _ = wandb_table(artifacts, "influence/rankings")
+    col = {c: n for n, c in enumerate(columns)}
+    assert "image" not in col
+    ids, val_ids = case.dm.train_dataset.tensors[0], case.dm.val_dataset.tensors[0]
+    for r in rows:
+        assert r[col["input"]] == decode(ids[r[col["train_index"]]])
+        assert r[col["val_input"]] == decode(val_ids[r[col["val_index"]]])
+    columns, rows, _ = wandb_table(artifacts, "influence/outliers")
+    assert [r[columns.index("index")] for r in rows] == result.outliers(5).indices.tolist()
+    assert [r[columns.index("input")] for r in rows] == [
+        decode(ids[i]) for i in result.outliers(5).indices
+    ]
 
 
 def test_nothing_logged_off_rank_zero(

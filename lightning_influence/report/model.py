@@ -233,7 +233,9 @@ class _ExampleSource:
 
     def _label(self, labels: Tensor | None, index: int) -> str:
         pos = self.position.get(index)
-        return "-" if labels is None or pos is None else _format_label(labels[pos])
+        if labels is None or pos is None:
+            return "-"
+        return _format_label(labels[pos], self.settings.class_names)
 
     def example(self, index: int, score: float, saliency: Tensor | None = None) -> Example:
         x = self.inputs[index]
@@ -328,8 +330,16 @@ def _default_describe(x: Any) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _format_label(value: Tensor) -> str:
+def _format_label(value: Tensor, names: tuple[str, ...] | None = None) -> str:
+    """A label or prediction as text: its class name when ``names`` has one.
+
+    Example:
+        >>> _format_label(torch.tensor(1), ("cat", "dog")), _format_label(torch.tensor(0.25))
+        ('dog', '0.25')
+    """
     if value.numel() != 1:
         return str([round(v, 3) for v in value.reshape(-1).tolist()][:4])
     item = value.item()
+    if isinstance(item, int) and names is not None and 0 <= item < len(names):
+        return names[item]
     return str(item) if isinstance(item, int | bool) else f"{item:.3g}"

@@ -36,6 +36,7 @@ class LogSettings:
             else text.
         feature_names: names of the features of a tabular input (``kind="table"``), in order;
             ``x0, x1, ...`` when not given.
+        class_names: names of the classes, shown instead of integer labels and predictions.
         dashboard_size: validation examples, and rows of the self-influence review, kept for the
             Influence tab of TensorBoard (with their pictures).
 
@@ -57,6 +58,7 @@ class LogSettings:
     image_size: int = 64
     kind: Literal["auto", "image", "text", "table"] = "auto"
     feature_names: tuple[str, ...] | None = None
+    class_names: tuple[str, ...] | None = None
     dashboard_size: int = 128
 
     def __post_init__(self) -> None:
@@ -77,7 +79,8 @@ class LogSettings:
             )
         if self.kind not in KINDS:
             raise ValueError(f"`kind` must be one of {list(KINDS)}, got {self.kind!r}.")
-        if self.feature_names is not None:
-            object.__setattr__(self, "feature_names", tuple(str(n) for n in self.feature_names))
+        for name in ("feature_names", "class_names"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(str(n) for n in getattr(self, name)))
         if self.val_indices is not None:
             object.__setattr__(self, "val_indices", tuple(int(i) for i in self.val_indices))

@@ -48,7 +48,7 @@ def write_wandb(
             "saliency": lambda r: picture(r.example.saliency),
         }
         if not report.images:
-            media = {"val_input": lambda r: r.val and r.val.text, "input": lambda r: r.example.text}
+            media = {"val_input": lambda r: r.val and r.val.text, **_inputs(report)}
         logged[f"{prefix}/rankings"] = table(RANKINGS, rows, media)
         for panel in report.panels:
             if panel.figure is not None:
@@ -58,7 +58,7 @@ def write_wandb(
     if report.outliers:
         media = {"image": lambda r: picture(r.example.image)}
         if not report.images:
-            media = {"input": lambda r: r.example.text}
+            media = _inputs(report)
         logged[f"{prefix}/outliers"] = table(OUTLIERS, report.outlier_rows(), media)
         if report.outliers_figure is not None:
             logged[f"{prefix}/outliers_image"] = picture(report.outliers_figure, "outliers")
@@ -73,3 +73,17 @@ def write_wandb(
         artifact = wandb.Artifact(f"{prefix.replace('/', '-')}-result-{run.id}", type="influence")
         artifact.add_file(str(result_path))
         run.log_artifact(artifact)
+
+
+def _inputs(report: Report) -> dict[str, Media]:
+    """Text columns of a non-image input: ``input``, and one column per feature of a table."""
+    media: dict[str, Media] = {"input": lambda r: r.example.text}
+    names = [n for n, _ in report.dashboard[0].val.fields] if report.dashboard else []
+    for n, name in enumerate(names):
+        media[name] = _field(n)
+    return media
+
+
+def _field(n: int) -> Media:
+    """The value of the ``n``-th feature of a row's example."""
+    return lambda r: r.example.fields[n][1] if len(r.example.fields) > n else None
