@@ -1,9 +1,11 @@
-"""What TensorBoard really shows: a TensorBoard server on 127.0.0.1 serves our text, images,
-histograms and scalars through its data endpoints, and a headless Chromium renders the images page
-with our influence panel on it."""
+"""What TensorBoard really shows: a TensorBoard server on 127.0.0.1 over two runs written as the
+callback writes them (digits pictures, and generated sentences shown as text), its data endpoints,
+our Influence tab served by the plugin, and headless Chromium rendering that tab and the images
+page. Screenshots land in the test's tmp folder (and in ``$INFLUENCE_SCREENSHOTS`` when set)."""
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import os
@@ -12,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -22,20 +25,28 @@ import numpy as np
 import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
-from test_logging import (
+from report_case import (
     HARMFUL_RGB,
     HELPFUL_RGB,
     N_OUT,
     N_VAL,
     TOP_K,
     Digits,
+    Text,
     digits_case,
     tensorboard_events,
+    text_case,
 )
+
+from lightning_influence import InfluenceResult
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)"
+)
+DIGITS_RUN, TEXT_RUN = "digits/version_0", "text/version_0"
 
 
 class Server:
@@ -67,6 +78,13 @@ class Server:
         with urllib.request.urlopen(f"{self.url}{path}{query}", timeout=30) as response:
             return response.read()
 
+    def status(self, path: str, **params: str) -> int:
+        try:
+            self.get(path, **params)
+        except urllib.error.HTTPError as error:
+            return error.code
+        return 200
+
     def json(self, path: str, **params: str) -> Any:
         return json.loads(self.get(path, **params))
 
@@ -76,16 +94,22 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def logged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Digits, Path]:
-    digits = digits_case()
+def logged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Digits, Text, Path]:
+    """Two runs as the callback leaves them: events, and ``<log_dir>/influence/`` with the result
+    file and the dashboard beside it."""
+    digits, text = digits_case(), text_case()
     root = tmp_path_factory.mktemp("tb")
-    digits.log([TensorBoardLogger(root, name="digits")], root / "influence")
-    return digits, root
+    for case, name in ((digits, "digits"), (text, "text")):
+        logger = TensorBoardLogger(root, name=name)
+        out = Path(logger.log_dir) / "influence"
+        saved = case.result.save(out / "influence.pt")
+        case.log([logger], out, result_path=saved)
+    return digits, text, root
 
 
 @pytest.fixture(scope="module")
-def server(logged: tuple[Digits, Path]) -> Iterator[Server]:
-    server = Server(logged[1])
+def server(logged: tuple[Digits, Text, Path]) -> Iterator[Server]:
+    server = Server(logged[2])
     try:
         deadline = time.monotonic() + 60  # the first load runs in the background
         while time.monotonic() < deadline:
@@ -98,34 +122,79 @@ def server(logged: tuple[Digits, Path]) -> Iterator[Server]:
         server.close()
 
 
-def html_rows(html: str) -> list[list[str]]:
+def chromium(url: str, tmp_path: Path, screenshot: Path | None = None) -> str:
+    """The page at ``url`` rendered by headless Chromium: its DOM, or a screenshot."""
+    assert CHROMIUM is not None
+    cmd = [
+        CHROMIUM,
+        *("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"),
+        *("--disable-quic", "--no-first-run", "--disable-background-networking"),
+        *("--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chr'}"),
+        "--virtual-time-budget=15000",
+        *(("--window-size=1400,1100", "--force-device-scale-factor=2") if screenshot else ()),
+        f"--screenshot={screenshot}" if screenshot else "--dump-dom",
+        url,
+    ]
+    env = {**os.environ, "HOME": str(tmp_path)}
+    done = subprocess.run(cmd, check=True, timeout=180, capture_output=True, env=env, text=True)
+    if screenshot is not None and os.environ.get("INFLUENCE_SCREENSHOTS"):
+        keep = Path(os.environ["INFLUENCE_SCREENSHOTS"])
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(screenshot, keep / screenshot.name)
+    return done.stdout
+
+
+def html_rows(page: str) -> list[list[str]]:
     """Cells of each body row of the HTML tables."""
-    rows = re.findall(r"<tr>(.*?)</tr>", html, re.S)
+    rows = re.findall(r"<tr>(.*?)</tr>", page, re.S)
     cells = [re.findall(r"<td[^>]*>(.*?)</td>", row, re.S) for row in rows]
     return [[c.strip() for c in row] for row in cells if row]
 
 
+def run_panels(dom: str) -> dict[str, str]:
+    """The rendered panel of each run in the Influence tab, by run name."""
+    parts = re.split(r'<div class="run" data-run="([^"]+)"', dom)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def cards(panel: str, kind: str) -> list[tuple[int, int, float, str]]:
+    """(rank, training index, score, text) of the helpful or harmful cards of a panel."""
+    found = re.findall(
+        rf'<div class="card {kind}" data-kind="{kind}" data-rank="(\d+)" data-index="(\d+)" '
+        r'data-score="([^"]+)">(.*?)</div></div>',
+        panel,
+        re.S,
+    )
+    return [(int(r), int(i), float(s), html.unescape(t)) for r, i, s, t in found]
+
+
+# --------------------------------------------------------------------------------------------
+# The standard tabs
+# --------------------------------------------------------------------------------------------
+
+
 def test_server_endpoints_serve_our_text_images_histograms(
-    logged: tuple[Digits, Path], server: Server
+    logged: tuple[Digits, Text, Path], server: Server
 ) -> None:
-    digits, root = logged
+    digits, _, root = logged
     result = digits.result
-    assert server.json("/data/runs") == ["digits/version_0"]
-    run = "digits/version_0"
+    assert server.json("/data/runs") == [DIGITS_RUN, TEXT_RUN]
+    run = DIGITS_RUN
     val_ids = result.val_indices[:N_VAL].tolist()
 
     text_tags = set(server.json("/data/plugin/text/tags")[run])
     wanted = [f"influence/val_{i}" for i in val_ids] + ["influence/outliers", "influence/summary"]
     assert {f"{t}/text_summary" for t in wanted} <= text_tags
     (entry,) = server.json("/data/plugin/text/text", run=run, tag="influence/outliers/text_summary")
-    html = entry["text"]  # markdown rendered to HTML by the server
-    assert "<table>" in html
-    assert [int(r[1]) for r in html_rows(html)] == result.outliers(N_OUT).indices.tolist()
+    page = entry["text"]  # markdown rendered to HTML by the server
+    assert "<table>" in page
+    assert [int(r[1]) for r in html_rows(page)] == result.outliers(N_OUT).indices.tolist()
     tag = f"influence/val_{val_ids[0]}/text_summary"
     (entry,) = server.json("/data/plugin/text/text", run=run, tag=tag)
     rows = html_rows(entry["text"])
     assert [int(r[2]) for r in rows if r[0] == "helpful"] == result.helpful(TOP_K)[0][0].tolist()
     assert [int(r[2]) for r in rows if r[0] == "harmful"] == result.harmful(TOP_K)[0][0].tolist()
+    assert "A training example with a wrong label can still be helpful" in entry["text"]
 
     # The served image is the PNG of the event file, byte for byte.
     acc = tensorboard_events(root / "digits")
@@ -139,38 +208,38 @@ def test_server_endpoints_serve_our_text_images_histograms(
     (hist,) = server.json("/data/plugin/histograms/histograms", run=run, tag="influence/scores")
     _, step, buckets = hist
     assert step == 0 and sum(b[2] for b in buckets) == pytest.approx(result.scores.numel())
-    ((_, _, value),) = server.json(
-        "/data/plugin/scalars/scalars", run=run, tag="influence/time_total"
-    )
-    assert value == pytest.approx(result.diagnostics["time_total"], rel=1e-6)
+    tag = "influence/log10_self_influence"
+    ((_, _, buckets),) = server.json("/data/plugin/histograms/histograms", run=run, tag=tag)
+    lows = [b[0] for b in buckets if b[2] > 0]  # log scale: decades, not 0 .. 180,000
+    assert min(lows) > -3 and max(b[1] for b in buckets) < 5
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
-def test_chromium_shows_our_image_panel(server: Server, tmp_path: Path) -> None:
-    shot = tmp_path / "tensorboard.png"
-    assert CHROMIUM is not None
-    cmd = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium'}",
-        "--window-size=1400,1100",
-        "--force-device-scale-factor=2",
-        "--virtual-time-budget=15000",
-        f"--screenshot={shot}",
-        f"{server.url}/#images",
+def test_scalars_tab_holds_no_single_point_charts(
+    logged: tuple[Digits, Text, Path], server: Server
+) -> None:
+    result = logged[0].result
+    tags = server.json("/data/plugin/scalars/tags")
+    single = [
+        (run, tag)
+        for run, run_tags in tags.items()
+        for tag in run_tags
+        if len(server.json("/data/plugin/scalars/scalars", run=run, tag=tag)) < 2
     ]
-    env = {**os.environ, "HOME": str(tmp_path)}
-    subprocess.run(cmd, check=True, timeout=180, capture_output=True, env=env)
-    if os.environ.get("TENSORBOARD_SCREENSHOT"):  # keep it, e.g. to look at it
-        shutil.copy(shot, os.environ["TENSORBOARD_SCREENSHOT"])
+    assert single == []
+    assert not any(tag.startswith("influence/") for t in tags.values() for tag in t)
+    # the diagnostics are in one text summary instead, each with its value
+    (entry,) = server.json(
+        "/data/plugin/text/text", run=DIGITS_RUN, tag="influence/summary/text_summary"
+    )
+    values = {r[0]: float(r[1]) for r in html_rows(entry["text"])}
+    for key, value in result.diagnostics.items():
+        assert values[key] == pytest.approx(value, rel=1e-3)
+
+
+@needs_chromium
+def test_chromium_shows_our_image_panel(server: Server, tmp_path: Path) -> None:
+    shot = tmp_path / "tensorboard_images.png"
+    chromium(f"{server.url}/#images", tmp_path, shot)
     img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert img.shape == (2200, 2800, 3)
     assert img.std() > 20  # not a blank page
@@ -187,3 +256,91 @@ def test_chromium_shows_our_image_panel(server: Server, tmp_path: Path) -> None:
         assert len(ys) > 2000, f"too few pixels of our frame colour {rgb}: {len(ys)}"
         assert ys.max() - ys.min() > 400  # more than one panel card
     assert near((0, 0, 0), 10)[200:].sum() > 20000
+
+
+# --------------------------------------------------------------------------------------------
+# The Influence tab
+# --------------------------------------------------------------------------------------------
+
+
+def test_plugin_serves_the_dashboard_files_and_nothing_else(
+    logged: tuple[Digits, Text, Path], server: Server
+) -> None:
+    root = logged[2]
+    listing = server.json("/data/plugins_listing")["influence"]
+    assert listing["enabled"] and listing["tab_name"] == "Influence"
+    runs = [f"{DIGITS_RUN}/influence", f"{TEXT_RUN}/influence"]
+    assert server.json("/data/plugin/influence/runs") == runs
+    folder = root / runs[0] / "influence_dashboard"
+    served = server.json("/data/plugin/influence/index", run=runs[0])
+    assert served == json.loads((folder / "index.json").read_text())
+    name = served["validation"][0]["helpful"][0]["image"]
+    png = server.get("/data/plugin/influence/picture", run=runs[0], name=name)
+    assert png == (folder / name).read_bytes()
+    for params in (
+        {"run": runs[0], "name": "../influence.pt"},
+        {"run": runs[0], "name": "index.json"},
+        {"run": "digits", "name": name},
+    ):
+        assert server.status("/data/plugin/influence/picture", **params) == 404
+    assert server.status("/data/plugin/influence/index", run="../..") == 404
+
+
+@needs_chromium
+def test_influence_tab_shows_the_result_file(
+    logged: tuple[Digits, Text, Path], server: Server, tmp_path: Path
+) -> None:
+    digits, text, root = logged
+    url = f"{server.url}/data/plugin_entry.html?name=influence"
+    panels = run_panels(chromium(url, tmp_path))
+    assert list(panels) == [f"{DIGITS_RUN}/influence", f"{TEXT_RUN}/influence"]  # side by side
+    for (run, panel), case, k in zip(panels.items(), (digits, text), (TOP_K, 3), strict=True):
+        result = InfluenceResult.load(root / run / "influence.pt")
+        assert result.equals(case.result)
+        shown = int(re.match(r' data-val="(\d+)"', panel).group(1))  # type: ignore[union-attr]
+        assert shown == int(digits.result.val_indices.min())  # first by index, in both runs
+        assert f"Validation example {shown}" in panel
+        for kind, ranking in (
+            ("helpful", result.helpful(k, val_index=shown)),
+            ("harmful", result.harmful(k, val_index=shown)),
+        ):
+            got = cards(panel, kind)
+            assert [(r, i) for r, i, _, _ in got] == list(
+                enumerate(ranking.indices[0].tolist(), start=1)
+            )
+            np.testing.assert_allclose([s for _, _, s, _ in got], ranking.scores[0], rtol=1e-6)
+            for _, i, s, body in got:
+                assert f"#{i}" in body and f"score {s:+.4g}" in body
+                assert f"if removed: loss {-s / result.n_train:+.3g}" in body
+    # the text run shows its sentences, decoded, with the topics' names
+    ids = text.dm.train_dataset.tensors[0]
+    for _, i, _, body in cards(panels[f"{TEXT_RUN}/influence"], "helpful"):
+        assert text.dm.train.decode(ids[i]) in body
+        assert re.search(r"label <span[^>]*>(sport|weather|cooking)</span>", body)
+    # pictures at a readable size: the digits run's cards hold its PNGs
+    assert (
+        'src="picture?run=digits%2Fversion_0%2Finfluence&amp;name=train_'
+        in panels[f"{DIGITS_RUN}/influence"]
+    )
+    for view in ("validation", "review"):
+        shot = tmp_path / f"influence_tab_{view}.png"
+        chromium(f"{url}#{view}", tmp_path, shot)
+        img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+        assert img.shape == (2200, 2800, 3) and img.std() > 20
+
+
+@needs_chromium
+def test_influence_tab_review_pages_the_self_influence_ranking(
+    logged: tuple[Digits, Text, Path], server: Server, tmp_path: Path
+) -> None:
+    digits = logged[0]
+    dom = chromium(f"{server.url}/data/plugin_entry.html?name=influence#review", tmp_path)
+    panel = run_panels(dom)[f"{DIGITS_RUN}/influence"]
+    shown = [int(i) for i in re.findall(r'<tr class="review" data-index="(\d+)"', panel)]
+    assert shown == digits.result.outliers(20).indices.tolist()  # the first page of 20
+    assert "page 1 of 7" in panel  # 128 ranked (dashboard_size) / 20
+    assert "checked 0 of 300 training examples (0.0%)" in panel
+    assert "download CSV" in panel
+    median = float(digits.result.self_influence.median())
+    times = [float(x.replace(",", "")) for x in re.findall(r"<td>([0-9.,]+)x</td>", panel)]
+    np.testing.assert_allclose(times, digits.result.outliers(20).scores / median, rtol=5e-3)

@@ -63,6 +63,7 @@ function h(tag, attrs = {}, ...children) {
 }
 
 const fmt = (x, digits = 4) => (x === null || x === undefined ? "-" : Number(x).toPrecision(digits));
+const times = (x) => (x === null ? "-" : `${x >= 1000 ? Math.round(x).toLocaleString("en") : fmt(x, 3)}x`);
 const signed = (x, digits = 3) => (x > 0 ? "+" : "") + fmt(x, digits);
 const picture = (run, name, cls = "pic", alt = "") =>
   name ? h("img", { class: cls, src: `picture?run=${encodeURIComponent(run)}&name=${name}`, alt }) : null;
@@ -199,7 +200,7 @@ function reviewPanel(run, index) {
         h("td", {}, h("input", { type: "checkbox", checked: checked.has(r.index), onchange: () => toggle(r.index) })),
         h("td", {}, r.rank), h("td", { class: "text" }, body(run, index.kind, r)), h("td", {}, r.index),
         h("td", {}, r.label), h("td", { class: r.label !== r.prediction ? "wrong" : "" }, r.prediction),
-        h("td", {}, fmt(r.self_influence, 4)), h("td", {}, r.times_median === null ? "-" : `${fmt(r.times_median, 3)}x`)))));
+        h("td", {}, fmt(r.self_influence, 4)), h("td", {}, times(r.times_median))))));
 }
 
 function summaryPanel(run, index) {
