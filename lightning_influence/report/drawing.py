@@ -96,7 +96,7 @@ class _Cell:
 
 
 def _caption(e: Example, score: str = "{:+.3g}") -> str:
-    return f"#{e.index} label {e.label} pred {e.prediction}\n" + score.format(e.score)
+    return f"#{e.index}  {score.format(e.score)}\nlabel {e.label} pred {e.prediction}"
 
 
 def panel_figure(panel: Panel) -> Tensor:
@@ -135,14 +135,14 @@ def outliers_figure(outliers: list[Example], median: float, ncols: int = 8) -> T
         _Cell(
             e.image,
             _HARMFUL if e.label != e.prediction else _NEUTRAL,
-            _caption(e, "{:.3g}" + (f", {e.score / median:.2g}x median" if median > 0 else "")),
+            _caption(e, f"{e.score / median:.3g}x" if median > 0 else "{:.3g}"),
         )
         for e in outliers
     ]
     rows = [cells[r : r + ncols] for r in range(0, len(cells), ncols)]
     title = (
-        "highest self-influence first: review these labels; red frame: the model predicts "
-        "another label than the one given"
+        "highest self-influence first (12x: 12 times the median): review these labels; red "
+        "frame: the model predicts another label than the one given"
     )
     return _figure(rows, [], title)
 
