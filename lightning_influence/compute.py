@@ -6,6 +6,7 @@ dataloaders -> per-sample gradients -> validation inverse-HVPs -> scores -> Infl
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -20,8 +21,18 @@ from lightning_influence.core.curvature import Curvature
 from lightning_influence.core.data import IndexedData, as_indexed
 from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.scores import example_pass, perturbation_influence
+from lightning_influence.guards import (
+    bad_examples_named,
+    check_memory,
+    check_weights,
+    default_task,
+    float_inputs,
+    raise_non_finite,
+    working_dtype,
+)
 from lightning_influence.result import InfluenceResult
 from lightning_influence.solvers import Exact, FactorizedSolver, InverseOperator
+from lightning_influence.solvers.base import check_finite
 from lightning_influence.solvers.lowrank import LowRank
 
 __all__ = [
@@ -157,14 +168,20 @@ def _compute(
     reduce: Callable[[Tensor], Tensor] | None,
 ) -> InfluenceResult:
     started = time.perf_counter()
-    solver, damping, task = config.make_solver(), config.damping, config.make_task()
-    fm = FunctionalModel(model, task, config.parameters, config.torch_dtype)
+    solver, damping = config.make_solver(), config.damping
     train = as_indexed(train_data, train_indices, config.batch_size)
     val = as_indexed(val_data, config.val_indices, config.batch_size)
     if len(val) == 0:
         raise ValueError("The validation data is empty: pass a non-empty `val_data`.")
     if config.val_indices is None:  # `num_val` of them, drawn with `seed`
         val = val.subset(val.indices[config.choose_val(len(val))])
+    dtype = working_dtype(model, config.torch_dtype)
+    task = config.task or default_task(model, train, config.parameters, dtype)
+    fm = FunctionalModel(model, task, config.parameters, dtype)
+    self_influence = config.self_influence
+    si_solver = config.self_influence_solver or default_self_influence_solver(fm.n_params)
+    check_weights(fm)
+    check_memory(fm, len(val), train.batch_size, [solver, si_solver][: 1 + self_influence])
     # Full passes over the curvature data (CG, Exact, LowRank) run faster in larger batches.
     curv = Curvature(
         fm, train.rebatched(max(train.batch_size, CURVATURE_BATCH)), config.curvature, reduce
@@ -172,35 +189,52 @@ def _compute(
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    val_pass = example_pass(fm, val, keep_gradients=True, progress=progress, desc="Validation")
+    with bad_examples_named(fm, val, "validation"):
+        val_pass = example_pass(fm, val, keep_gradients=True, progress=progress, desc="Validation")
     assert val_pass.gradients is not None
+    bad_val = val_pass.indices[~torch.isfinite(val_pass.gradients).all(dim=1).cpu()]
+    if bad_val.numel():
+        raise_non_finite("validation", bad_val)
     timings["time_val_gradients"] = time.perf_counter() - t0
 
-    self_influence = config.self_influence
-    si_solver = config.self_influence_solver or default_self_influence_solver(fm.n_params)
     inverse: InverseOperator | None = None
     self_info: dict[str, float] = {}
     t0 = time.perf_counter()
-    if isinstance(solver, FactorizedSolver):
-        factorized, solver_info = solver.factorize(curv, damping, progress)
-        val_inverse = factorized(val_pass.gradients)
-        if self_influence and si_solver == solver:  # one factorization serves both
-            inverse, self_info = factorized, solver_info
-    else:
-        val_inverse, solver_info = solver.solve(curv, val_pass.gradients, damping, progress)
+    with bad_examples_named(fm, train, "training"):  # a NaN example, not `damping`, is named
+        if isinstance(solver, FactorizedSolver):
+            factorized, solver_info = solver.factorize(curv, damping, progress)
+            val_inverse = factorized(val_pass.gradients)
+            if self_influence and si_solver == solver:  # one factorization serves both
+                inverse, self_info = factorized, solver_info
+        else:
+            val_inverse, solver_info = solver.solve(curv, val_pass.gradients, damping, progress)
+        check_finite(val_inverse, solver.name, damping, None)
     timings["time_solver"] = time.perf_counter() - t0
 
     if self_influence and inverse is None:
         t0 = time.perf_counter()
-        inverse, self_info = si_solver.factorize(curv, damping, progress)
+        with bad_examples_named(fm, train, "training"):
+            inverse, self_info = si_solver.factorize(curv, damping, progress)
         timings["time_self_influence_factorize"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    train_pass = example_pass(fm, train, val_inverse, inverse, progress=progress, desc="Training")
+    with bad_examples_named(fm, train, "training"):
+        train_pass = example_pass(
+            fm, train, val_inverse, inverse, progress=progress, desc="Training"
+        )
     timings["time_scoring"] = time.perf_counter() - t0
 
     perturbation = perturbation_indices = None
-    if config.perturbation_k > 0 and train_pass.scores is not None:
+    maps = config.perturbation_k > 0 and train_pass.scores is not None
+    if maps and not float_inputs(fm, train):
+        warnings.warn(
+            "perturbation_k > 0, but the inputs are not floating-point tensors (token ids?): "
+            "perturbation maps need a gradient in the inputs and are skipped. Pass "
+            "perturbation_k=0 to silence this.",
+            stacklevel=3,
+        )
+        maps = False
+    if maps and train_pass.scores is not None:
         t0 = time.perf_counter()
         perturbation, perturbation_indices = _perturbations(
             fm, train, train_pass.indices, train_pass.scores, val_inverse, config.perturbation_k

@@ -89,6 +89,12 @@ class InfluenceConfig:
             raise ValueError(f"`damping` must be a finite number >= 0, got {damping!r}.")
         if not (math.isfinite(damping) and damping >= 0):
             raise ValueError(f"`damping` must be a finite number >= 0, got {damping!r}.")
+        if damping == 0 and isinstance(self.make_solver(), LiSSA):
+            raise ValueError(
+                "`damping` must be > 0 with the LiSSA solver, got 0: its recursion converges at "
+                "a rate set by `damping`. Pass the weight decay the model was trained with (or a "
+                "small positive value such as 1e-3), or use solver='cg' or 'exact'."
+            )
         if self.task is not None and not isinstance(self.task, Task):
             raise ValueError(f"`task` must be a lightning_influence.Task, got {self.task!r}.")
         if isinstance(self.parameters, str):

@@ -39,10 +39,32 @@ _FORMAT = "lightning-influence/1"
 
 
 class Ranking(NamedTuple):
-    """Training examples ranked by a score: dataset indices and the scores, best first."""
+    """Training examples ranked by a score: dataset indices and the scores, best first.
+
+    Example:
+        >>> Ranking(torch.tensor([[4, 1]]), torch.tensor([[-0.5, -0.25]]))
+        Ranking(1 row, best first)
+          row 0: 4 (-0.5), 1 (-0.25)
+    """
 
     indices: Tensor
     scores: Tensor
+
+    def __repr__(self) -> str:
+        if self.indices.numel() == 0:
+            return "Ranking(empty)"
+        indices, scores = self.indices.reshape(-1, self.indices.shape[-1]), self.scores
+        scores = scores.reshape(indices.shape)
+        rows = indices.shape[0]
+        lines = [f"Ranking({rows} row{'s' if rows != 1 else ''}, best first)"]
+        for r in range(min(rows, 10)):
+            pairs = ", ".join(
+                f"{int(i)} ({float(v):.4g})" for i, v in zip(indices[r], scores[r], strict=True)
+            )
+            lines.append(f"  row {r}: {pairs}")
+        if rows > 10:
+            lines.append(f"  ... {rows - 10} more rows")
+        return "\n".join(lines)
 
 
 @dataclass
@@ -193,11 +215,22 @@ class InfluenceResult:
     @classmethod
     def load(cls, path: str | Path) -> InfluenceResult:
         """Read a file written by :meth:`save`; never unpickles code (``weights_only=True``)."""
-        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+        try:
+            blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # truncated, corrupt, or some other file
+            raise ValueError(
+                f"{path} is not a lightning-influence result file (truncated or corrupt?): {err}"
+            ) from err
         if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a lightning-influence result file.")
-        meta = json.loads(blob["meta"])
-        return cls(**blob["tensors"], **meta)
+        try:
+            return cls(**blob["tensors"], **json.loads(blob["meta"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"{path} is not a complete lightning-influence result file: {err}"
+            ) from err
 
     def equals(self, other: InfluenceResult) -> bool:
         """Exact equality of every tensor and setting."""

@@ -16,20 +16,26 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from lightning_influence.callback.data import dataset_of, find_data, raise_no_data
-from lightning_influence.callback.distributed import gather_result, shard_indices, strategy_reduce
+from lightning_influence.callback.checks import check_before_training, check_out_dir, fresh_out_dir
+from lightning_influence.callback.data import indexed_data
+from lightning_influence.callback.distributed import (
+    agree_on_failure,
+    gather_result,
+    shard_indices,
+    strategy_reduce,
+)
+from lightning_influence.callback.saving import save_and_log
 from lightning_influence.compute import compute_influence, evaluation_mode
 from lightning_influence.config import InfluenceConfig, check_int
-from lightning_influence.core.data import as_indexed
-from lightning_influence.core.model import FunctionalModel
-from lightning_influence.core.task import TaskError
+from lightning_influence.core.data import IndexedData
+from lightning_influence.core.task import Task
 from lightning_influence.errors import explained_failures
-from lightning_influence.report import LogSettings, log_influence
+from lightning_influence.report import LogSettings
 from lightning_influence.result import InfluenceResult
 from lightning_influence.solvers import Solver
 
@@ -111,7 +117,9 @@ class InfluenceCallback(Callback):
         self.result: InfluenceResult | None = None
         self.result_path: Path | None = None
         self.restored_settings: dict[str, Any] | None = None
-        self._checked = False
+        self._checked = self._skip = False
+        self._task: Task | None = None
+        self._rows: tuple[IndexedData, IndexedData] | None = None
 
     def __getattr__(self, name: str) -> Any:
         config = self.__dict__.get("config")
@@ -127,17 +135,16 @@ class InfluenceCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
+        # where it writes, never a tunable setting: a resumed run finds its state after a change
+        prefix = self.log_settings.prefix
         return self._generate_state_key(
-            solver=self.solver.name,
-            damping=self.config.damping,
-            seed=self.config.seed,
-            filename=self.filename,
+            save_dir=self.save_dir, filename=self.filename, prefix=prefix
         )
 
     def settings(self) -> dict[str, Any]:
         """The callback's settings, JSON-serialisable (saved with the result and in checkpoints)."""
         shown = {k: v for k, v in asdict(self.log_settings).items() if k != "describe"}
-        return {**self.config.to_dict(), "log": shown, "filename": self.filename}
+        return {**self._config().to_dict(), "log": shown, "filename": self.filename}
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -158,26 +165,35 @@ class InfluenceCallback(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == self.run_on:
-            self._checked = self._check(trainer, pl_module, final=False)
+        if stage != self.run_on:
+            return
+        self._skip = bool(getattr(trainer, "fast_dev_run", False))
+        if self._skip:
+            rank_zero_warn(
+                "InfluenceCallback is skipped under `fast_dev_run`, which only checks that the "
+                "loops run: train without it to compute influence."
+            )
+            return
+        self._checked = self._check(trainer, pl_module, final=False)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.run_on == "fit" and not self._checked:
+        if self.run_on == "fit" and not self._checked and not self._skip:
             self._checked = self._check(trainer, pl_module, final=True)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.run_on == "fit":
+        if self.run_on == "fit" and not self._skip:
             self._run(trainer, pl_module)
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.run_on == "validate" and stage == "validate":
+        if self.run_on == "validate" and stage == "validate" and not self._skip:
             self._run(trainer, pl_module)
 
     def out_dir(self, trainer: L.Trainer) -> Path:
-        """Where the result and the logged files go: ``save_dir``, else ``<log_dir>/influence``.
+        """Where the result and the logged files go: ``save_dir``, else ``<log_dir>/influence``
+        (numbered ``_1``, ``_2``, ... when it already holds a result).
 
         Under DDP call it on every process (``trainer.log_dir`` is a collective).
         """
@@ -185,59 +201,48 @@ class InfluenceCallback(Callback):
             return Path(self.save_dir)
         return Path(trainer.log_dir or trainer.default_root_dir) / "influence"
 
+    def _config(self) -> InfluenceConfig:
+        """The config, with the task settled before training when none was given."""
+        return replace(self.config, task=self._task) if self._task else self.config
+
     def _check(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> bool:
-        """Fail before training on data, indices, patterns or batches that cannot work."""
-        train, val = find_data(trainer, pl_module, self.train_dataset, self.val_dataset)
-        if train is None or val is None:
-            if final:
-                raise_no_data(train is None)
+        """Fail before training on data, indices, tasks, patterns or folders that cannot work."""
+        self._rows = indexed_data(trainer, pl_module, self.train_dataset, self.val_dataset, final)
+        if self._rows is None:
             return False
-        val_idx = self.config.choose_val(len(as_indexed(val)))
-        with evaluation_mode(pl_module):
-            fm = FunctionalModel(pl_module, self.config.make_task(), self.config.parameters)
-            for name, data, idx in (("training", train, [0]), ("validation", val, val_idx[:1])):
-                batch = as_indexed(data).fetch(torch.as_tensor(idx))
-                try:
-                    fm.check_batch(batch)
-                except TaskError as err:
-                    raise TaskError(f"InfluenceCallback cannot use a {name} batch: {err}") from err
+        self._task = check_before_training(self.config, pl_module, *self._rows)
+        check_out_dir(self.out_dir(trainer))
         return True
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         started = time.perf_counter()
-        train, val = find_data(trainer, pl_module, self.train_dataset, self.val_dataset)
-        if train is None or val is None:
-            raise_no_data(train is None)
-        out_dir = self.out_dir(trainer)
-        world = trainer.world_size
-        shard = shard_indices(torch.arange(len(as_indexed(train))), trainer.global_rank, world)
-        device = trainer.strategy.root_device
-        with evaluation_mode(pl_module, device), explained_failures(self.config):
-            result = compute_influence(
-                pl_module,
-                train,
-                val,
-                self.config,
-                train_indices=shard,
-                progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
-                reduce=strategy_reduce(trainer.strategy, world),
-            )
-        result = gather_result(result, trainer.strategy, world)
+        data = self._rows or indexed_data(trainer, pl_module, self.train_dataset, self.val_dataset)
+        assert data is not None  # raised when there is none
+        train, val = data
+        strategy, world = trainer.strategy, trainer.world_size
+        out_dir = strategy.broadcast(fresh_out_dir(self.out_dir(trainer), self.filename), src=0)
+        shard = shard_indices(train.indices, trainer.global_rank, world)
+        config, result, error = self._config(), None, None
+        try:
+            with evaluation_mode(pl_module, strategy.root_device), explained_failures(config):
+                result = compute_influence(
+                    pl_module,
+                    train,
+                    val,
+                    config,
+                    train_indices=shard,
+                    progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
+                    reduce=strategy_reduce(strategy, world),
+                )
+        except Exception as err:  # every process must learn of it, or the others hang
+            error = err
+        agree_on_failure(strategy, world, error)
+        assert result is not None
+        self.result = result = gather_result(result, strategy, world)
         result.settings = {**result.settings, "callback": self.settings()}
         path = out_dir / self.filename
         if trainer.is_global_zero:
             result.diagnostics["time_callback_total"] = time.perf_counter() - started
-            result.save(path)
-            log_influence(
-                result,
-                trainer.loggers,
-                dataset_of(train),
-                dataset_of(val),
-                self.config.make_task(),
-                out_dir,
-                self.log_settings,
-                result_path=path,
-                step=trainer.global_step,
-            )
-        trainer.strategy.barrier("influence_saved")
-        self.result, self.result_path = result, path
+            error = save_and_log(result, path, trainer, train, val, config, self.log_settings)
+        agree_on_failure(strategy, world, error)
+        self.result_path = path

@@ -12,10 +12,22 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 import lightning as L
+import torch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch.utils.data import DataLoader, Dataset
+from torch import Tensor
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+)
 
-__all__ = ["Data", "dataset_of", "find_data", "raise_no_data"]
+from lightning_influence.core.data import IndexedData, as_indexed
+
+__all__ = ["Data", "dataset_of", "find_data", "indexed_data", "raise_no_data", "sampled_rows"]
 
 Data = Dataset[Any] | DataLoader[Any]
 
@@ -50,14 +62,80 @@ def find_data(
     return train, val
 
 
-def raise_no_data(no_train: bool) -> NoReturn:
+def indexed_data(
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    train_dataset: Data | None,
+    val_dataset: Data | None,
+    final: bool = True,
+) -> tuple[IndexedData, IndexedData] | None:
+    """The training and validation data as :func:`find_data` finds them, restricted to the rows
+    their samplers draw; ``None`` when one is missing, an error if ``final``."""
+    train, val = find_data(trainer, module, train_dataset, val_dataset)
+    if train is None or val is None:
+        if final:
+            raise_no_data(train is None, trainer)
+        return None
+    rows = sampled_rows(train, "training"), sampled_rows(val, "validation")
+    return as_indexed(train, rows[0]), as_indexed(val, rows[1])
+
+
+def raise_no_data(no_train: bool, trainer: L.Trainer | None = None) -> NoReturn:
     """Say which data is missing and where to give it."""
     which = "training" if no_train else "validation"
     hook = "train_dataloader" if which == "training" else "val_dataloader"
     override = "train_dataset" if which == "training" else "val_dataset"
+    if not no_train and trainer is not None and trainer.limit_val_batches == 0:
+        raise ValueError(
+            "InfluenceCallback found no validation data: `limit_val_batches=0` keeps the Trainer "
+            "from loading it. Pass `val_dataset=` to the callback (influence needs validation "
+            "points, not validation batches)."
+        )
     raise ValueError(
         f"InfluenceCallback found no {which} data: give the Trainer a `{hook}` (in the "
         f"datamodule, the LightningModule or `trainer.fit`) or pass `{override}=` to the callback."
+    )
+
+
+def sampled_rows(data: Data, which: str) -> Tensor | None:
+    """The dataset indices a loader's sampler draws from; ``None`` when it is the whole dataset.
+
+    A sampler that names a subset (``SubsetRandomSampler`` or any with ``indices``) gives its
+    indices; a sequential, shuffling or distributed sampler over the whole dataset gives
+    ``None``; any other sampler cannot be read and is refused, with the fix.
+
+    Example:
+        >>> from torch.utils.data import SubsetRandomSampler
+        >>> loader = DataLoader(list(range(10)), sampler=SubsetRandomSampler([7, 2, 5]))
+        >>> sampled_rows(loader, "training").tolist()
+        [2, 5, 7]
+    """
+    if not isinstance(data, DataLoader):
+        return None
+    sampler: Any = data.sampler
+    if data.batch_sampler is not None and not isinstance(data.batch_sampler, BatchSampler):
+        sampler = getattr(data.batch_sampler, "sampler", data.batch_sampler)
+    if isinstance(sampler, DistributedSamplerWrapper):  # Lightning's, around the user's sampler
+        wrapped = sampler.dataset
+        return torch.tensor(sorted({int(wrapped[i]) for i in range(len(wrapped))}))  # type: ignore[arg-type]
+    indices = getattr(sampler, "indices", None)
+    if indices is not None:
+        return torch.as_tensor(list(indices), dtype=torch.long).unique()
+    if isinstance(sampler, SequentialSampler | DistributedSampler):
+        return None
+    if (
+        isinstance(sampler, RandomSampler)
+        and not sampler.replacement
+        and sampler.num_samples == len(sampler.data_source)
+    ):
+        return None
+    name = type(sampler).__name__
+    argument = "train_dataset" if which == "training" else "val_dataset"
+    raise ValueError(
+        f"InfluenceCallback cannot tell which examples the {which} loader's {name} draws (it "
+        f"names no subset and is not a plain sequential or shuffling sampler), so scores could "
+        f"not say which examples were used. Pass `{argument}=` a dataset of exactly those "
+        "examples, e.g. `torch.utils.data.Subset(dataset, indices)`."
     )
 
 

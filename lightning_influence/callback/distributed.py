@@ -17,9 +17,10 @@ import torch
 from torch import Tensor
 
 from lightning_influence.core.curvature import Reduce
+from lightning_influence.errors import InfluenceError
 from lightning_influence.result import ROW_FIELDS, InfluenceResult
 
-__all__ = ["gather_result", "shard_indices", "strategy_reduce"]
+__all__ = ["agree_on_failure", "gather_result", "shard_indices", "strategy_reduce"]
 
 
 def shard_indices(indices: Tensor, rank: int, world_size: int) -> Tensor:
@@ -89,3 +90,32 @@ def gather_result(result: InfluenceResult, strategy: Any, world_size: int) -> In
     merged = InfluenceResult.merge(parts)
     merged.diagnostics = {**merged.diagnostics, "n_processes": float(world_size)}
     return merged
+
+
+def agree_on_failure(strategy: Any, world_size: int, error: BaseException | None) -> None:
+    """Raise when any process failed, the same way on every process (a collective: call it on
+    all, failed or not), so that no process hangs in a collective the failed one never joins.
+
+    On one process the error itself is raised; under data parallelism every process raises one
+    :class:`~lightning_influence.InfluenceError` that quotes each failed process's error.
+
+    Example:
+        >>> agree_on_failure(strategy=None, world_size=1, error=None)  # nothing failed
+    """
+    if world_size <= 1:
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([int(error is not None)], device=strategy.root_device)
+    failed = [r for r, f in enumerate(strategy.all_gather(flag).reshape(-1).tolist()) if f]
+    if not failed:
+        return
+    mine = f"{type(error).__name__}: {error}" if error is not None else None
+    messages: dict[str, list[int]] = {}
+    for rank in failed:  # every process takes part in each broadcast
+        message = strategy.broadcast(mine if strategy.global_rank == rank else None, src=rank)
+        messages.setdefault(str(message), []).append(rank)
+    quoted = "; ".join(f"process {ranks}: {text}" for text, ranks in messages.items())
+    raise InfluenceError(
+        f"Influence failed on {len(failed)} of {world_size} processes. {quoted}"
+    ) from error

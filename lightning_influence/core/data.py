@@ -67,16 +67,19 @@ def as_indexed(
     """Wrap a ``Dataset`` or ``DataLoader`` (its dataset and collate function) for ordered access.
 
     ``indices`` restricts to those dataset indices (all by default). ``batch_size`` defaults to the
-    loader's batch size, else 64.
+    loader's batch size, else 64 (also for a loader with ``batch_size=None``, whose examples are
+    then collated with ``default_collate``).
     """
     if isinstance(data, IndexedData):
         base = data
     elif isinstance(data, DataLoader):
+        # `batch_size=None` turns batching off: its collate function converts single examples
+        batched = data.batch_sampler is not None
         base = IndexedData(
             data.dataset,
             torch.arange(_length(data.dataset)),
             data.batch_size or 64,
-            data.collate_fn or default_collate,
+            (data.collate_fn or default_collate) if batched else default_collate,
         )
     else:
         base = IndexedData(data, torch.arange(_length(data)), 64)

@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ClassificationTask", "RegressionTask", "Task", "TaskError"]
+__all__ = [
+    "ClassificationTask",
+    "RegressionTask",
+    "Task",
+    "TaskError",
+    "ambiguous_task_error",
+    "guess_task",
+]
 
 _INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features", "data")
 _TARGET_KEYS = ("y", "target", "targets", "label", "labels")
@@ -156,3 +163,40 @@ class RegressionTask(Task):
     def predict(self, outputs: Any) -> Tensor | None:
         """The model output itself."""
         return torch.as_tensor(outputs)
+
+
+def guess_task(outputs: Any, targets: Any) -> Task | None:
+    """The default task for these outputs and targets, or ``None`` when that is ambiguous.
+
+    Integer targets: :class:`ClassificationTask`. Floating targets with one output per target
+    value and one value per example (``[batch]`` or ``[batch, 1]``): :class:`RegressionTask`.
+    Floating targets with several values per example could be soft labels, several labels or
+    several regression outputs: ``None``, pass ``task=``.
+
+    Example:
+        >>> import torch
+        >>> type(guess_task(torch.zeros(4, 1), torch.zeros(4, 1))).__name__
+        'RegressionTask'
+        >>> type(guess_task(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))).__name__
+        'ClassificationTask'
+        >>> guess_task(torch.zeros(4, 3), torch.zeros(4, 3)) is None
+        True
+    """
+    if not isinstance(targets, Tensor) or not targets.is_floating_point():
+        return ClassificationTask()
+    if not isinstance(outputs, Tensor) or outputs.ndim == 0 or targets.ndim == 0:
+        return None
+    per_example = outputs.numel() // max(outputs.shape[0], 1)
+    if per_example == 1 and targets.numel() == outputs.numel():
+        return RegressionTask()
+    return None
+
+
+def ambiguous_task_error(outputs: Any, targets: Any) -> TaskError:
+    """The error for targets the default task cannot interpret on its own."""
+    return TaskError(
+        f"The default task cannot tell how a model with outputs {_describe(outputs)} was trained "
+        f"on floating targets {_describe(targets)}: pass `task=RegressionTask()` for squared "
+        "error, `task=ClassificationTask()` for cross-entropy with soft labels, or a `Task` "
+        "subclass for anything else (e.g. binary cross-entropy for several labels)."
+    )
