@@ -22,7 +22,7 @@ from lightning_influence.report import LogSettings, log_influence
 
 N_VAL, TOP_K, N_OUT = 3, 4, 12
 SETTINGS = LogSettings(n_val=N_VAL, top_k=TOP_K, n_outliers=N_OUT)
-HELPFUL_RGB = (34, 140, 34)  # the frame colours of logging.py, as 8-bit RGB
+HELPFUL_RGB = (34, 140, 34)  # the frame colours of report/drawing.py, as 8-bit RGB
 HARMFUL_RGB = (214, 38, 41)
 
 

@@ -50,7 +50,7 @@ def digits() -> Digits:
 # --------------------------------------------------------------------------------------------
 
 
-def test_tensorboard_images_tables_histograms_scalars(digits: Digits, tmp_path: Path) -> None:
+def test_tensorboard_images_tables_histograms_summary(digits: Digits, tmp_path: Path) -> None:
     result = digits.result
     files = digits.log([TensorBoardLogger(tmp_path, name="tb")], tmp_path / "out", step=7)
     acc = tensorboard_events(tmp_path / "tb")
@@ -412,6 +412,28 @@ def test_table_examples_with_feature_names(tmp_path: Path) -> None:
     wrong = LogSettings(kind="table", feature_names=("age",))
     with pytest.raises(ValueError, match="`feature_names` names 1 features but an input holds 3"):
         log_influence(result, [], data, data, task, tmp_path, wrong)
+
+
+@pytest.mark.slow  # trains the text example for two epochs through a Trainer
+def test_text_example_shows_sentences_from_the_callback(tmp_path: Path) -> None:
+    from text_influence import TOPICS, TextDataModule, main
+
+    result = main(["--epochs", "2", "--num-val", "6", "--quiet", "--runs", str(tmp_path)])
+    folder = tmp_path / "text_influence" / "version_0" / "influence"
+    saved = InfluenceResult.load(folder / "influence.pt")
+    assert torch.equal(saved.scores, result.scores)
+    assert torch.equal(saved.val_indices, result.val_indices)
+    index = json.loads((folder / "influence_dashboard" / "index.json").read_text())
+    assert index["kind"] == "text" and len(index["validation"]) == 6
+    data = TextDataModule()  # the same generated corpus (seed 0)
+    first = index["validation"][0]
+    assert first["text"] == data.train.decode(data.val_dataset.tensors[0][first["index"]])
+    top = result.helpful(6, val_index=first["index"]).indices[0].tolist()
+    assert [e["index"] for e in first["helpful"]] == top
+    assert [e["text"] for e in first["helpful"]] == [
+        data.train.decode(data.train.ids[i]) for i in top
+    ]
+    assert {e["label"] for e in first["helpful"]} <= set(TOPICS)
 
 
 @pytest.mark.slow  # a W&B run starts its service process: several seconds

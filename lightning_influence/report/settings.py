@@ -7,7 +7,7 @@ loading torch's plotting or the loggers.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 __all__ = ["KINDS", "LogSettings"]
@@ -84,3 +84,19 @@ class LogSettings:
                 object.__setattr__(self, name, tuple(str(n) for n in getattr(self, name)))
         if self.val_indices is not None:
             object.__setattr__(self, "val_indices", tuple(int(i) for i in self.val_indices))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON values (tuples as lists), ``describe`` by its name, if any: what
+        a saved result can hold and load back equal.
+
+        Example:
+            >>> LogSettings(class_names=("cat", "dog")).to_dict()["class_names"]
+            ['cat', 'dog']
+        """
+        out = asdict(self)
+        for name in ("val_indices", "feature_names", "class_names"):
+            if out[name] is not None:
+                out[name] = list(out[name])
+        describe = self.describe
+        out["describe"] = None if describe is None else getattr(describe, "__qualname__", None)
+        return out

@@ -24,14 +24,13 @@ const STYLE = `
   .run h2 { font-size: 15px; margin: 4px 0 8px; color: #555; }
   .query { display: flex; gap: 12px; align-items: flex-start; border-left: 4px solid #1f77b4;
            padding: 6px 10px; background: #f4f8fc; }
-  .cards { display: flex; flex-wrap: wrap; gap: 10px; margin: 6px 0 14px; }
-  .card { border: 3px solid #999; padding: 6px; width: 212px; background: #fff; }
+  .cards { display: flex; flex-wrap: wrap; gap: 8px; margin: 6px 0 12px; }
+  .card { border: 3px solid #999; padding: 5px; width: 172px; background: #fff; }
   .card.helpful { border-color: #228b22; }
   .card.harmful { border-color: #d62728; }
   .pics { display: flex; gap: 4px; }
   img.pic { width: 160px; image-rendering: pixelated; display: block; }
-  .card img.pic { width: 102px; }
-  .card .pics img:only-child { width: 160px; }
+  .card img.pic { width: 84px; }
   .meta { font-size: 12px; line-height: 1.35; margin-top: 4px; }
   .meta b { font-size: 13px; }
   .snippet { font-family: monospace; font-size: 12px; white-space: pre-wrap; word-break: break-word;
@@ -111,9 +110,9 @@ function validationRows(index) {
 
 function validationList(index) {
   const columns = [["index", "val index"], ["label", "label"], ["prediction", "predicted"],
-                   ["loss", "loss"], ["correct", "correct"], ["spread", "spread of scores"]];
+                   ["loss", "loss"], ["correct", "correct"], ["spread", "spread"]];
   const head = h("tr", {}, columns.map(([key, title]) => h("th", {
-    title: "sort", onclick: () => {
+    title: key === "spread" ? "sort; spread: standard deviation of its scores over the training set" : "sort", onclick: () => {
       state.sort = { key, up: state.sort.key === key ? !state.sort.up : key === "index" };
       draw();
     } }, title + (state.sort.key === key ? (state.sort.up ? " ▲" : " ▼") : ""))));
