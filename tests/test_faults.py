@@ -4,6 +4,9 @@ a finished computation lost. Tiny models and a few dozen examples keep every tes
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -369,3 +372,43 @@ def test_rankings_print_readably() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         repr(result.outliers(k=3))
+
+
+# --- Data parallelism (two CPU processes) ------------------------------------------------------
+
+DDP_SCRIPT = Path(__file__).with_name("ddp_faults_run.py")
+
+
+def _ddp(out: Path, case: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, str(DDP_SCRIPT), "--out", str(out), "--case", case]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=out)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_ddp_self_influence_with_the_default_solver_matches_one_process(tmp_path: Path) -> None:
+    from ddp_faults_run import CALLBACK_ARGS, Softmax, make_data
+
+    proc = _ddp(tmp_path, "lowrank")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ddp = InfluenceResult.load(tmp_path / "influence" / "influence.pt")
+    assert ddp.settings["self_influence_solver"]["name"] == "lowrank"
+    model = Softmax.load_from_checkpoint(tmp_path / "last.ckpt")
+    train, val = make_data()
+    single = compute_influence(
+        model, train, val, **{**CALLBACK_ARGS, "batch_size": 16}, progress=False
+    )
+    assert ddp.self_influence is not None and single.self_influence is not None
+    error = (ddp.self_influence - single.self_influence).abs().max()
+    assert float(error / single.self_influence.abs().max()) < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_ddp_failure_raises_the_same_influence_error_on_every_process(tmp_path: Path) -> None:
+    proc = _ddp(tmp_path, "save_error")
+    assert proc.returncode != 0
+    errors = [(tmp_path / f"error_rank{r}.txt").read_text() for r in range(2)]
+    assert errors[0] == errors[1], errors
+    assert "could not save the result to" in errors[0] and "process [0]" in errors[0]
