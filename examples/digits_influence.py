@@ -6,13 +6,14 @@ Everything lands in TensorBoard under ``runs/``; the script prints where and how
 
     python examples/digits_influence.py            # about 30 s on one CPU thread
     python examples/digits_influence.py --epochs 3 --quiet
-    tensorboard --logdir runs                      # then look under the influence/ tags
+    python -m tensorboard.main --logdir runs       # then look under the influence/ tags
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import time
 import warnings
@@ -127,7 +128,9 @@ def report(
         print("  top 5:", "; ".join(label(i) for i in top[:5]))
     print(f"\nTensorBoard logs:  {log_dir.resolve()}")
     print(f"Influence files:   {(log_dir / 'influence').resolve()}")
-    print(f"Open them with:    tensorboard --logdir {args.runs}")
+    # the interpreter that ran this script has tensorboard, wherever its `bin/` is on the PATH
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(Path(args.runs).resolve())]
+    print(f"Open them with:    {shlex.join(command)}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ as it was found, errors before training, failures that leave the run intact, aft
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -307,7 +308,8 @@ def test_example_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().out
     log_dir = runs / "digits_influence" / "version_0"
     assert f"TensorBoard logs:  {log_dir.resolve()}" in out
-    assert f"tensorboard --logdir {runs}" in out
+    command = f"{sys.executable} -m tensorboard.main --logdir {runs.resolve()}"
+    assert f"Open them with:    {command}" in out  # works as typed, outside the environment too
     assert "most helpful:" in out and "Highest self-influence:" in out
     assert list(log_dir.glob("events.out.tfevents.*"))
     assert InfluenceResult.load(log_dir / "influence" / "influence.pt").equals(result)
