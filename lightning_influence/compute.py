@@ -31,7 +31,7 @@ from lightning_influence.guards import (
     working_dtype,
 )
 from lightning_influence.result import InfluenceResult
-from lightning_influence.solvers import Exact, FactorizedSolver, InverseOperator
+from lightning_influence.solvers import Exact, FactorizedSolver, InverseOperator, LiSSA, Solver
 from lightning_influence.solvers.base import check_finite
 from lightning_influence.solvers.lowrank import LowRank
 
@@ -46,14 +46,19 @@ Data = Dataset[Any] | DataLoader[Any] | IndexedData
 CURVATURE_BATCH = 256
 
 
-def default_self_influence_solver(n_params: int) -> FactorizedSolver:
-    """``Exact()`` for up to 512 parameters (cheap and exact), else ``LowRank()``.
+def default_self_influence_solver(n_params: int, solver: Solver | None = None) -> FactorizedSolver:
+    """``Exact()`` for up to 512 parameters (cheap and exact), else the preconditioner of a
+    preconditioned ``LiSSA`` ``solver`` (one factorization serves both), else ``LowRank()``.
 
     Example:
         >>> default_self_influence_solver(100).name, default_self_influence_solver(10_000).name
         ('exact', 'lowrank')
     """
-    return Exact() if n_params <= 512 else LowRank()
+    if n_params <= 512:
+        return Exact()
+    if isinstance(solver, LiSSA) and solver.preconditioner is not None:
+        return solver.preconditioner
+    return LowRank()
 
 
 @contextmanager
@@ -179,7 +184,7 @@ def _compute(
     task = config.task or default_task(model, train, config.parameters, dtype)
     fm = FunctionalModel(model, task, config.parameters, dtype)
     self_influence = config.self_influence
-    si_solver = config.self_influence_solver or default_self_influence_solver(fm.n_params)
+    si_solver = config.self_influence_solver or default_self_influence_solver(fm.n_params, solver)
     check_weights(fm)
     check_memory(fm, len(val), train.batch_size, [solver, si_solver][: 1 + self_influence])
     # Full passes over the curvature data (CG, Exact, LowRank) run faster in larger batches.
@@ -206,6 +211,12 @@ def _compute(
             val_inverse = factorized(val_pass.gradients)
             if self_influence and si_solver == solver:  # one factorization serves both
                 inverse, self_info = factorized, solver_info
+        elif isinstance(solver, LiSSA) and self_influence and si_solver == solver.preconditioner:
+            shared = si_solver.factorize(curv, damping, progress)  # one factorization serves both
+            val_inverse, solver_info = solver.solve(
+                curv, val_pass.gradients, damping, progress, factorization=shared
+            )
+            inverse, self_info = shared
         else:
             val_inverse, solver_info = solver.solve(curv, val_pass.gradients, damping, progress)
         check_finite(val_inverse, solver.name, damping, None)

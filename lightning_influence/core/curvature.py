@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.gradients import one_example
@@ -81,6 +82,8 @@ class Curvature:
         # Running totals of the output Hessians' trace, kept and overall, over truncated products.
         self.trace_kept = 0.0
         self.trace_total = 0.0
+        # Forward multiply-adds per example and parameter (weight reuse), counted on first use.
+        self.flops_per_parameter: float | None = None
         local = torch.tensor(float(len(data)), dtype=torch.float64, device=model.device)
         self.n_total = int(self.reduce(local).item())
         if self.n_total == 0:
@@ -133,7 +136,10 @@ class Curvature:
                 return sum(
                     ((block @ vectors.T).T @ block for block in rows), torch.zeros_like(vectors)
                 )
-            return gauss_newton_method(out, vectors)(fm, inputs, targets, out, vectors)
+            if self.flops_per_parameter is None:
+                self.flops_per_parameter = _flops_per_parameter(fm, inputs)
+            method = gauss_newton_method(out, vectors, self.flops_per_parameter)
+            return method(fm, inputs, targets, out, vectors)
 
     def _truncated_directions(self, out: Tensor) -> int | None:
         """``output_directions`` where truncation applies (fewer directions than outputs, and the
@@ -192,26 +198,37 @@ _JACOBIAN_BYTES = 256 * 2**20
 GaussNewtonMethod = Callable[[FunctionalModel, Any, Any, Any, Tensor], Tensor]
 
 
-def gauss_newton_method(out: Tensor, vectors: Tensor) -> GaussNewtonMethod:
+def gauss_newton_method(
+    out: Tensor, vectors: Tensor, flops_per_parameter: float = 1.0
+) -> GaussNewtonMethod:
     """The cheaper way to compute ``J^T H_out J V`` for a batch, by a rule on shapes.
 
-    Forward-and-reverse products cost about three passes per vector; per-example Jacobians one
-    reverse pass per model output, whatever the number of vectors. Jacobians are used when the
-    outputs per example are at most twice the vectors and the batch's ``batch x outputs x p``
-    Jacobians fit in 256 MiB.
+    In multiply-adds per example and parameter, with ``r = flops_per_parameter`` (the forward
+    pass's reuse of each weight: about 1 for dense layers, the number of positions for a
+    convolution), ``k`` outputs and ``m`` vectors: forward-and-reverse products cost about
+    ``5 m r``; per-example Jacobians ``2 k r`` to build plus ``2 k m`` to apply. Jacobians are
+    used only while the batch's ``batch x k x p`` of them fit in 256 MiB.
 
     Example:
         >>> import torch
-        >>> gauss_newton_method(torch.zeros(8, 10), torch.zeros(16, 100)).__name__
-        '_gauss_newton_by_jacobians'
-        >>> gauss_newton_method(torch.zeros(8, 10), torch.zeros(1, 100)).__name__
+        >>> gauss_newton_method(torch.zeros(8, 10), torch.zeros(20, 100)).__name__
         '_gauss_newton_products'
+        >>> gauss_newton_method(torch.zeros(8, 10), torch.zeros(20, 100), 30.0).__name__
+        '_gauss_newton_by_jacobians'
     """
-    outputs = out[0].numel()
+    k, m, r = out[0].numel(), vectors.shape[0], flops_per_parameter
     jacobian_bytes = out.numel() * vectors.shape[1] * vectors.element_size()
-    if outputs <= 2 * vectors.shape[0] and jacobian_bytes <= _JACOBIAN_BYTES:
+    if 2 * k * r + 2 * k * m < 5 * m * r and jacobian_bytes <= _JACOBIAN_BYTES:
         return _gauss_newton_by_jacobians
     return _gauss_newton_products
+
+
+def _flops_per_parameter(fm: FunctionalModel, inputs: Any) -> float:
+    """Forward multiply-adds of one example per chosen parameter (1 for a dense layer)."""
+    example = tree_map(lambda t: t[:1] if isinstance(t, Tensor) and t.ndim else t, inputs)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fm.outputs(fm.theta, example)
+    return max(1.0, counter.get_total_flops() / 2 / fm.n_params)
 
 
 def _hessian_products(fm: FunctionalModel, inputs: Any, targets: Any, vectors: Tensor) -> Tensor:

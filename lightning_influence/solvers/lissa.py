@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -16,8 +17,10 @@ from lightning_influence.solvers.base import (
     Diagnostics,
     Solver,
     check_finite,
+    check_positive_int,
     raise_diverged,
 )
+from lightning_influence.solvers.lowrank import LowRank, LowRankInverse
 
 __all__ = ["LiSSA", "auto_depth"]
 
@@ -26,67 +29,92 @@ __all__ = ["LiSSA", "auto_depth"]
 class LiSSA(Solver):
     """Stochastic Neumann recursion on minibatch curvature, all right-hand sides together.
 
-    ``h_0 = v``, ``h_t = v + h_{t-1} - (H_B + damping I) h_{t-1} / scale``, result ``h_T / scale``
-    (the form of Koh & Liang, with the damping kept as ``damping`` whatever ``scale`` is). The
-    defaults need no tuning: ``scale`` from power iteration on several minibatches, ``depth`` from
-    the condition number, and the average of the last ``average`` fraction of the iterates, which
-    cancels the minibatch noise that otherwise caps the accuracy. Heavy-ball momentum on the same
-    series is available for ill-conditioned problems.
+    **Preconditioned (the default).** With the top eigenpairs ``(U, l)`` of the curvature from
+    ``preconditioner`` (a randomized Nystrom sketch, the same factorization that serves
+    self-influence), ``P^-1 = U diag(1/(l + damping)) U^T + (I - U U^T) / (l_k + damping)`` and
+    ``h <- h + (P^-1 (v - (H_B + damping I) h)) / scale``, with heavy-ball momentum, minibatch
+    curvature ``H_B`` and the iterates averaged over each window of ``check_every`` steps. It
+    converges at a rate set by ``(l_k + damping) / damping`` instead of
+    ``(l_1 + damping) / damping``: tens of steps where the plain series needs thousands. Every
+    ``check_every`` steps the full-data residual is measured; the solve stops once it is below
+    ``tol`` (relative, preconditioned), and minibatches double in size when the residual stops
+    falling (minibatch noise).
+
+    **Plain** (``preconditioner=None``): Koh & Liang's recursion ``h_0 = v``,
+    ``h_t = v + h_{t-1} - (H_B + damping I) h_{t-1} / scale``, result ``h_T / scale``, with the
+    damping kept as ``damping`` whatever ``scale`` is (their code writes ``(1 - damping) h``, a
+    damping of ``damping * scale`` in our terms). ``depth`` defaults to three times
+    ``scale / damping`` (up to ``max_depth``, with a warning when that truncates the series) and
+    the last ``average`` fraction of the iterates is averaged. To reproduce their settings pass
+    ``LiSSA(preconditioner=None, scale=their_scale, depth=their_depth, average=0, momentum=0)``
+    and ``damping=their_damping * their_scale``.
 
     Args:
-        depth: recursion steps per repeat; ``None`` picks three times ``scale / damping``, the
-            number of steps the slowest direction needs, up to ``max_depth`` (with a warning
-            when that truncates the series).
-        repeats: independent chains (different minibatches) averaged together.
-        batch_size: examples per minibatch curvature product.
-        scale: must exceed the largest eigenvalue of every minibatch ``H_B + damping I``;
-            estimated by power iteration over ``probe_batches`` minibatches, times
-            ``scale_margin``, when ``None``.
-        momentum: ``"auto"`` picks the heavy-ball weight from ``damping / scale``; a float fixes it.
-            Momentum needs far fewer steps on ill-conditioned problems but amplifies minibatch
-            noise and can diverge with small minibatches; off (0) by default.
-        tol: stop early once the relative change of the averaged estimate is below this.
-        average: fraction of the final iterates averaged (0 keeps the last iterate only).
+        preconditioner: the low-rank factorization to precondition with; ``None`` for plain LiSSA.
+        depth: the most recursion steps per repeat; ``None``: 1,000 when preconditioned, else
+            three times ``scale / damping`` up to ``max_depth``.
+        repeats: independent chains (different minibatches) averaged together (plain only).
+        batch_size: examples per minibatch curvature product (doubled, when preconditioned,
+            once minibatch noise stops the residual from falling).
+        scale: must exceed the largest eigenvalue of every minibatch ``H_B + damping I`` (plain)
+            or ``P^-1 (H_B + damping I)`` (preconditioned); estimated by power iteration over
+            ``probe_batches`` minibatches, times ``scale_margin``, when ``None``.
+        momentum: ``"auto"`` picks the heavy-ball weight from the condition number; a float fixes
+            it; ``None`` means ``"auto"`` when preconditioned and 0 for plain LiSSA.
+        tol: preconditioned: stop once every relative residual ``|P^-1 r| / |P^-1 v|`` is below
+            this; plain: once the relative change of the averaged estimate is.
+        average: plain only: fraction of the final iterates averaged (0 keeps the last one).
         seed: seeds the minibatch draws and the power iteration.
         scale_margin: factor on the largest minibatch eigenvalue found.
         probe_batches: minibatches probed for the largest eigenvalue.
-        max_depth: the most steps an automatic ``depth`` may take.
+        max_depth: the most steps an automatic plain ``depth`` may take.
+        check_every: preconditioned: steps between full-data residual checks.
 
     Example:
-        >>> LiSSA(depth=500, batch_size=128).repeats
-        1
+        >>> LiSSA(depth=500, batch_size=128).preconditioner.rank
+        'auto'
     """
 
+    preconditioner: LowRank | None = field(default_factory=LowRank)
     depth: int | None = None
     repeats: int = 1
     batch_size: int = 256
     scale: float | None = None
-    momentum: float | str = 0.0
-    tol: float = 1e-4
+    momentum: float | Literal["auto"] | None = None
+    tol: float = 1e-3
     average: float = 0.5
     seed: int = 0
     scale_margin: float = 1.25
     probe_batches: int = 8
     max_depth: int = 5000
+    check_every: int = 25
     name = "lissa"
 
     def __post_init__(self) -> None:
-        for arg in ("depth", "repeats", "batch_size"):
-            if getattr(self, arg) is not None and getattr(self, arg) < 1:
-                raise ValueError(f"`{arg}` must be a positive integer, got {getattr(self, arg)}.")
+        for arg in ("depth", "repeats", "batch_size", "check_every"):
+            check_positive_int(arg, getattr(self, arg), allow_none=arg == "depth")
         if self.scale is not None and not self.scale > 0:
             raise ValueError(f"`scale` must be positive (or None to estimate), got {self.scale}.")
-        if self.momentum != "auto" and not (
+        if self.momentum not in ("auto", None) and not (
             isinstance(self.momentum, int | float) and 0 <= self.momentum < 1
         ):
-            raise ValueError(f"`momentum` must be 'auto' or in [0, 1), got {self.momentum!r}.")
+            raise ValueError(
+                f"`momentum` must be 'auto', None or in [0, 1), got {self.momentum!r}."
+            )
         if not 0 <= self.average < 1:
             raise ValueError(f"`average` must be in [0, 1), got {self.average}.")
+        if not self.tol > 0:
+            raise ValueError(f"`tol` must be positive, got {self.tol!r}.")
 
     def estimate_scale(
-        self, curvature: CurvatureOperator, damping: float, generator: torch.Generator
+        self,
+        curvature: CurvatureOperator,
+        damping: float,
+        generator: torch.Generator,
+        precondition: Callable[[Tensor], Tensor] | None = None,
     ) -> float:
-        """``scale_margin`` times the largest eigenvalue over several minibatch curvatures.
+        """``scale_margin`` times the largest eigenvalue of ``P^-1 (H_B + damping I)`` over several
+        minibatches (``P = I`` without ``precondition``).
 
         Minibatch curvature can be several times larger than the full-data one (rare features),
         and the recursion diverges unless ``scale`` bounds every minibatch it sees.
@@ -96,13 +124,45 @@ class LiSSA(Solver):
         top = 0.0
         for _ in range(n_probe):
             matvec = curvature.minibatch(self.batch_size, generator)
-            top = max(top, _top_eigenvalue(matvec, curvature, generator))
-        return self.scale_margin * (top + damping)
+            if precondition is None:
+                top = max(top, _top_eigenvalue(matvec, curvature, generator) + damping)
+            else:
+
+                def system(x: Tensor, matvec: Callable[[Tensor], Tensor] = matvec) -> Tensor:
+                    return precondition(matvec(x) + damping * x)
+
+                top = max(top, _top_eigenvalue(system, curvature, generator))
+        return self.scale_margin * top
 
     def solve(
-        self, curvature: CurvatureOperator, vectors: Tensor, damping: float, progress: bool = False
+        self,
+        curvature: CurvatureOperator,
+        vectors: Tensor,
+        damping: float,
+        progress: bool = False,
+        factorization: tuple[LowRankInverse, Diagnostics] | None = None,
     ) -> tuple[Tensor, Diagnostics]:
-        """Run the recursion on every row of ``vectors`` at once."""
+        """Run the recursion on every row of ``vectors`` at once.
+
+        ``factorization``: the preconditioner's factorization when it was already computed
+        (for self-influence), so it is computed once per run.
+        """
+        if not damping > 0:
+            raise ValueError(
+                f"LiSSA needs `damping > 0` (it is {damping!r}): the recursion converges at a rate "
+                "set by `damping`. Pass the model's weight decay or a small positive value such "
+                "as 1e-3, or use `Exact()` for an undamped solve of a small model."
+            )
+        if self.preconditioner is None:
+            return self._plain(curvature, vectors, damping, progress)
+        if factorization is None:
+            factorization = self.preconditioner.factorize(curvature, damping, progress)
+        return _preconditioned(self, curvature, vectors, damping, progress, *factorization)
+
+    def _plain(
+        self, curvature: CurvatureOperator, vectors: Tensor, damping: float, progress: bool
+    ) -> tuple[Tensor, Diagnostics]:
+        """Koh & Liang's recursion, averaged over the last iterates."""
         generator = torch.Generator().manual_seed(self.seed)
         scale = self.scale or self.estimate_scale(curvature, damping, generator)
         depth = self.depth or auto_depth(scale, damping, max_depth=self.max_depth)
@@ -118,7 +178,7 @@ class LiSSA(Solver):
             root = math.sqrt(max(damping, 1e-12) / scale)
             beta, step = ((1 - root) / (1 + root)) ** 2, 4 / (1 + root) ** 2
         else:
-            beta, step = float(self.momentum), 1.0 + float(self.momentum)
+            beta, step = float(self.momentum or 0.0), 1.0 + float(self.momentum or 0.0)
         v = vectors.to(curvature.dtype)
         limit = 1e6 * scale / max(damping, 1e-12) * v.norm(dim=1).max()
         start_avg = int(depth * (1 - self.average))
@@ -164,12 +224,115 @@ class LiSSA(Solver):
         return result, {**info, "relative_change": rel, "momentum": beta}
 
 
+def _preconditioned(
+    lissa: LiSSA,
+    curvature: CurvatureOperator,
+    vectors: Tensor,
+    damping: float,
+    progress: bool,
+    inverse: LowRankInverse,
+    factor_info: Diagnostics,
+) -> tuple[Tensor, Diagnostics]:
+    """The preconditioned recursion with momentum, window averages and residual checks."""
+    evecs, evals = inverse.evecs, inverse.evals
+    full_rank = evecs.shape[0] >= curvature.n_params
+    floor = float(evals[-1]) + damping  # P^-1 on the rest of the space is 1 / floor
+
+    def precondition(x: Tensor) -> Tensor:
+        coords = x @ evecs.T
+        rest = x - coords @ evecs
+        out = (coords / (evals + damping)) @ evecs
+        return out if full_rank else out + rest / floor
+
+    smallest = float(factor_info.get("most_negative_eigenvalue", 0.0)) + damping
+    if smallest <= 0:
+        raise ValueError(
+            f"H + damping I is not positive definite: the curvature has an eigenvalue near "
+            f"{smallest - damping:.3g}, below -damping = {-damping:g}. Pass "
+            f"`damping={2 * (damping - smallest):.3g}` or more, or use curvature='gauss_newton', "
+            "which is positive semi-definite."
+        )
+    generator = torch.Generator().manual_seed(lissa.seed)
+
+    def tuned(batch_size: int) -> tuple[float, float, float, float]:
+        """``scale``, the condition number, the momentum and the step for this batch size."""
+        probe = replace(lissa, batch_size=batch_size)
+        scale = lissa.scale or probe.estimate_scale(curvature, damping, generator, precondition)
+        kappa = scale / (smallest / floor)  # condition number of the preconditioned system
+        if lissa.momentum in ("auto", None):
+            root = math.sqrt(1 / kappa)
+            return scale, kappa, ((1 - root) / (1 + root)) ** 2, 4 / (1 + root) ** 2
+        return scale, kappa, float(lissa.momentum), 1.0 + float(lissa.momentum)
+
+    batch_size = min(lissa.batch_size, curvature.n_total)
+    scale, kappa, beta, step = tuned(batch_size)
+    v = vectors.to(dtype=curvature.dtype, device=curvature.device)
+    target = precondition(v).norm(dim=1).clamp_min(1e-30)
+
+    def relative_residual(x: Tensor) -> Tensor:
+        residual = v - curvature.matvec(x) - damping * x
+        return precondition(residual).norm(dim=1) / target
+
+    depth = lissa.depth or 1000
+    x = precondition(v)  # exact where P matches the curvature
+    rel = relative_residual(x)
+    start_rel, steps, checks = float(rel.max()), 0, 1
+    bar = tqdm(total=depth, desc="LiSSA", disable=not progress, leave=False)
+    while float(rel.max()) > lissa.tol and steps < depth:
+        window = min(lissa.check_every, depth - steps)
+        h, prev = x.clone(), x
+        avg, n_avg = torch.zeros_like(v), 0
+        for t in range(window):
+            update = curvature.minibatch(batch_size, generator)(h)
+            update.add_(h, alpha=damping).neg_().add_(v)  # v - (H_B + damping I) h
+            update = precondition(update).mul_(step / scale)
+            if beta:
+                update.add_(h - prev, alpha=beta)
+            h, prev = h + update, h
+            if 2 * t >= window - 1:
+                avg += h
+                n_avg += 1
+        steps += window
+        bar.update(window)
+        check_finite(avg, "LiSSA", damping, scale)
+        new_x = avg / n_avg
+        new_rel = relative_residual(new_x)
+        checks += 1
+        if float(new_rel.max()) > 1e3 * max(start_rel, 1.0):
+            raise_diverged("LiSSA", damping, scale, "grew without bound")
+        if float(new_rel.max()) > 0.5 * float(rel.max()) and batch_size < curvature.n_total:
+            # minibatch noise: larger minibatches, whose curvature needs a smaller scale
+            batch_size = min(2 * batch_size, curvature.n_total)
+            scale, kappa, beta, step = tuned(batch_size)
+        if float(new_rel.max()) < float(rel.max()):
+            x, rel = new_x, new_rel
+    bar.close()
+    if float(rel.max()) > lissa.tol:
+        warnings.warn(
+            f"LiSSA stopped after {steps} steps with a relative residual of "
+            f"{float(rel.max()):.2g}, above `tol={lissa.tol:g}`. Raise `depth`, raise `damping`, "
+            "or raise the preconditioner's `max_memory` (its rank sets the condition number).",
+            stacklevel=3,
+        )
+    info: Diagnostics = {
+        "scale": scale,
+        "steps": float(steps),
+        "residual_checks": float(checks),
+        "relative_residual": float(rel.max()),
+        "momentum": beta,
+        "final_batch_size": float(batch_size),
+        "preconditioned_condition_number": kappa,
+        **{f"preconditioner_{k}": val for k, val in factor_info.items()},
+    }
+    return x, info
+
+
 def _top_eigenvalue(
     matvec: Callable[[Tensor], Tensor],
     curvature: CurvatureOperator,
     generator: torch.Generator,
     iters: int = 30,
-    rtol: float = 1e-3,
+    rtol: float = 1e-2,
 ) -> float:
     """Largest eigenvalue magnitude by power iteration."""
     v = torch.randn(1, curvature.n_params, generator=generator, dtype=torch.float64)

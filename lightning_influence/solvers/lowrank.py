@@ -35,34 +35,51 @@ __all__ = ["LowRank", "LowRankInverse"]
 
 
 class LowRankInverse:
-    """``(H + damping I)^-1`` as ``v / damping + ((v U^T) * w) U``, with ``U`` the kept
-    eigenvectors as rows and ``w_k = 1 / (e_k + damping) - 1 / damping``.
+    """``(H + damping I)^-1`` from the top eigenpairs ``(e_k, u_k)`` of ``H`` (``U`` holds the
+    ``u_k`` as rows): ``U^T diag(1 / (e + damping)) U v`` on their span, ``1 / damping`` on the
+    rest of the space.
 
     Calling it applies the inverse to a block ``[m, p]``; :meth:`quadratic` gives
-    ``v^T (H + damping I)^-1 v`` per row with one ``[m, p] x [p, rank]`` product (self-influence
-    without forming the ``[m, p]`` result).
+    ``v^T (H + damping I)^-1 v`` per row (self-influence without forming the ``[m, p]`` result).
+    When the kept eigenvectors fill most of the space, the part of ``v`` outside their span is
+    formed explicitly instead of as a difference of norms, which would cancel in float32.
 
     Example:
         >>> import torch
-        >>> inverse = LowRankInverse(torch.eye(3)[:1], torch.tensor([-0.5]), damping=1.0)
+        >>> inverse = LowRankInverse(torch.eye(3)[:1], torch.tensor([1.0]), damping=1.0)
         >>> inverse(torch.ones(1, 3))
         tensor([[0.5000, 1.0000, 1.0000]])
         >>> inverse.quadratic(torch.ones(1, 3))
         tensor([2.5000])
     """
 
-    def __init__(self, evecs: Tensor, weights: Tensor, damping: float) -> None:
-        self.evecs, self.weights, self.damping = evecs, weights, damping
+    def __init__(self, evecs: Tensor, evals: Tensor, damping: float) -> None:
+        self.evecs, self.evals, self.damping = evecs, evals, damping
+        self.weights = (1.0 / (evals + damping) - 1.0 / damping).to(evecs.dtype)
+        self._explicit_rest = 2 * evecs.shape[0] >= evecs.shape[1]
+
+    @property
+    def rank(self) -> int:
+        """Number of kept eigenpairs."""
+        return int(self.evecs.shape[0])
 
     def __call__(self, vectors: Tensor) -> Tensor:
         v = vectors.to(dtype=self.evecs.dtype, device=self.evecs.device)
-        return v / self.damping + ((v @ self.evecs.T) * self.weights) @ self.evecs
+        coords = v @ self.evecs.T
+        if self._explicit_rest:
+            rest = v - coords @ self.evecs
+            return rest / self.damping + (coords / (self.evals + self.damping)) @ self.evecs
+        return v / self.damping + (coords * self.weights) @ self.evecs
 
     def quadratic(self, vectors: Tensor) -> Tensor:
         """``v^T (H + damping I)^-1 v`` for each row ``v`` of ``vectors``."""
         v = vectors.to(dtype=self.evecs.dtype, device=self.evecs.device)
+        coords = v @ self.evecs.T
+        if self._explicit_rest:
+            rest = torch.linalg.vector_norm(v - coords @ self.evecs, dim=1).square()
+            return rest / self.damping + coords.square() @ (1.0 / (self.evals + self.damping))
         squared_norms = torch.linalg.vector_norm(v, dim=1).square()
-        return squared_norms / self.damping + (v @ self.evecs.T).square_() @ self.weights
+        return squared_norms / self.damping + coords.square_() @ self.weights
 
 
 @dataclass(frozen=True)
@@ -89,8 +106,15 @@ class LowRank(FactorizedSolver):
     behind the defaults).
 
     Args:
-        rank: eigenpairs kept; at most the number of chosen parameters.
+        rank: eigenpairs kept, at most the number of chosen parameters; ``"auto"`` doubles the
+            sketch (32, 64, 128, ... products, keeping the top half) until the smallest kept
+            eigenvalue is at most
+            ``max_condition`` times the damping, all parameters are kept, or ``max_memory`` is
+            reached (with a warning). The diagnostics say which one stopped it.
         oversample: extra products beyond ``rank`` (sharpen the kept eigenpairs).
+        max_condition: the condition number left beyond the kept eigenvectors that ``"auto"``
+            aims for, ``(e_rank + damping) / damping``.
+        max_memory: bytes that the kept eigenvectors (``rank x p`` numbers) may take.
         method: ``"auto"``, ``"nystrom"`` or ``"lanczos"``.
         block_size: products per pass over the data; by default all of them for ``"nystrom"``,
             1 (plain Lanczos) for ``"lanczos"``, half of them for ``"auto"`` on the Hessian.
@@ -99,8 +123,8 @@ class LowRank(FactorizedSolver):
         output_directions: for the Gauss-Newton matrix, keep the top ``output_directions``
             eigenvectors of each example's output Hessian (one backward pass each, instead of
             one per model output); ``None`` is exact. One suffices for a softmax classifier;
-            a warning says when the kept directions carry under a quarter of the output
-            Hessians' trace (a regressor with several outputs, say). Ignored for the Hessian.
+            a warning says when the kept directions carry under half of the output Hessians'
+            trace (a regressor with several outputs, say). Ignored for the Hessian.
         seed: seeds the random vectors and the subset.
 
     Example:
@@ -118,8 +142,10 @@ class LowRank(FactorizedSolver):
         (torch.Size([7, 15]), 5.0)
     """
 
-    rank: int = 4
+    rank: int | Literal["auto"] = "auto"
     oversample: int = 4
+    max_condition: float = 50.0
+    max_memory: int = 64 * 2**20
     method: Literal["auto", "nystrom", "lanczos"] = "auto"
     block_size: int | None = None
     max_examples: int | None = 256
@@ -132,7 +158,11 @@ class LowRank(FactorizedSolver):
             raise ValueError(
                 f"`method` must be 'auto', 'nystrom' or 'lanczos', got {self.method!r}."
             )
-        check_positive_int("rank", self.rank)
+        if self.rank != "auto":
+            check_positive_int("rank", self.rank)
+        if not self.max_condition > 1:
+            raise ValueError(f"`max_condition` must be above 1, got {self.max_condition!r}.")
+        check_positive_int("max_memory", self.max_memory)
         check_positive_int("block_size", self.block_size, allow_none=True)
         if not isinstance(self.oversample, int) or self.oversample < 0:
             raise ValueError(
@@ -146,13 +176,13 @@ class LowRank(FactorizedSolver):
     ) -> tuple[LowRankInverse, Diagnostics]:
         """Find the top eigenpairs and return the low-rank-plus-damping inverse."""
         p = curvature.n_params
-        if self.rank > p:
+        if self.rank != "auto" and self.rank > p:
             raise ValueError(
                 f"`rank={self.rank}` exceeds the number of chosen parameters ({p}). Use "
                 f"`LowRank(rank={p})` or less (rank {p} is exact), or `Exact()` for a model "
                 "this small."
             )
-        if damping <= 0:
+        if not damping > 0:
             raise ValueError(
                 f"LowRank needs `damping > 0` (it is {damping:g}): the directions it does not keep "
                 "are inverted as 1 / damping. Pass the model's weight decay, or a small positive "
@@ -160,22 +190,32 @@ class LowRank(FactorizedSolver):
             )
         generator = torch.Generator().manual_seed(self.seed)
         curv = curvature.subsample(self.max_examples, self.output_directions, generator)
-        dim = min(p, self.rank + self.oversample)
-        method, block_size = self.method, self.block_size
-        if method == "auto":
-            method = "nystrom" if curv.positive_semidefinite else "lanczos"
-            if method == "lanczos" and block_size is None:
-                block_size = max(1, -(-dim // 2))
-        if method == "nystrom":
-            evals, evecs, n_products, n_passes = _nystrom(
-                curv, dim, block_size or dim, generator, progress
-            )
+        itemsize = torch.finfo(curv.dtype).bits // 8
+        budget = max(1, self.max_memory // (itemsize * p))  # vectors of length p that fit
+        if self.rank == "auto":
+            dim, stop = min(p, 32, budget), ""
         else:
-            evals, evecs, n_products, n_passes = _lanczos(
-                curv, dim, block_size or 1, generator, progress
+            dim, stop = min(p, self.rank + self.oversample), "rank"
+        n_products = n_passes = 0
+        while True:
+            evals, evecs, most_negative, products, passes = self._eigenpairs(
+                curv, dim, generator, progress
             )
-        order = torch.argsort(evals, descending=True)[: self.rank]
-        evals, evecs = evals[order], evecs[order]
+            n_products, n_passes = n_products + products, n_passes + passes
+            keep = dim if dim == p else max(1, dim // 2)  # the top half is accurate
+            if stop == "rank":
+                keep = min(int(self.rank), dim)
+                break
+            if float(evals[keep - 1]) <= self.max_condition * damping:
+                stop = "condition"
+            elif dim >= p:
+                stop = "full rank"
+            elif dim >= budget:
+                stop = "memory"
+            if stop:
+                break
+            dim = min(p, 2 * dim, budget)
+        evals, evecs = evals[:keep], evecs[:keep]
         shifted = evals + damping
         if bool((shifted.abs() <= 1e-12 * shifted.abs().max()).any()):
             raise ValueError(
@@ -183,18 +223,28 @@ class LowRank(FactorizedSolver):
                 f"{float(evals[shifted.abs().argmin()]):.3g}, damping {damping:g}); increase "
                 "`damping` or use curvature='gauss_newton', which is positive semi-definite."
             )
-        weights = (1.0 / shifted - 1.0 / damping).to(evecs.dtype)
-        inverse = LowRankInverse(evecs.contiguous(), weights, damping)
-
+        inverse = LowRankInverse(evecs.contiguous(), evals, damping)
         info: Diagnostics = {
-            "rank": float(self.rank),
-            "max_eigenvalue": float(evals.max()),
-            "min_eigenvalue": float(evals.min()),
+            "rank": float(keep),
+            "max_eigenvalue": float(evals[0]),
+            "min_eigenvalue": float(evals[-1]),
+            "most_negative_eigenvalue": most_negative,
             "negative_eigenvalues": float((shifted < 0).sum()),
+            "condition_beyond_rank": float((evals[-1] + damping) / damping),
+            "rank_limited_by_memory": float(stop == "memory"),
             "matvecs": float(n_products),
             "curvature_passes": float(n_passes),
             "examples": float(curv.n_total),
         }
+        if stop == "memory":
+            warnings.warn(
+                f"LowRank stopped at rank {keep}, the most that `max_memory={self.max_memory}` "
+                f"bytes holds, where the curvature beyond the kept eigenvectors still spans "
+                f"{float(evals[-1]) / damping:.3g} times the damping (the target is "
+                f"`max_condition={self.max_condition:g}`). Raise `max_memory`, raise `damping`, "
+                "or restrict influence with `parameters=`.",
+                stacklevel=2,
+            )
         kept = curv.output_trace_kept
         if kept is not None:
             info["output_directions"] = float(self.output_directions or 0)
@@ -203,14 +253,32 @@ class LowRank(FactorizedSolver):
                 warnings.warn(
                     f"LowRank kept {kept:.0%} of the output Hessians' trace with "
                     f"`output_directions={self.output_directions}`, so its Gauss-Newton matrix "
-                    "is a rough one. Pass a larger `output_directions`, or None for the exact "
-                    "matrix (one backward pass per model output).",
+                    "is a rough one and its scores may be far off. Pass a larger "
+                    "`output_directions`, or None for the exact matrix (one backward pass per "
+                    "model output).",
                     stacklevel=2,
                 )
         return inverse, info
 
+    def _eigenpairs(
+        self, curv: CurvatureOperator, dim: int, generator: torch.Generator, progress: bool
+    ) -> tuple[Tensor, Tensor, float, int, int]:
+        """Eigenpairs from ``dim`` products, largest first; the most negative eigenvalue found,
+        the products and the passes over the data."""
+        method, block_size = self.method, self.block_size
+        if method == "auto":
+            method = "nystrom" if curv.positive_semidefinite else "lanczos"
+            if method == "lanczos" and block_size is None:
+                block_size = max(1, -(-dim // 2))
+        run = _nystrom if method == "nystrom" else _lanczos
+        evals, evecs, products, passes = run(
+            curv, dim, block_size or (dim if method == "nystrom" else 1), generator, progress
+        )
+        order = torch.argsort(evals, descending=True)
+        return evals[order], evecs[order], min(0.0, float(evals.min())), products, passes
 
-_LOW_TRACE_SHARE = 0.25
+
+_LOW_TRACE_SHARE = 0.5
 
 
 def _lanczos(
