@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -183,21 +183,11 @@ class InfluenceResult:
             values = [getattr(p, name) for p in parts]
             return None if any(v is None for v in values) else torch.cat(values)[rows]
 
-        merged = {name: rows_of(name) for name in ROW_FIELDS}
-        perturbation, perturbation_indices = _merge_perturbations(parts)
-        return cls(
-            **{k: v for k, v in merged.items() if k != "train_indices"},  # type: ignore[arg-type]
-            train_indices=indices[rows],
-            val_indices=first.val_indices,
-            val_losses=first.val_losses,
-            val_targets=first.val_targets,
-            val_predictions=first.val_predictions,
-            perturbation=perturbation,
-            perturbation_indices=perturbation_indices,
-            damping=first.damping,
-            settings=first.settings,
-            diagnostics=first.diagnostics,
-        )
+        merged: dict[str, Any] = {name: rows_of(name) for name in ROW_FIELDS}
+        merged["train_indices"] = indices[rows]
+        merged["perturbation"], merged["perturbation_indices"] = _merge_perturbations(parts)
+        # everything else (validation columns, damping, settings) is the same on every shard
+        return replace(first, **merged)
 
     def save(self, path: str | Path) -> Path:
         """Write to ``path`` (tensors and JSON settings; no pickled code)."""

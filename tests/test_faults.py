@@ -120,6 +120,16 @@ def test_a_loss_the_default_task_does_not_compute_fails_before_training(tmp_path
     assert trainer.global_step == 0
 
 
+def test_multi_label_targets_with_the_default_task_fail_before_training(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(N, 4, generator=gen), (torch.rand(N, 3, generator=gen) > 0.5))
+    data = TensorDataset(data.tensors[0], data.tensors[1].float())  # several labels per example
+    trainer = _trainer(tmp_path, [InfluenceCallback(**FAST)])
+    with pytest.raises(TaskError, match=r"RegressionTask\(\) or ClassificationTask\(\).*`task=`"):
+        trainer.fit(Tiny(loss=F.binary_cross_entropy_with_logits), *_loaders(data))
+    assert trainer.global_step == 0
+
+
 def test_a_regularizer_in_training_step_is_not_a_different_loss(tmp_path: Path) -> None:
     class Decayed(Tiny):
         def training_step(self, batch: Any, batch_idx: int) -> Tensor:
