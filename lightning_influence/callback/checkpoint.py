@@ -14,6 +14,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from lightning_influence.callback.callback import InfluenceCallback
+from lightning_influence.callback.checks import fresh_out_dir
 from lightning_influence.errors import InfluenceError
 from lightning_influence.result import InfluenceResult
 
@@ -78,11 +79,12 @@ def influence_from_checkpoint(
     loaders = None
     if datamodule is None and callback.val_dataset is not None:
         loaders = DataLoader(callback.val_dataset, batch_size=callback.config.batch_size or 64)
+    # where the run will save (a folder already holding a result is never reused)
+    path = fresh_out_dir(callback.out_dir(trainer), callback.filename) / callback.filename
     trainer.validate(model, loaders, ckpt_path=ckpt_path, datamodule=datamodule, verbose=False)
     if callback.result is not None:
         return callback.result
     # ddp_spawn: computed in the worker processes, which saved it
-    path = callback.out_dir(trainer) / callback.filename
     if not path.exists():  # pragma: no cover
         raise InfluenceError(f"The validate run finished without an influence result at {path}.")
     return InfluenceResult.load(path)
