@@ -23,6 +23,7 @@ from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.scores import example_pass, perturbation_influence
 from lightning_influence.guards import (
     bad_examples_named,
+    check_examples_everywhere,
     check_memory,
     check_weights,
     default_task,
@@ -187,6 +188,8 @@ def _compute(
     si_solver = config.self_influence_solver or default_self_influence_solver(fm.n_params, solver)
     check_weights(fm)
     check_memory(fm, len(val), train.batch_size, [solver, si_solver][: 1 + self_influence])
+    if reduce is not None:
+        check_examples_everywhere(fm, train, reduce)
     # Full passes over the curvature data (CG, Exact, LowRank) run faster in larger batches.
     curv = Curvature(
         fm, train.rebatched(max(train.batch_size, CURVATURE_BATCH)), config.curvature, reduce

@@ -8,8 +8,9 @@ finite.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import NoReturn
 
 import torch
@@ -29,18 +30,21 @@ from lightning_influence.memory import available_bytes, estimate_bytes, format_b
 from lightning_influence.solvers import Solver
 
 __all__ = [
+    "ExampleScan",
     "bad_examples_named",
+    "check_examples_everywhere",
     "check_memory",
     "check_weights",
     "default_task",
     "float_inputs",
-    "labels_out_of_range",
-    "non_finite_examples",
     "raise_non_finite",
+    "raise_scan",
+    "scan_examples",
     "working_dtype",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
+_NONE = torch.zeros(0, dtype=torch.long)
 
 
 def working_dtype(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype | None:
@@ -108,15 +112,51 @@ def check_memory(fm: FunctionalModel, n_val: int, batch_size: int, solvers: list
         )
 
 
-def non_finite_examples(fm: FunctionalModel, data: IndexedData) -> Tensor:
-    """Dataset indices of the examples whose loss is NaN or Inf (one forward pass per batch)."""
-    bad = [torch.zeros(0, dtype=torch.long)]
+@dataclass(frozen=True)
+class ExampleScan:
+    """Training or validation examples that cannot be scored, by dataset index."""
+
+    non_finite: Tensor  # NaN or Inf loss
+    bad_labels: Tensor  # integer label outside 0..classes - 1 (cross-entropy's -100 allowed)
+    classes: int
+
+    @property
+    def count(self) -> int:
+        """How many examples are faulty."""
+        return int(self.non_finite.numel() + self.bad_labels.numel())
+
+
+def scan_examples(fm: FunctionalModel, data: IndexedData) -> ExampleScan:
+    """One forward pass per batch: which examples have a label out of range or a loss that is
+    not finite."""
+    non_finite, bad_labels, classes = [_NONE], [_NONE], 0
     for idx, batch in data.batches():
         prepared = fm.prepare(batch)
+        targets = prepared.targets
         with torch.no_grad():
-            losses = fm.losses(fm.theta, prepared.inputs, prepared.targets)
-        bad.append(idx[~torch.isfinite(losses.detach().cpu())])
-    return torch.cat(bad)
+            outputs = fm.outputs(fm.theta, prepared.inputs)
+            if isinstance(fm.task, ClassificationTask) and isinstance(outputs, Tensor):
+                classes = int(outputs.shape[-1])
+                outside = ((targets < 0) & (targets != -100)) | (targets >= classes)
+                outside = outside.reshape(len(idx), -1).any(dim=1).cpu()
+                if bool(outside.any()):
+                    bad_labels.append(idx[outside])
+                    continue
+            losses = fm.losses_from_outputs(outputs, targets, prepared.size)
+        non_finite.append(idx[~torch.isfinite(losses.detach().cpu())])
+    return ExampleScan(torch.cat(non_finite), torch.cat(bad_labels), classes)
+
+
+def raise_scan(which: str, scan: ExampleScan, cause: Exception | None = None) -> None:
+    """Raise the error for the faulty examples ``scan`` found, if any."""
+    if scan.bad_labels.numel():
+        raise TaskError(
+            f"The {which} examples at dataset indices {scan.bad_labels[:10].tolist()} have "
+            f"labels out of range for a model with {scan.classes} outputs (valid labels: "
+            f"0..{scan.classes - 1}). Fix the labels or the model's output size."
+        ) from cause
+    if scan.non_finite.numel():
+        raise_non_finite(which, scan.non_finite, cause)
 
 
 def raise_non_finite(which: str, indices: Tensor, cause: Exception | None = None) -> NoReturn:
@@ -138,42 +178,23 @@ def bad_examples_named(fm: FunctionalModel, data: IndexedData, which: str) -> It
     try:
         yield
     except Exception as err:
-        found = labels_out_of_range(fm, data) if isinstance(err, IndexError) else None
-        if found is not None:
-            bad, classes = found
-            raise TaskError(
-                f"The {which} examples at dataset indices {bad[:10].tolist()} have labels "
-                f"{found_labels(fm, data, bad[:10])} out of range for a model with {classes} "
-                f"outputs (valid labels: 0..{classes - 1}). Fix the labels or the model's "
-                "output size."
-            ) from err
-        bad = non_finite_examples(fm, data)
-        if bad.numel():
-            raise_non_finite(which, bad, err)
+        raise_scan(which, scan_examples(fm, data), err)
         raise
 
 
-def labels_out_of_range(fm: FunctionalModel, data: IndexedData) -> tuple[Tensor, int] | None:
-    """Dataset indices of integer labels outside ``0..outputs - 1``, and the number of outputs."""
-    bad, classes = [], 0
-    for idx, batch in data.batches():
-        prepared = fm.prepare(batch)
-        targets = prepared.targets
-        if not isinstance(targets, Tensor) or targets.is_floating_point():
-            return None
-        with torch.no_grad():
-            outputs = fm.outputs(fm.theta, prepared.inputs)
-        classes = int(outputs.shape[-1])
-        outside = (targets < 0) | (targets >= classes)
-        bad.append(idx[outside.reshape(len(idx), -1).any(dim=1).cpu()])
-    found = torch.cat(bad) if bad else torch.zeros(0, dtype=torch.long)
-    return (found, classes) if found.numel() else None
-
-
-def found_labels(fm: FunctionalModel, data: IndexedData, indices: Tensor) -> list[int]:
-    """The labels of the examples at ``indices``."""
-    targets = fm.prepare(data.fetch(indices)).targets
-    return [int(t) for t in targets.reshape(-1).tolist()]
+def check_examples_everywhere(
+    fm: FunctionalModel, train: IndexedData, reduce: Callable[[Tensor], Tensor]
+) -> None:
+    """Under data parallelism, fail on every process when any process holds a faulty example,
+    before the first collective: a process that failed alone would leave the others waiting."""
+    scan = scan_examples(fm, train)
+    total = int(reduce(torch.tensor([float(scan.count)], device=fm.device)).item())
+    raise_scan("training", scan)
+    if total:
+        raise InfluenceError(
+            f"{total} training examples on other processes have labels out of range or a NaN or "
+            "Inf loss; their process names them by dataset index."
+        )
 
 
 def float_inputs(fm: FunctionalModel, data: IndexedData) -> bool:

@@ -3,8 +3,9 @@
 ``--case lowrank``: a 650-parameter model with the default self-influence solver (``LowRank``,
 Nystrom, Gauss-Newton curvature); the result lands in ``<out>/influence/influence.pt`` and the
 final weights in ``<out>/last.ckpt``. ``--case save_error``: the output folder turns into a file
-after training, so rank zero cannot save; every process records the error it raised in
-``<out>/error_rank<r>.txt``.
+after training, so rank zero cannot save; ``--case bad_label``: the data influence is computed on
+has a label out of range in the second process's shard only. In both failing cases every process
+records the error it raised in ``<out>/error_rank<r>.txt``.
 
     python tests/ddp_faults_run.py --out DIR --case lowrank
 """
@@ -86,7 +87,12 @@ def run(out: Path, case: str) -> None:
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     train, val = make_data()
-    influence = _Recording(out, save_dir=str(out / "influence"), **CALLBACK_ARGS)
+    extra: dict[str, Any] = {}
+    if case == "bad_label":  # index 1: only in the second process's shard
+        labels = train.tensors[1].clone()
+        labels[1] = 99
+        extra["train_dataset"] = TensorDataset(train.tensors[0], labels)
+    influence = _Recording(out, save_dir=str(out / "influence"), **CALLBACK_ARGS, **extra)
     callbacks: list[Callback] = [influence, ModelCheckpoint(dirpath=out, save_last=True)]
     if case == "save_error":
         callbacks.insert(0, _BlockOutput(out / "influence"))
@@ -107,6 +113,6 @@ def run(out: Path, case: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--case", choices=["lowrank", "save_error"], required=True)
+    parser.add_argument("--case", choices=["lowrank", "save_error", "bad_label"], required=True)
     args = parser.parse_args()
     run(args.out, args.case)

@@ -422,3 +422,15 @@ def test_ddp_failure_raises_the_same_influence_error_on_every_process(tmp_path: 
     errors = [(tmp_path / f"error_rank{r}.txt").read_text() for r in range(2)]
     assert errors[0] == errors[1], errors
     assert "could not save the result to" in errors[0] and "process [0]" in errors[0]
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_ddp_a_fault_in_one_shard_fails_every_process_before_any_collective(
+    tmp_path: Path,
+) -> None:
+    proc = _ddp(tmp_path, "bad_label")
+    assert proc.returncode != 0
+    errors = [(tmp_path / f"error_rank{r}.txt").read_text() for r in range(2)]
+    assert errors[0] == errors[1], errors
+    assert "process [1]: TaskError: The training examples at dataset indices [1]" in errors[0]
