@@ -135,7 +135,8 @@ def scan_examples(fm: FunctionalModel, data: IndexedData) -> ExampleScan:
         targets = prepared.targets
         with torch.no_grad():
             outputs = fm.outputs(fm.theta, prepared.inputs)
-            if isinstance(fm.task, ClassificationTask) and isinstance(outputs, Tensor):
+            integer = isinstance(targets, Tensor) and not targets.is_floating_point()
+            if integer and isinstance(fm.task, ClassificationTask) and isinstance(outputs, Tensor):
                 classes = int(outputs.shape[-1])
                 outside = ((targets < 0) & (targets != -100)) | (targets >= classes)
                 outside = outside.reshape(len(idx), -1).any(dim=1).cpu()
