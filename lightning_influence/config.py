@@ -38,7 +38,10 @@ class InfluenceConfig:
             becomes ``LiSSA(seed=seed)``; a ``LiSSA`` instance keeps its own ``seed``.
         damping: the ``lambda`` of ``H + lambda I``; the weight decay the model was trained with
             reproduces its objective's curvature.
-        task: how a batch becomes per-sample losses (``ClassificationTask()`` by default).
+        task: how a batch becomes per-sample losses. ``None`` picks it from the data:
+            ``ClassificationTask()`` for integer labels, ``RegressionTask()`` for one float
+            target per example; other float targets need ``task=`` (the callback also checks it
+            against ``training_step``'s loss).
         parameters: shell-style patterns of parameter names to use (all trainable by default).
         curvature: ``"gauss_newton"`` (positive semi-definite) or ``"hessian"``.
         self_influence: also compute self-influence (suspected mislabels, outliers).
