@@ -7,6 +7,7 @@ import functools
 import glob
 import json
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,7 +183,7 @@ def wandb_records(path: Path) -> Iterator[Any]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = path.read_bytes()
-    assert data[:4] == b":W&B"
+    assert data[:4] == b":W&B" or len(data) < 4  # a file still being written may be empty
     pos, block, pending = 7, 32768, b""
     while pos + 7 <= len(data):
         if block - pos % block < 7:
@@ -190,6 +191,8 @@ def wandb_records(path: Path) -> Iterator[Any]:
             continue
         crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         payload = data[pos + 7 : pos + 7 + length]
+        if len(payload) < length:  # the tail of a file still being written
+            break
         if kind == 0 and length == 0:
             pos += block - pos % block
             continue
@@ -210,9 +213,15 @@ def wandb_offline_run(
     """The summary and the artifacts' manifests (path -> staged local file) of the one offline run
     in ``folder``, read from its ``.wandb`` log."""
     (log_file,) = folder.glob("offline-run-*/run-*.wandb")
+    records = list(wandb_records(log_file))
+    deadline = time.monotonic() + 60  # wandb.finish() can return before its writer flushes
+    while not any(r.WhichOneof("record_type") == "exit" for r in records):
+        assert time.monotonic() < deadline, f"no exit record in {log_file} after 60 s"
+        time.sleep(0.2)
+        records = list(wandb_records(log_file))
     summary: dict[str, Any] = {}
     artifacts = {}
-    for record in wandb_records(log_file):
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "summary":
             for item in record.summary.update:  # nested values come one leaf at a time

@@ -37,13 +37,13 @@ def find_dashboards(logdir: str | Path) -> dict[str, Path]:
         >>> (root / "a" / "influence" / "influence_dashboard").mkdir(parents=True)
         >>> _ = (root / "a" / "influence" / "influence_dashboard" / "index.json").write_text(
         ...     '{"format": "lightning-influence-dashboard", "version": 1}')
-        >>> list(find_dashboards(root))
-        ['a/influence']
+        >>> list(find_dashboards(root)), find_dashboards("")
+        (['a/influence'], {})
     """
-    root = Path(logdir)
     found: dict[str, Path] = {}
-    if not root.is_dir():
+    if not str(logdir) or not Path(logdir).is_dir():  # "" (several --logdir_spec folders): none
         return found
+    root = Path(logdir)
     for parent, dirs, files in os.walk(root):
         dirs.sort()
         if INDEX not in files or not parent.endswith("_dashboard"):
@@ -75,6 +75,7 @@ class InfluencePlugin(base_plugin.TBPlugin):
 
     def __init__(self, context: base_plugin.TBContext) -> None:
         self._logdir = context.logdir or ""
+        self._runs: dict[str, Path] = {}  # refreshed by /runs, and when a run is not found
 
     def get_plugin_apps(self) -> dict[str, Any]:
         serve = wrappers.Request.application
@@ -86,24 +87,29 @@ class InfluencePlugin(base_plugin.TBPlugin):
         }
 
     def is_active(self) -> bool:
-        return bool(find_dashboards(self._logdir))
+        self._runs = find_dashboards(self._logdir)
+        return bool(self._runs)
 
     def frontend_metadata(self) -> base_plugin.FrontendMetadata:
         return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="Influence")
 
     def _folder(self, request: wrappers.Request) -> Path | None:
-        return find_dashboards(self._logdir).get(request.args.get("run", ""))
+        run = request.args.get("run", "")
+        if run not in self._runs:
+            self._runs = find_dashboards(self._logdir)
+        return self._runs.get(run)
 
     def _serve_script(self, request: wrappers.Request) -> wrappers.Response:
         script = (_STATIC / "index.js").read_text()
         return http_util.Respond(request, script, "application/javascript")
 
     def _serve_runs(self, request: wrappers.Request) -> wrappers.Response:
-        return http_util.Respond(request, list(find_dashboards(self._logdir)), "application/json")
+        self._runs = find_dashboards(self._logdir)
+        return http_util.Respond(request, list(self._runs), "application/json")
 
     def _serve_index(self, request: wrappers.Request) -> wrappers.Response:
         folder = self._folder(request)
-        if folder is None:
+        if folder is None or not (folder / INDEX).is_file():
             return http_util.Respond(request, "no such run", "text/plain", code=404)
         return http_util.Respond(request, (folder / INDEX).read_text(), "application/json")
 
