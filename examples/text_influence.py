@@ -7,7 +7,7 @@ harmed it, and ranks the training sentences by self-influence (flipped labels ra
 examples are shown as text: ``LogSettings(kind="text", describe=corpus.decode)`` turns token ids
 back into words, in TensorBoard's Influence and Text tabs and in W&B tables.
 
-    python examples/text_influence.py               # about 15 s on one CPU thread
+    python examples/text_influence.py               # about 20 s on one CPU thread
     tensorboard --logdir runs                       # then open the Influence tab
 """
 

@@ -10,6 +10,7 @@ import struct
 import time
 import zlib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,44 +28,53 @@ HELPFUL_RGB = (34, 140, 34)  # the frame colours of report/drawing.py, as 8-bit 
 HARMFUL_RGB = (214, 38, 41)
 
 
-class Digits:
+def fit(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, lr: float
+) -> torch.nn.Module:
+    """``model`` trained with Adam on cross-entropy, without a Trainer, then in eval mode."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y)).split(batch):
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+class Case:
+    """A data module (``dm``), the exact influence (damping 0.01) of a model trained on it, and
+    the settings to show it."""
+
+    def __init__(self, dm: Any, model: torch.nn.Module, settings: LogSettings, **options: Any):
+        self.dm, self.settings = dm, settings
+        train, val = dm.train_dataset, dm.val_dataset
+        options.update(solver=Exact(), damping=1e-2, progress=False)
+        self.result = compute_influence(model, train, val, **options)
+
+    def log(self, loggers: list[Any], out: Path, **kwargs: Any) -> list[Path]:
+        """``log_influence`` of the result (``settings=`` replaces the case's settings)."""
+        settings = kwargs.pop("settings", self.settings)
+        train, val = self.dm.train_dataset, self.dm.val_dataset
+        return log_influence(
+            self.result, loggers, train, val, ClassificationTask(), out, settings, **kwargs
+        )
+
+
+class Digits(Case):
     """A real influence result on digits: a tiny CNN trained briefly, 300 x 16 examples."""
 
     def __init__(self) -> None:
         torch.manual_seed(0)
-        self.dm = DigitsDataModule(n_train=400, flip_fraction=0.1)
-        model = DigitsCNN(channels=2)
-        opt = torch.optim.Adam(model.parameters(), lr=3e-2)
-        x, y = self.dm.train_dataset.tensors
-        for _ in range(30):
-            for idx in torch.randperm(len(y)).split(100):
-                loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        model.eval()
-        self.result = compute_influence(
+        dm = DigitsDataModule(n_train=400, flip_fraction=0.1)
+        model = fit(DigitsCNN(channels=2), *dm.train_dataset.tensors, 30, 100, 3e-2)
+        super().__init__(
+            dm,
             model,
-            self.dm.train_dataset,
-            self.dm.val_dataset,
-            solver=Exact(),
-            damping=1e-2,
+            SETTINGS,
             train_indices=torch.arange(50, 350),  # dataset indices != row positions
             val_indices=torch.arange(10, 26),
             perturbation_k=TOP_K,
-            progress=False,
-        )
-
-    def log(self, loggers: list[Any], out: Path, **kwargs: Any) -> list[Path]:
-        return log_influence(
-            self.result,
-            loggers,
-            self.dm.train_dataset,
-            self.dm.val_dataset,
-            ClassificationTask(),
-            out,
-            kwargs.pop("settings", SETTINGS),
-            **kwargs,
         )
 
 
@@ -75,52 +85,17 @@ def digits_case() -> Digits:
     return Digits()
 
 
-class Text:
+class Text(Case):
     """A real influence result on generated sentences: the text example's model, trained briefly
     without a Trainer, 200 training x 12 validation sentences, shown as decoded text."""
 
     def __init__(self) -> None:
         torch.manual_seed(0)
-        self.dm = TextDataModule(n_train=200, n_val=12, seed=0)
-        model = TextClassifier(len(self.dm.train.vocab))
-        opt = torch.optim.Adam(model.parameters(), lr=0.05)
-        ids, labels = self.dm.train_dataset.tensors
-        for _ in range(15):
-            for idx in torch.randperm(len(labels)).split(50):
-                loss = torch.nn.functional.cross_entropy(model(ids[idx]), labels[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        model.eval()
-        self.result = compute_influence(
-            model,
-            self.dm.train_dataset,
-            self.dm.val_dataset,
-            solver=Exact(),
-            damping=1e-2,
-            perturbation_k=0,
-            progress=False,
-        )
-        self.settings = LogSettings(
-            n_val=2,
-            top_k=3,
-            n_outliers=5,
-            kind="text",
-            describe=self.dm.train.decode,
-            class_names=tuple(TOPICS),
-        )
-
-    def log(self, loggers: list[Any], out: Path, **kwargs: Any) -> list[Path]:
-        return log_influence(
-            self.result,
-            loggers,
-            self.dm.train_dataset,
-            self.dm.val_dataset,
-            ClassificationTask(),
-            out,
-            self.settings,
-            **kwargs,
-        )
+        dm = TextDataModule(n_train=200, n_val=12, seed=0)
+        model = fit(TextClassifier(len(dm.train.vocab)), *dm.train_dataset.tensors, 15, 50, 0.05)
+        names = tuple(TOPICS)
+        shown = LogSettings(n_val=2, top_k=3, n_outliers=5, kind="text", class_names=names)
+        super().__init__(dm, model, replace(shown, describe=dm.train.decode), perturbation_k=0)
 
 
 @functools.cache

@@ -289,13 +289,21 @@ def test_without_perturbation_and_selected_val_indices(digits: Digits, tmp_path:
         )
 
 
-def test_text_inputs_use_describe(tmp_path: Path) -> None:
+def linear_case(n: int, features: int, classes: int) -> tuple[torch.Tensor, Any, InfluenceResult]:
+    """Random feature vectors, a linear model on them (untrained) and its exact influence."""
     torch.manual_seed(0)
-    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    x, y = torch.randn(n, features), torch.randint(0, classes, (n,))
     data = TensorDataset(x, y)
-    result = compute_influence(
-        torch.nn.Linear(5, 3), data, data, solver=Exact(), damping=0.1, progress=False
+    model = torch.nn.Linear(features, classes)
+    return (
+        x,
+        data,
+        compute_influence(model, data, data, solver=Exact(), damping=0.1, progress=False),
     )
+
+
+def test_text_inputs_use_describe(tmp_path: Path) -> None:
+    x, data, result = linear_case(40, 5, 3)
     settings = LogSettings(n_val=2, top_k=2, n_outliers=4, describe=lambda v: f"x0={v[0]:.2f}")
     log_influence(
         result,
@@ -389,12 +397,7 @@ def test_text_examples_in_text_tab_and_dashboard(tmp_path: Path) -> None:
 
 
 def test_table_examples_with_feature_names(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    x, y = torch.randn(30, 3), torch.randint(0, 2, (30,))
-    data = TensorDataset(x, y)
-    result = compute_influence(
-        torch.nn.Linear(3, 2), data, data, solver=Exact(), damping=0.1, progress=False
-    )
+    x, data, result = linear_case(30, 3, 2)
     names = ("age", "income", "height")
     settings = LogSettings(n_val=1, top_k=2, n_outliers=3, kind="table", feature_names=names)
     task = ClassificationTask()
