@@ -12,12 +12,14 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from digits import DigitsCNN, DigitsDataModule
 from text_influence import TOPICS, TextClassifier, TextDataModule
+from torch.utils.data import TensorDataset
 
 from lightning_influence import ClassificationTask, Exact, InfluenceResult, compute_influence
 from lightning_influence.report import LogSettings, log_influence
@@ -96,6 +98,29 @@ class Text(Case):
         names = tuple(TOPICS)
         shown = LogSettings(n_val=2, top_k=3, n_outliers=5, kind="text", class_names=names)
         super().__init__(dm, model, replace(shown, describe=dm.train.decode), perturbation_k=0)
+
+
+class Table(Case):
+    """Rows of four named features (a linear model, 80 rows): examples shown as tables."""
+
+    names = ("age", "income", "height", "weight")
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        x = torch.randn(80, 4)
+        y = (x[:, 0] + x[:, 1] > 0).long()
+        data = TensorDataset(x, y)
+        dm = SimpleNamespace(train_dataset=data, val_dataset=data)
+        model = fit(torch.nn.Linear(4, 2), x, y, 20, 20, 0.1)
+        shown = LogSettings(n_val=2, top_k=3, n_outliers=5, kind="table", feature_names=self.names)
+        super().__init__(dm, model, shown, val_indices=torch.arange(8, 20))
+
+
+@functools.cache
+def table_case() -> Table:
+    """Computed once per session (nothing mutates it)."""
+    torch.set_num_threads(1)
+    return Table()
 
 
 @functools.cache

@@ -34,6 +34,7 @@ from report_case import (
     Digits,
     Text,
     digits_case,
+    table_case,
     tensorboard_events,
     text_case,
 )
@@ -46,7 +47,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)"
 )
-DIGITS_RUN, TEXT_RUN = "digits/version_0", "text/version_0"
+DIGITS_RUN, TABLE_RUN, TEXT_RUN = "digits/version_0", "table/version_0", "text/version_0"
 
 
 class Server:
@@ -95,11 +96,11 @@ class Server:
 
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Digits, Text, Path]:
-    """Two runs as the callback leaves them: events, and ``<log_dir>/influence/`` with the result
-    file and the dashboard beside it."""
+    """Three runs (pictures, tables, text) as the callback leaves them: events, and
+    ``<log_dir>/influence/`` with the result file and the dashboard beside it."""
     digits, text = digits_case(), text_case()
     root = tmp_path_factory.mktemp("tb")
-    for case, name in ((digits, "digits"), (text, "text")):
+    for case, name in ((digits, "digits"), (table_case(), "table"), (text, "text")):
         logger = TensorBoardLogger(root, name=name)
         out = Path(logger.log_dir) / "influence"
         saved = case.result.save(out / "influence.pt")
@@ -178,7 +179,7 @@ def test_server_endpoints_serve_our_text_images_histograms(
 ) -> None:
     digits, _, root = logged
     result = digits.result
-    assert server.json("/data/runs") == [DIGITS_RUN, TEXT_RUN]
+    assert server.json("/data/runs") == [DIGITS_RUN, TABLE_RUN, TEXT_RUN]
     run = DIGITS_RUN
     val_ids = result.val_indices[:N_VAL].tolist()
 
@@ -269,7 +270,7 @@ def test_plugin_serves_the_dashboard_files_and_nothing_else(
     root = logged[2]
     listing = server.json("/data/plugins_listing")["influence"]
     assert listing["enabled"] and listing["tab_name"] == "Influence"
-    runs = [f"{DIGITS_RUN}/influence", f"{TEXT_RUN}/influence"]
+    runs = [f"{run}/influence" for run in (DIGITS_RUN, TABLE_RUN, TEXT_RUN)]
     assert server.json("/data/plugin/influence/runs") == runs
     folder = root / runs[0] / "influence_dashboard"
     served = server.json("/data/plugin/influence/index", run=runs[0])
@@ -293,8 +294,10 @@ def test_influence_tab_shows_the_result_file(
     digits, text, root = logged
     url = f"{server.url}/data/plugin_entry.html?name=influence"
     panels = run_panels(chromium(url, tmp_path))
-    assert list(panels) == [f"{DIGITS_RUN}/influence", f"{TEXT_RUN}/influence"]  # side by side
-    for (run, panel), case, k in zip(panels.items(), (digits, text), (TOP_K, 3), strict=True):
+    table = table_case()
+    assert list(panels) == [f"{run}/influence" for run in (DIGITS_RUN, TABLE_RUN, TEXT_RUN)]
+    cases = (digits, table, text)  # side by side, the same validation example in each
+    for (run, panel), case, k in zip(panels.items(), cases, (TOP_K, 3, 3), strict=True):
         result = InfluenceResult.load(root / run / "influence.pt")
         assert result.equals(case.result)
         shown = int(re.match(r' data-val="(\d+)"', panel).group(1))  # type: ignore[union-attr]
@@ -317,6 +320,12 @@ def test_influence_tab_shows_the_result_file(
     for _, i, _, body in cards(panels[f"{TEXT_RUN}/influence"], "helpful"):
         assert text.dm.train.decode(ids[i]) in body
         assert re.search(r"label <span[^>]*>(sport|weather|cooking)</span>", body)
+    # the table run shows each example's named values
+    x = table.dm.train_dataset.tensors[0]
+    for _, i, _, body in cards(panels[f"{TABLE_RUN}/influence"], "harmful"):
+        cells = re.findall(r'<td class="text">(\w+)</td><td>([^<]+)</td>', body)
+        assert [n for n, _ in cells] == list(table.names)
+        np.testing.assert_allclose([float(v) for _, v in cells], x[i], rtol=1e-3, atol=1e-4)
     # pictures at a readable size: the digits run's cards hold its PNGs
     assert (
         'src="picture?run=digits%2Fversion_0%2Finfluence&amp;name=train_'
