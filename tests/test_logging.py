@@ -88,6 +88,8 @@ def test_tensorboard_images_tables_histograms_summary(digits: Digits, tmp_path: 
         text = tb_text(acc, f"influence/val_{i}")
         assert f"**Validation example {i}**: label {int(result.val_targets[j])}" in text
         got += [(r[0], int(r[2]), float(r[5])) for r in table_rows(text)]
+        removal = [float(r[6]) for r in table_rows(text)]  # "if removed": -score / n_train
+        np.testing.assert_allclose(removal, [-s / 300 for *_, s in got[-2 * TOP_K :]], rtol=5e-3)
     assert [(k, i) for k, i, _ in got] == [(k, i) for k, i, _ in expected]
     np.testing.assert_allclose([s for *_, s in got], [s for *_, s in expected], rtol=1e-3)
 
@@ -163,6 +165,15 @@ def test_wandb_offline_tables_images_histograms_artifact(digits: Digits, tmp_pat
         saliency = image(r[col["saliency"]], manifest)
         assert saliency.shape == (64, 64, 3) and saliency.std() > 5
 
+    columns, rows, manifest = table("validation")  # every scored validation example
+    col = {c: n for n, c in enumerate(columns)}
+    assert [r[col["val_index"]] for r in rows] == result.val_indices.tolist()
+    correct = (result.val_targets == result.val_predictions).tolist()
+    assert [r[col["correct"]] for r in rows] == correct
+    np.testing.assert_allclose([r[col["loss"]] for r in rows], result.val_losses, rtol=1e-6)
+    np.testing.assert_allclose([r[col["spread"]] for r in rows], result.scores.std(0), rtol=1e-5)
+    assert image(rows[0][col["image"]], manifest).shape == (64, 64, 3)
+
     columns, rows, manifest = table("outliers")
     outliers = result.outliers(N_OUT)
     assert [r[columns.index("index")] for r in rows] == outliers.indices.tolist()
@@ -220,6 +231,13 @@ def test_csv_logger_gets_files_and_review_list(digits: Digits, tmp_path: Path) -
         rankings = list(csv.DictReader(f))
     expected = expected_rankings(result, N_VAL, TOP_K)
     assert [(r["kind"], int(r["train_index"])) for r in rankings] == [e[:2] for e in expected]
+    position = {int(i): n for n, i in enumerate(result.train_indices)}
+    removal = [
+        float(result.removal_effect[position[int(r["train_index"])], j])
+        for j in range(N_VAL)
+        for r in rankings[j * 2 * TOP_K : (j + 1) * 2 * TOP_K]
+    ]
+    np.testing.assert_allclose([float(r["removal_effect"]) for r in rankings], removal, rtol=1e-6)
 
     png = np.asarray(Image.open(tmp_path / "out" / f"influence_val_{val_ids[0]}.png"))
     assert png.shape[1] >= (1 + TOP_K) * 64 and png.std() > 30
@@ -384,7 +402,7 @@ def test_text_examples_in_text_tab_and_dashboard(tmp_path: Path) -> None:
     rows = table_rows(text)
     helpful = result.helpful(3).indices[0].tolist()
     assert [int(r[2]) for r in rows[:3]] == helpful
-    assert [r[6] for r in rows[:3]] == [f"`{decode(ids[i])}`" for i in helpful]
+    assert [r[7] for r in rows[:3]] == [f"`{decode(ids[i])}`" for i in helpful]
     labels = {r[3] for r in rows} | {r[4] for r in rows}
     assert labels <= {"sport", "weather", "cooking"}  # class names, not integers
 

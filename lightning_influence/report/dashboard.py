@@ -40,8 +40,6 @@ def write_dashboard(report: Report, out_dir: Path, stem: str) -> Path:
     folder = out_dir / f"{stem}_dashboard"
     folder.mkdir(parents=True, exist_ok=True)
     result = report.result
-    position = {int(i): j for j, i in enumerate(result.val_indices.tolist())}
-    spread = result.scores.float().std(dim=0) if result.n_train > 1 else None
     pictures: dict[str, Any] = {}
 
     def picture(name: str, tile: Any) -> str | None:
@@ -70,7 +68,7 @@ def write_dashboard(report: Report, out_dir: Path, stem: str) -> Path:
                 f"train_{e.index}.png",
                 rank=rank,
                 score=e.score,
-                removal_effect=-e.score / result.n_train,
+                removal_effect=e.removal_effect,
                 saliency=picture(f"map_{v}_{e.index}.png", e.saliency),
             )
             for rank, e in enumerate(getattr(panel, kind), start=1)
@@ -79,12 +77,8 @@ def write_dashboard(report: Report, out_dir: Path, stem: str) -> Path:
     validation = []
     for panel in report.dashboard:
         v = panel.val
-        column = position[v.index]
-        extra = {
-            "loss": _number(v.score),
-            "correct": v.label == v.prediction if v.label != "-" else None,
-            "spread": None if spread is None else _number(float(spread[column])),
-        }
+        extra = {"loss": _number(v.score), "correct": panel.correct}
+        extra["spread"] = _number(panel.spread)
         validation.append(
             {
                 **entry(v, f"val_{v.index}.png", **extra),

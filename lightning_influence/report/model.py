@@ -42,6 +42,7 @@ class Example:
     image: Tensor | None = None  # [3, h, w] in [0, 1], upscaled
     saliency: Tensor | None = None  # [3, h, w] in [0, 1], red raises the validation loss
     fields: tuple[tuple[str, str], ...] = ()  # (feature name, value) of a tabular input
+    removal_effect: float | None = None  # change of the validation loss if removed from training
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Row:
     kind: str = ""
     val: Example | None = None
     times_median: float | None = None  # self-influence over its median, in the review list
+    panel: Panel | None = None  # the validation example's panel, in the list of them
 
 
 @dataclass
@@ -62,7 +64,13 @@ class Panel:
     val: Example  # score = its loss
     helpful: list[Example]
     harmful: list[Example]
+    spread: float = math.nan  # standard deviation of its scores over the training set
     figure: Tensor | None = None  # [3, H, W]
+
+    @property
+    def correct(self) -> bool | None:
+        """Whether the model predicts the validation example's label (``None``: no label)."""
+        return None if self.val.label == "-" else self.val.label == self.val.prediction
 
     def rows(self) -> list[Row]:
         """Helpful then harmful examples, ranked from 1 within each kind."""
@@ -96,6 +104,10 @@ class Report:
     @property
     def images(self) -> bool:
         return self.kind == "image"
+
+    def validation_rows(self) -> list[Row]:
+        """Every validation example kept for the dashboard, with its panel."""
+        return [Row(n, p.val, panel=p) for n, p in enumerate(self.dashboard, start=1)]
 
     def outlier_rows(self) -> list[Row]:
         """The review list ranked from 1, highest self-influence first."""
@@ -135,6 +147,7 @@ def build_report(
     images = kind == "image"
 
     losses = result.val_losses
+    spread = result.scores.float().std(dim=0) if result.n_train > 1 else None
     panels = []
     for j in columns:
         lists = []
@@ -143,8 +156,12 @@ def build_report(
             lists.append(
                 [train.example(i, s, _saliency(result, j, i, half, images)) for i, s in pairs]
             )
+            for e in lists[-1]:  # as ``result.removal_effect``: first order, -score / n
+                e.removal_effect = -e.score / result.n_train
         loss = float(losses[j]) if losses is not None else math.nan
-        panels.append(Panel(val.example(int(result.val_indices[j]), loss), lists[0], lists[1]))
+        panel = Panel(val.example(int(result.val_indices[j]), loss), lists[0], lists[1])
+        panel.spread = math.nan if spread is None else float(spread[j])
+        panels.append(panel)
     for panel in panels[: len(shown)] if images else []:
         panel.figure = drawing.panel_figure(panel)
 

@@ -1,8 +1,8 @@
 """Tables: markdown (TensorBoard's Text tab, the markdown report) and CSV, from one column list.
 
 A :class:`Column` says once what a table column holds; :data:`RANKINGS` and :data:`OUTLIERS` list
-them for the two tables (helpful and harmful examples per validation example, and the
-self-influence review list). Every backend reads its cells through these lists.
+them for the tables: the validation examples, their helpful and harmful training examples, and the
+self-influence review list. Every backend reads its cells through these lists.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ __all__ = [
     "MISLABELED_NOTE",
     "OUTLIERS",
     "RANKINGS",
+    "VALIDATION",
     "Column",
     "outliers_markdown",
     "panel_markdown",
@@ -49,6 +50,12 @@ class Column:
         return format(value, self.number) if self.number else str(value)
 
 
+def _panel(row: Row) -> Panel:
+    if row.panel is None:
+        raise ValueError("a validation row needs its panel")
+    return row.panel
+
+
 def _val(row: Row) -> Example:
     if row.val is None:
         raise ValueError("a ranking row needs its validation example")
@@ -65,6 +72,15 @@ RANKINGS: tuple[Column, ...] = (
     Column("label", "label", lambda r: r.example.label),
     Column("prediction", "prediction", lambda r: r.example.prediction),
     Column("score", "score", lambda r: r.example.score, "+.4g"),
+    Column("removal_effect", "if removed", lambda r: r.example.removal_effect, "+.3g"),
+)
+VALIDATION: tuple[Column, ...] = (
+    Column("val_index", "val index", lambda r: r.example.index),
+    Column("label", "label", lambda r: r.example.label),
+    Column("prediction", "prediction", lambda r: r.example.prediction),
+    Column("loss", "loss", lambda r: r.example.score, ".4g"),
+    Column("correct", "correct", lambda r: _panel(r).correct),
+    Column("spread", "spread", lambda r: _panel(r).spread, ".3g"),
 )
 OUTLIERS: tuple[Column, ...] = (
     Column("rank", "rank", lambda r: r.rank),
@@ -74,7 +90,8 @@ OUTLIERS: tuple[Column, ...] = (
     Column("self_influence", "self-influence", lambda r: r.example.score, ".4g"),
     Column("times_median", "x median", lambda r: r.times_median, ".3g"),
 )
-_NUMERIC = {"rank", "train_index", "index", "score", "self_influence", "times_median"}
+_NUMERIC = {"rank", "train_index", "index", "score", "removal_effect", "self_influence"}
+_NUMERIC |= {"times_median", "loss", "spread"}
 MISLABELED_NOTE = (
     "A training example with a wrong label can still be helpful: its input resembles this "
     "example's, so learning from it moves the model the same way. Judge labels by "
@@ -82,8 +99,8 @@ MISLABELED_NOTE = (
 )
 SCORE_NOTE = (
     "Score: how much up-weighting a training example changes this example's loss; negative = "
-    "it helped (lowered the loss), positive = it hurt. Removing it changes the loss by about "
-    "-score / (number of training examples)."
+    "it helped (lowered the loss), positive = it hurt. *If removed*: the predicted change of "
+    "this loss when the example is left out of training, -score / (number of training examples)."
 )
 
 

@@ -1,6 +1,6 @@
-"""Weights & Biases: tables with image cells (or text columns), the panel images, histograms,
-summary values and the saved result file as an artifact. ``wandb`` is imported only here, when a
-``WandbLogger`` is present."""
+"""Weights & Biases: tables (validation examples, rankings, the review list) with image cells, or
+text and feature columns; the panel images, histograms, summary values and the saved result file
+as an artifact. ``wandb`` is imported only here, when a ``WandbLogger`` is present."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lightning_influence.report.drawing import to_uint8
 from lightning_influence.report.model import Report, Row
-from lightning_influence.report.tables import OUTLIERS, RANKINGS, Column
+from lightning_influence.report.tables import OUTLIERS, RANKINGS, VALIDATION, Column
 
 __all__ = ["write_wandb"]
 
@@ -41,6 +41,9 @@ def write_wandb(
         return out
 
     logged: dict[str, Any] = {}
+    inputs: dict[str, Media] = {"image": lambda r: picture(r.example.image)}
+    if not report.images:
+        inputs = _inputs(report)
     if report.panels:
         rows = [row for panel in report.panels for row in panel.rows()]
         media: dict[str, Media] = {
@@ -48,18 +51,17 @@ def write_wandb(
             "saliency": lambda r: picture(r.example.saliency),
         }
         if not report.images:
-            media = {"val_input": lambda r: r.val and r.val.text, **_inputs(report)}
+            media = {"val_input": lambda r: r.val and r.val.text, **inputs}
         logged[f"{prefix}/rankings"] = table(RANKINGS, rows, media)
         for panel in report.panels:
             if panel.figure is not None:
                 logged[f"{prefix}/val_{panel.val.index}"] = picture(
                     panel.figure, f"validation example {panel.val.index}"
                 )
+    if report.dashboard:
+        logged[f"{prefix}/validation"] = table(VALIDATION, report.validation_rows(), inputs)
     if report.outliers:
-        media = {"image": lambda r: picture(r.example.image)}
-        if not report.images:
-            media = _inputs(report)
-        logged[f"{prefix}/outliers"] = table(OUTLIERS, report.outlier_rows(), media)
+        logged[f"{prefix}/outliers"] = table(OUTLIERS, report.outlier_rows(), inputs)
         if report.outliers_figure is not None:
             logged[f"{prefix}/outliers_image"] = picture(report.outliers_figure, "outliers")
     for name, values in report.histograms.items():
