@@ -313,18 +313,7 @@ class _Scaled(nn.Module):
 
 @pytest.mark.parametrize(
     "solver",
-    [
-        "exact",
-        "cg",
-        pytest.param(
-            "lissa",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the truncated Gauss-Newton rows (LiSSA's LowRank preconditioner) vmap "
-                "over examples with no loop fallback",
-            ),
-        ),
-    ],
+    ["exact", "cg", "lissa"],
 )
 def test_a_model_that_vmap_cannot_trace_falls_back_to_loops(solver: str) -> None:
     data = _classes(30)

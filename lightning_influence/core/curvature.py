@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_influence.core.data import IndexedData
@@ -269,7 +269,7 @@ def _gauss_newton_by_jacobians(
     ``H_b`` ``[k, k]`` (``k`` outputs per example)."""
 
     jacobian = torch.func.jacrev(partial(_flat_output, fm))
-    jac = vmap(jacobian, in_dims=(None, 0))(fm.theta, inputs)  # [B, k, p]
+    jac = _per_example(jacobian, fm.theta, inputs)  # [B, k, p]
     h_out = _output_hessians(fm, targets, out)
     jv = torch.einsum("bkp,mp->bkm", jac, vectors)
     hjv = torch.einsum("bkl,blm->bkm", h_out, jv)
@@ -312,9 +312,24 @@ def _gauss_newton_rows(
     def along(th: Tensor, x: Any, cotangent: Tensor) -> Tensor:
         return (_flat_output(fm, th, x) * cotangent).sum()
 
-    row = vmap(grad(along), in_dims=(None, 0, 0))  # one per-example backward pass per direction
-    rows = [row(fm.theta, inputs, top[:, :, j]) for j in range(top.shape[2])]
+    row = grad(along)  # one per-example backward pass per direction
+    rows = [_per_example(row, fm.theta, inputs, top[:, :, j]) for j in range(top.shape[2])]
     return rows, kept, total
+
+
+def _per_example(fn: Callable[..., Tensor], theta: Tensor, *batched: Any) -> Tensor:
+    """``fn(theta, *example)`` for each example of the batches, stacked: vmapped, or a loop over
+    examples for a model that ``vmap`` cannot trace (a forward that calls ``.item()``, say)."""
+    try:
+        return vmap(fn, in_dims=(None, *([0] * len(batched))))(theta, *batched)
+    except (RuntimeError, ValueError, NotImplementedError):
+        leaves = [t for t in tree_leaves(batched) if isinstance(t, Tensor)]
+        return torch.stack([fn(theta, *_example(batched, i)) for i in range(leaves[0].shape[0])])
+
+
+def _example(tree: Any, i: int) -> Any:
+    """Example ``i`` of every tensor in ``tree``, without its batch dimension."""
+    return tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, tree)
 
 
 def _top_directions(h_out: Tensor, directions: int) -> tuple[Tensor, float, float]:
