@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -143,7 +143,7 @@ class InfluenceCallback(Callback):
 
     def settings(self) -> dict[str, Any]:
         """The callback's settings, JSON-serialisable (saved with the result and in checkpoints)."""
-        shown = {k: v for k, v in asdict(self.log_settings).items() if k != "describe"}
+        shown = {k: v for k, v in self.log_settings.to_dict().items() if k != "describe"}
         return {**self._config().to_dict(), "log": shown, "filename": self.filename}
 
     @override

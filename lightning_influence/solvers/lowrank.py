@@ -189,7 +189,10 @@ class LowRank(FactorizedSolver):
                 "value such as 1e-3."
             )
         generator = torch.Generator().manual_seed(self.seed)
-        curv = curvature.subsample(self.max_examples, self.output_directions, generator)
+        # Its own generator: shards of different sizes must not leave processes with different
+        # random blocks for the sketch below.
+        subset_generator = torch.Generator().manual_seed(self.seed + 1)
+        curv = curvature.subsample(self.max_examples, self.output_directions, subset_generator)
         itemsize = torch.finfo(curv.dtype).bits // 8
         budget = max(1, self.max_memory // (itemsize * p))  # vectors of length p that fit
         if self.rank == "auto":
