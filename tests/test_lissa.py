@@ -44,7 +44,6 @@ def test_preconditioned_matches_the_explicit_inverse_where_plain_needs_thousands
     assert _rel(solved, expected) < 1e-2
     assert info["steps"] < plain_steps / 4
     assert info["relative_residual"] <= 1e-4
-    assert info["preconditioned_condition_number"] < plain_steps / 3
 
 
 def test_plain_lissa_is_still_available(digits: Callable[..., tuple], reference: type) -> None:

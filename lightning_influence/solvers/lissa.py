@@ -120,7 +120,7 @@ class LiSSA(Solver):
         and the recursion diverges unless ``scale`` bounds every minibatch it sees.
         """
         # decided on the global count, so every process runs the same number of products
-        n_probe = self.probe_batches if curvature.n_total > self.batch_size else 1
+        n_probe = min(self.probe_batches, -(-curvature.n_total // self.batch_size))
         top = 0.0
         for _ in range(n_probe):
             matvec = curvature.minibatch(self.batch_size, generator)
