@@ -16,13 +16,22 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp, vmap
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_influence.core.data import IndexedData
-from lightning_influence.core.gradients import one_example
 from lightning_influence.core.model import FunctionalModel
+from lightning_influence.core.products import (
+    detach,
+    flat_output,
+    gauss_newton_by_jacobians,
+    gauss_newton_products,
+    gauss_newton_rows,
+    hessian_products,
+    output_hessians,
+    per_example,
+    products_from_factors,
+)
 from lightning_influence.solvers.base import check_positive_int
 
 __all__ = ["Curvature", "CurvatureKind", "Reduce", "gauss_newton_method"]
@@ -127,13 +136,13 @@ class Curvature:
         vectors = vectors.to(dtype=fm.dtype, device=fm.device)
         with torch.enable_grad():
             if self.kind == "hessian":
-                return _hessian_products(fm, inputs, targets, vectors)
-            out = _detach(fm.outputs(fm.theta, inputs))
+                return hessian_products(fm, inputs, targets, vectors)
+            out = detach(fm.outputs(fm.theta, inputs))
             if not isinstance(out, Tensor) or out.ndim == 0:
-                return _gauss_newton_products(fm, inputs, targets, out, vectors)
+                return gauss_newton_products(fm, inputs, targets, out, vectors)
             directions = None if exact else self._truncated_directions(out)
             if directions is not None:
-                rows, kept, total = _gauss_newton_rows(fm, inputs, targets, out, directions)
+                rows, kept, total = gauss_newton_rows(fm, inputs, targets, out, directions)
                 self.trace_kept += kept
                 self.trace_total += total
                 return sum(
@@ -158,7 +167,7 @@ class Curvature:
         """Mean curvature over all training data applied to each row of ``vectors`` ``[m, p]``."""
         factors = self.factors()
         if factors is not None:
-            acc = _products_from_factors(*factors, vectors.to(self.dtype))
+            acc = products_from_factors(*factors, vectors.to(self.dtype))
         else:
             acc = torch.zeros_like(vectors, dtype=self.model.dtype, device=self.model.device)
             for _, batch in self.data.batches():
@@ -189,14 +198,14 @@ class Curvature:
         cheaper = 2 * k < 5 * self.flops_per_parameter
         if not cheaper or len(self.data) * k * fm.n_params * itemsize > _JACOBIAN_BYTES:
             return None
-        jacobian = torch.func.jacrev(partial(_flat_output, fm))
+        jacobian = torch.func.jacrev(partial(flat_output, fm))
         jacobians, hessians = [], []
         with torch.enable_grad():
             for _, batch in self.data.batches():
                 prepared = fm.prepare(batch)
-                out = _detach(fm.outputs(fm.theta, prepared.inputs))
-                jacobians.append(_per_example(jacobian, fm.theta, prepared.inputs).detach())
-                hessians.append(_output_hessians(fm, prepared.targets, out).detach())
+                out = detach(fm.outputs(fm.theta, prepared.inputs))
+                jacobians.append(per_example(jacobian, fm.theta, prepared.inputs).detach())
+                hessians.append(output_hessians(fm, prepared.targets, out).detach())
         order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(0))
         self._factors = torch.cat(jacobians)[order], torch.cat(hessians)[order]
         return self._factors
@@ -216,7 +225,7 @@ class Curvature:
             jacobians, hessians = factors[0][window], factors[1][window]
 
             def from_factors(vectors: Tensor) -> Tensor:
-                products = _products_from_factors(jacobians, hessians, vectors.to(self.dtype))
+                products = products_from_factors(jacobians, hessians, vectors.to(self.dtype))
                 return self.reduce(products) / count
 
             return from_factors
@@ -268,15 +277,15 @@ def gauss_newton_method(
     Example:
         >>> import torch
         >>> gauss_newton_method(torch.zeros(8, 10), torch.zeros(20, 100)).__name__
-        '_gauss_newton_products'
+        'gauss_newton_products'
         >>> gauss_newton_method(torch.zeros(8, 10), torch.zeros(20, 100), 30.0).__name__
-        '_gauss_newton_by_jacobians'
+        'gauss_newton_by_jacobians'
     """
     k, m, r = out[0].numel(), vectors.shape[0], flops_per_parameter
     jacobian_bytes = out.numel() * vectors.shape[1] * vectors.element_size()
     if 2 * k * r + 2 * k * m < 5 * m * r and jacobian_bytes <= _JACOBIAN_BYTES:
-        return _gauss_newton_by_jacobians
-    return _gauss_newton_products
+        return gauss_newton_by_jacobians
+    return gauss_newton_products
 
 
 def _flops_per_parameter(fm: FunctionalModel, inputs: Any) -> float:
@@ -285,125 +294,3 @@ def _flops_per_parameter(fm: FunctionalModel, inputs: Any) -> float:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         fm.outputs(fm.theta, example)
     return max(1.0, counter.get_total_flops() / 2 / fm.n_params)
-
-
-def _hessian_products(fm: FunctionalModel, inputs: Any, targets: Any, vectors: Tensor) -> Tensor:
-    def total(th: Tensor) -> Tensor:
-        return fm.losses(th, inputs, targets).sum()
-
-    def hv(v: Tensor) -> Tensor:
-        return jvp(grad(total), (fm.theta,), (v,))[1]
-
-    return vmap(hv)(vectors)
-
-
-def _gauss_newton_products(
-    fm: FunctionalModel, inputs: Any, targets: Any, out: Any, vectors: Tensor
-) -> Tensor:
-    """``J^T H_out J v``: forward mode for ``J v``, reverse mode for ``J^T``, vmapped over ``v``."""
-
-    def outputs(th: Tensor) -> Any:
-        return fm.outputs(th, inputs)
-
-    _, pullback = vjp(outputs, fm.theta)  # type: ignore[misc]
-
-    def loss_of_outputs(o: Any) -> Tensor:
-        return fm.losses_from_outputs(o, targets).sum()
-
-    def gnv(v: Tensor) -> Tensor:
-        jv = jvp(outputs, (fm.theta,), (v,))[1]
-        hjv = jvp(grad(loss_of_outputs), (out,), (jv,))[1]
-        return pullback(hjv)[0]
-
-    return vmap(gnv)(vectors)
-
-
-def _gauss_newton_by_jacobians(
-    fm: FunctionalModel, inputs: Any, targets: Any, out: Tensor, vectors: Tensor
-) -> Tensor:
-    """``sum_b J_b^T H_b J_b v`` with per-example Jacobians ``J_b`` ``[k, p]`` and loss Hessians
-    ``H_b`` ``[k, k]`` (``k`` outputs per example)."""
-
-    jacobian = torch.func.jacrev(partial(_flat_output, fm))
-    jac = _per_example(jacobian, fm.theta, inputs)  # [B, k, p]
-    h_out = _output_hessians(fm, targets, out)
-    jv = torch.einsum("bkp,mp->bkm", jac, vectors)
-    hjv = torch.einsum("bkl,blm->bkm", h_out, jv)
-    return torch.einsum("bkp,bkm->mp", jac, hjv)
-
-
-def _products_from_factors(jacobians: Tensor, hessians: Tensor, vectors: Tensor) -> Tensor:
-    """``sum_b J_b^T H_b J_b v`` for each row ``v`` of ``vectors``, from stored factors."""
-    n, k, p = jacobians.shape
-    jv = torch.matmul(jacobians, vectors.T)  # [n, k, m]
-    hjv = torch.bmm(hessians, jv).reshape(n * k, -1)
-    return (jacobians.reshape(n * k, p).T @ hjv).T
-
-
-def _flat_output(fm: FunctionalModel, theta: Tensor, example: Any) -> Tensor:
-    """The outputs of one unbatched example, flattened to ``[k]``."""
-    return fm.outputs(theta, one_example(example)).reshape(-1)
-
-
-def _output_hessians(fm: FunctionalModel, targets: Any, out: Tensor) -> Tensor:
-    """Each example's loss Hessian w.r.t. its own outputs, ``[B, k, k]``.
-
-    Per-sample losses make the batch's Hessian block-diagonal, so ``k`` reverse passes of the
-    summed loss's output gradient (one per output coordinate, all examples at once) give every
-    block: much faster than one vmapped Hessian per example.
-    """
-    batch, k = out.shape[0], out[0].numel()
-
-    def output_gradient(o: Tensor) -> Tensor:
-        return grad(lambda o: fm.losses_from_outputs(o.reshape(out.shape), targets).sum())(o)
-
-    _, pullback = vjp(output_gradient, out.reshape(batch, k))  # type: ignore[misc]
-    units = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(k, batch, k)
-    rows = vmap(lambda u: pullback(u)[0])(units)  # [k, B, k]: row i of every example's block
-    return rows.transpose(0, 1)
-
-
-def _gauss_newton_rows(
-    fm: FunctionalModel, inputs: Any, targets: Any, out: Tensor, directions: int
-) -> tuple[list[Tensor], float, float]:
-    """Rows ``r_bs = sqrt(l_bs) J_b^T u_bs`` from the top eigenpairs ``(l_bs, u_bs)`` of each
-    example's output Hessian, one ``[B, p]`` block per direction ``s``, so that
-    ``sum_s r_bs r_bs^T`` is ``J_b^T H_b J_b`` restricted to those directions: one per-example
-    backward pass per direction. Also returns the kept and the total trace of the output
-    Hessians."""
-    top, kept, total = _top_directions(_output_hessians(fm, targets, out), directions)
-
-    def along(th: Tensor, x: Any, cotangent: Tensor) -> Tensor:
-        return (_flat_output(fm, th, x) * cotangent).sum()
-
-    row = grad(along)  # one per-example backward pass per direction
-    rows = [_per_example(row, fm.theta, inputs, top[:, :, j]) for j in range(top.shape[2])]
-    return rows, kept, total
-
-
-def _per_example(fn: Callable[..., Tensor], theta: Tensor, *batched: Any) -> Tensor:
-    """``fn(theta, *example)`` for each example of the batches, stacked: vmapped, or a loop over
-    examples for a model that ``vmap`` cannot trace (a forward that calls ``.item()``, say)."""
-    try:
-        return vmap(fn, in_dims=(None, *([0] * len(batched))))(theta, *batched)
-    except (RuntimeError, ValueError, NotImplementedError):
-        leaves = [t for t in tree_leaves(batched) if isinstance(t, Tensor)]
-        return torch.stack([fn(theta, *_example(batched, i)) for i in range(leaves[0].shape[0])])
-
-
-def _example(tree: Any, i: int) -> Any:
-    """Example ``i`` of every tensor in ``tree``, without its batch dimension."""
-    return tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, tree)
-
-
-def _top_directions(h_out: Tensor, directions: int) -> tuple[Tensor, float, float]:
-    """Cotangents ``C_b = U_b sqrt(L_b)`` ``[B, k, directions]`` from the top eigenpairs of each
-    positive semi-definite ``h_out[b]``, and the kept and the total trace."""
-    evals, evecs = torch.linalg.eigh((h_out + h_out.transpose(1, 2)) / 2)  # ascending
-    evals = evals.clamp_min(0)
-    top = evals[:, -directions:]
-    return evecs[:, :, -directions:] * top[:, None, :].sqrt(), float(top.sum()), float(evals.sum())
-
-
-def _detach(tree: Any) -> Any:
-    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)

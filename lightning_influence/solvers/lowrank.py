@@ -15,14 +15,12 @@ vectors of length ``p``, never ``n_train x p``.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from lightning_influence.solvers.base import (
     CurvatureOperator,
@@ -30,6 +28,7 @@ from lightning_influence.solvers.base import (
     FactorizedSolver,
     check_positive_int,
 )
+from lightning_influence.solvers.sketch import lanczos, nystrom
 
 __all__ = ["LowRank", "LowRankInverse"]
 
@@ -273,7 +272,7 @@ class LowRank(FactorizedSolver):
             method = "nystrom" if curv.positive_semidefinite else "lanczos"
             if method == "lanczos" and block_size is None:
                 block_size = max(1, -(-dim // 2))
-        run = _nystrom if method == "nystrom" else _lanczos
+        run = nystrom if method == "nystrom" else lanczos
         evals, evecs, products, passes = run(
             curv, dim, block_size or (dim if method == "nystrom" else 1), generator, progress
         )
@@ -282,149 +281,3 @@ class LowRank(FactorizedSolver):
 
 
 _LOW_TRACE_SHARE = 0.5
-
-
-def _lanczos(
-    curvature: CurvatureOperator,
-    dim: int,
-    block_size: int,
-    generator: torch.Generator,
-    progress: bool,
-) -> tuple[Tensor, Tensor, int, int]:
-    """Ritz pairs of the curvature on a ``dim``-dimensional Krylov space.
-
-    Returns eigenvalues ``[dim]``, eigenvectors as rows ``[dim, p]``, the number of
-    curvature-vector products and the number of passes over the data.
-    """
-    p = curvature.n_params
-    dtype, device = curvature.dtype, curvature.device
-    basis = torch.zeros(dim, p, dtype=dtype, device=device)
-    proj = torch.zeros(dim, dim, dtype=torch.float64)
-    filled = 0
-    start = _random(min(block_size, dim), p, generator, dtype, device)
-    block = _orthonormal(start, basis[:0], generator)
-    passes = 0
-    bar = tqdm(total=dim, desc="Lanczos", disable=not progress, leave=False)
-    while filled < dim:
-        width = block.shape[0]
-        basis[filled : filled + width] = block
-        image = curvature.matvec(block)
-        passes += 1
-        # Column block of the Rayleigh quotient Q A Q^T, rows 0..filled+width.
-        proj[: filled + width, filled : filled + width] = (
-            basis[: filled + width] @ image.T
-        ).double()
-        filled += width
-        bar.update(width)
-        if filled < dim:
-            block = _orthonormal(image[: dim - filled], basis[:filled], generator)
-    bar.close()
-    upper = torch.triu(proj)
-    sym = upper + upper.T - torch.diag(torch.diagonal(proj))
-    evals, vecs = torch.linalg.eigh(sym)
-    evecs = vecs.T.to(dtype=dtype, device=device) @ basis
-    return evals.to(dtype), evecs, dim, passes
-
-
-def _nystrom(
-    curvature: CurvatureOperator,
-    dim: int,
-    block_size: int,
-    generator: torch.Generator,
-    progress: bool,
-) -> tuple[Tensor, Tensor, int, int]:
-    """Eigenpairs of the randomized Nystrom approximation from ``dim`` products.
-
-    Stable form (Tropp et al. 2017): shift ``Y`` by ``nu * Omega`` with a tiny ``nu``, take a
-    Cholesky factor ``C`` of ``Omega^T Y_nu``, and the SVD of ``C^-1 Y_nu`` (from its Gram matrix);
-    eigenvalues are the squared singular values minus ``nu``.
-    """
-    p = curvature.n_params
-    dtype, device = curvature.dtype, curvature.device
-    omega = _orthonormal(
-        _random(dim, p, generator, dtype, device), torch.zeros(0, p).to(dtype), generator
-    )
-    images = []
-    bar = tqdm(total=dim, desc="Nystrom", disable=not progress, leave=False)
-    for start in range(0, dim, block_size):
-        images.append(curvature.matvec(omega[start : start + block_size]).double())
-        bar.update(min(block_size, dim - start))
-    bar.close()
-    y = torch.cat(images)
-    om = omega.double()
-    nu = math.sqrt(p) * torch.finfo(dtype).eps * float(y.norm())
-    y_nu = y + nu * om
-    core = om @ y_nu.T
-    factor, info = torch.linalg.cholesky_ex((core + core.T) / 2)
-    if int(info) != 0:
-        raise ValueError(
-            "The Nystrom approximation needs a positive semi-definite curvature, and this one "
-            "has negative curvature (the Hessian of a non-convex model). Use "
-            "curvature='gauss_newton' or `LowRank(method='lanczos')`."
-        )
-    b = torch.linalg.solve_triangular(factor, y_nu, upper=False)
-    # The SVD of the short, wide ``b`` from the eigenpairs of its small Gram matrix ``b b^T``
-    # (eigenvalues ``s^2``, right singular vectors ``U^T b / s``): a fraction of the SVD's cost.
-    squares, u = torch.linalg.eigh(b @ b.T)
-    squares = squares.clamp_min(0.0)
-    sing = squares.sqrt()
-    kept = sing > torch.finfo(sing.dtype).eps * sing.max().clamp_min(1e-300) * dim
-    vh = torch.where(kept[:, None], (u.T @ b) / sing.clamp_min(1e-300)[:, None], 0.0)
-    evals = (squares - nu).clamp_min(0.0)
-    passes = -(-dim // block_size)
-    return evals.to(dtype), vh.to(dtype=dtype, device=device), dim, passes
-
-
-def _random(
-    rows: int, p: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device
-) -> Tensor:
-    # Drawn in float32 (four times faster than float64 on CPU) whatever the working dtype.
-    return torch.randn(rows, p, generator=generator).to(dtype=dtype, device=device)
-
-
-def _orthonormal(block: Tensor, basis: Tensor, generator: torch.Generator) -> Tensor:
-    """Rows of ``block`` made orthonormal to ``basis`` and to each other (Gram-Schmidt, twice).
-
-    A row that vanishes (the Krylov space became invariant) is replaced by a random vector, so
-    the basis always grows: at full dimension it spans the whole parameter space.
-    """
-    p = block.shape[1]
-    eps = 10 * torch.finfo(block.dtype).eps * math.sqrt(p)
-    norms = block.norm(dim=1)
-    v = block
-    for _ in range(2):
-        if basis.shape[0]:
-            v = v - (v @ basis.T) @ basis
-    q, r = torch.linalg.qr(v.T)
-    if bool((torch.diagonal(r).abs() > eps * norms.clamp_min(1e-300)).all()):
-        if not basis.shape[0]:
-            return q.T.contiguous()
-        # Heavy cancellation leaves the new rows slightly tilted towards the basis: once more.
-        q = q.T - (q.T @ basis.T) @ basis
-        return torch.linalg.qr(q.T)[0].T.contiguous()
-    return _orthonormal_rows(block, basis, generator, eps)
-
-
-def _orthonormal_rows(
-    block: Tensor, basis: Tensor, generator: torch.Generator, eps: float
-) -> Tensor:
-    """Row-by-row Gram-Schmidt that replaces rows lying in the span by random vectors."""
-    p = block.shape[1]
-    rows: list[Tensor] = []
-    for i in range(block.shape[0]):
-        v = block[i].clone()
-        for _attempt in range(5):
-            norm0 = float(v.norm())
-            for _ in range(2):
-                if basis.shape[0]:
-                    v -= (basis @ v) @ basis
-                for r in rows:
-                    v -= (r @ v) * r
-            norm = float(v.norm())
-            if norm > eps * max(norm0, 1e-300) and norm > 0:
-                rows.append(v / norm)
-                break
-            v = _random(1, p, generator, block.dtype, block.device)[0]
-        else:  # pragma: no cover - only when the basis already spans everything
-            raise RuntimeError("Lanczos could not extend the basis; the space is exhausted.")
-    return torch.stack(rows)
