@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,10 +191,11 @@ def test_sequence_classification_gradients_match_a_loop() -> None:
 # ------------------------------------------------------------------ built-in transformer layers
 
 
-def test_transformer_gradients_match_a_loop_without_fallback() -> None:
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_transformer_gradients_match_a_loop_without_fallback(chunk_size: int | None) -> None:
     model = _tiny_lm()
     batch = _token_batch(9)
-    task = LanguageModelingTask()
+    task = LanguageModelingTask(chunk_size=chunk_size)
     fm = FunctionalModel(model, task)
     inputs, labels, _ = fm.check_batch(batch)
     with warnings.catch_warnings():
@@ -237,14 +240,14 @@ def test_differentiable_attention_restores_settings_after_an_error() -> None:
     assert torch.backends.mha.get_fastpath_enabled()
 
 
-def _trained_tiny_lm() -> tuple[nn.Module, TensorDataset, TensorDataset]:
+def _trained_tiny_lm(steps: int = 60) -> tuple[nn.Module, TensorDataset, TensorDataset]:
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(1, VOCAB, (48, LENGTH), generator=gen)
     ids[:, 2] = (ids[:, 1] + 1) % VOCAB  # something learnable
     model = _tiny_lm().train()
     opt = torch.optim.Adam(model.parameters(), lr=0.03)
     task = LanguageModelingTask(reduction="mean")
-    for _ in range(60):
+    for _ in range(steps):
         opt.zero_grad()
         task.loss(model(ids), ids).mean().backward()
         opt.step()
@@ -271,3 +274,36 @@ def test_default_solver_matches_exact_on_a_tiny_transformer() -> None:
     )
     assert pearson >= 0.99
     assert spearman >= 0.97
+
+
+def test_decoded_text_in_the_csv_files_and_tensorboard(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from test_logging import table_rows, tb_text, tensorboard_events
+
+    from lightning_influence.report import LogSettings, log_influence
+
+    words = [f"w{i}" for i in range(VOCAB)]
+    task = LanguageModelingTask(decode=lambda ids: " ".join(words[i] for i in ids))
+    model, train, queries = _trained_tiny_lm(steps=5)
+    result = compute_influence(
+        model, train, queries, task=task, solver=Exact(), damping=0.1, progress=False
+    )
+    settings = LogSettings(n_val=2, top_k=3, n_outliers=4)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    log_influence(result, [logger], train, queries, task, tmp_path / "out", settings)
+
+    def text(data: TensorDataset, index: int) -> str:
+        return " ".join(words[i] for i in data[index][0].tolist())
+
+    with (tmp_path / "out" / "influence_rankings.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    top = int(result.helpful(1).indices[0, 0])
+    first = next(r for r in rows if r["val_index"] == "0" and r["kind"] == "helpful")
+    assert first["train_index"] == str(top) and first["input"] == text(train, top)
+    assert first["val_input"] == text(queries, 0)
+    with (tmp_path / "out" / "influence_outliers.csv").open() as f:
+        outlier = next(csv.DictReader(f))
+    worst = int(result.outliers(1).indices[0])
+    assert outlier["index"] == str(worst) and outlier["input"] == text(train, worst)
+    tb_rows = table_rows(tb_text(tensorboard_events(tmp_path / "tb"), "influence/val_0"))
+    assert tb_rows[0][2] == str(top) and tb_rows[0][6] == f"`{text(train, top)}`"

@@ -351,7 +351,9 @@ class _ExampleSource:
 
     def example(self, index: int, score: float, saliency: Tensor | None = None) -> _Example:
         x = self.inputs[index]
-        describe = self.settings.describe or _default_describe
+        # A task that knows its inputs (token ids -> text) describes them unless told otherwise.
+        task_describe: Callable[[Any], str] = getattr(self.task, "describe", _default_describe)
+        describe = self.settings.describe or task_describe
         size = self.settings.image_size
         return _Example(
             index=index,
@@ -683,9 +685,12 @@ def _write_outliers_csv(report: _Report, path: Path) -> Path | None:
         return None
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["rank", "index", "given_label", "predicted_label", "self_influence"])
+        text = not report.images  # inputs shown as text go in the table too
+        header = ["rank", "index", "given_label", "predicted_label", "self_influence"]
+        writer.writerow(header + (["input"] if text else []))
         for rank, e in enumerate(report.outliers, start=1):
-            writer.writerow([rank, e.index, e.label, e.prediction, repr(e.score)])
+            row = [rank, e.index, e.label, e.prediction, repr(e.score)]
+            writer.writerow(row + ([e.text] if text else []))
     return path
 
 
@@ -694,12 +699,13 @@ def _write_rankings_csv(report: _Report, path: Path) -> Path | None:
         return None
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(_RANKING_COLUMNS)
+        text = not report.images  # inputs shown as text go in the table too
+        writer.writerow([*_RANKING_COLUMNS, *(("val_input", "input") if text else ())])
         for panel in report.panels:
             v = panel.val
             for kind, rank, e in panel.rows():
                 row = [v.index, v.label, v.prediction, kind, rank, e.index, e.label, e.prediction]
-                writer.writerow([*row, repr(e.score)])
+                writer.writerow([*row, repr(e.score), *((v.text, e.text) if text else ())])
     return path
 
 
