@@ -50,7 +50,11 @@ def per_sample_gradients(model: FunctionalModel, inputs: Any, targets: Any) -> T
 
     try:
         with torch.enable_grad():
-            return vmap(grad(loss_one), in_dims=(None, 0, 0))(theta, inputs, targets)
+            # A task may bound how many examples are differentiated at once (activation memory).
+            chunk = getattr(model.task, "chunk_size", None)
+            return vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk)(
+                theta, inputs, targets
+            )
     except TaskError:
         raise
     except (RuntimeError, ValueError, NotImplementedError) as err:

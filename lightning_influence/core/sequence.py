@@ -134,6 +134,10 @@ class LanguageModelingTask(_TokenTask):
         model_kwargs: batch keys passed to the model as keywords, e.g. ``("input_ids",
             "attention_mask")``; ``None`` (the default) calls ``model(input_ids)``.
         decode: turns a list of token ids into text, for tables and logs.
+        chunk_size: sequences differentiated at once in a batch of per-sample gradients
+            (``None``: the whole batch). Activations grow with the length and the batch while
+            the gradients kept do not, so a small value bounds the memory of long sequences at
+            some cost in speed.
 
     Example:
         >>> import torch
@@ -156,9 +160,13 @@ class LanguageModelingTask(_TokenTask):
         shift: bool = True,
         model_kwargs: Sequence[str] | None = None,
         decode: Decode | None = None,
+        chunk_size: int | None = None,
     ) -> None:
         if reduction not in ("sum", "mean"):
             raise ValueError(f"`reduction` must be 'sum' or 'mean', got {reduction!r}.")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
+        self.chunk_size = chunk_size
         self.model_kwargs = _check_common(ignore_index, model_kwargs)
         self.reduction, self.ignore_index, self.shift = reduction, ignore_index, shift
         self.decode = decode
