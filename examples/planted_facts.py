@@ -9,7 +9,8 @@ queries) should rank the sequence that states the fact as the most helpful one; 
 dot product is scored beside it. Nothing is downloaded.
 
     python examples/planted_facts.py               # about 3 minutes on one CPU thread
-    python examples/planted_facts.py --facts 16 --distractors 144 --epochs 120   # quicker
+    python examples/planted_facts.py --facts 12 --distractors 108 --epochs 100   # 30 s
+    python examples/planted_facts.py --report facts_report   # also CSV tables with the text
 """
 
 from __future__ import annotations
@@ -30,14 +31,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_influence import (
+    CG,
     FunctionalModel,
     LanguageModelingTask,
-    LiSSA,
     completion_example,
     compute_influence,
 )
 from lightning_influence.core.gradients import per_sample_gradients
 from lightning_influence.core.sequence import IGNORE_INDEX, pad_sequences
+from lightning_influence.report import LogSettings, log_influence
 
 PAD = "<pad>"
 _NOUNS = {
@@ -225,12 +227,16 @@ def answers(module: nn.Module, corpus: Corpus, queries: PaddedSequences) -> list
 
 
 def gradient_dot_products(
-    module: nn.Module, task: LanguageModelingTask, train: Dataset[Any], queries: Dataset[Any]
+    module: nn.Module,
+    task: LanguageModelingTask,
+    train: Dataset[Any],
+    queries: Dataset[Any],
+    parameters: list[str] | None = None,
 ) -> Tensor:
-    """``g_train . g_query`` for every pair ``[n_train, n_queries]``: influence without the
-    inverse curvature."""
+    """``g_train . g_query`` for every pair ``[n_train, n_queries]`` over the same parameters:
+    influence without the inverse curvature."""
     module.eval()
-    fm = FunctionalModel(module, task)
+    fm = FunctionalModel(module, task, parameters, dtype=torch.float64)
 
     def gradients(data: Dataset[Any]) -> Tensor:
         rows = []
@@ -251,13 +257,25 @@ def rank_of(scores: Tensor, target: int, helpful_is_low: bool) -> int:
 # ----------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--facts", type=int, default=40, help="facts planted (default 40)")
-    parser.add_argument("--distractors", type=int, default=360, help="sequences without a fact")
+    parser.add_argument("--facts", type=int, default=24, help="facts planted (default 24)")
+    parser.add_argument("--distractors", type=int, default=216, help="sequences without a fact")
     parser.add_argument("--epochs", type=int, default=150, help="training epochs (default 150)")
     parser.add_argument("--damping", type=float, default=1e-3, help="lambda of H + lambda I")
+    parser.add_argument("--cg-steps", type=int, default=50, help="conjugate-gradient iterations")
+    parser.add_argument(
+        "--parameters",
+        nargs="+",
+        default=["model.head.weight"],
+        help="parameter name patterns (default: the output layer; '*' takes all, much slower)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--out", type=Path, default=None, help="save the result file here")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="folder for the result file and the tables with decoded text (CSV, markdown)",
+    )
     return parser.parse_args(argv)
 
 
@@ -294,15 +312,20 @@ def run(args: argparse.Namespace) -> Ranks:
         train,
         queries,
         task=task,
-        solver=LiSSA(),
+        solver=CG(max_iter=args.cg_steps),
         damping=args.damping,
+        parameters=args.parameters,
+        dtype=torch.float64,  # float32 CG loses the small curvature directions that matter here
         self_influence=False,
         progress=False,
     )
     print(f"influence in {time.perf_counter() - started:.0f} s")
-    if args.out is not None:
-        result.save(args.out)
-    dots = gradient_dot_products(module, task, train, queries)
+    if args.report is not None:
+        result.save(args.report / "influence.pt")
+        settings = LogSettings(n_val=len(corpus.facts), top_k=5, n_outliers=0)
+        log_influence(result, [], train, queries, task, args.report, settings)
+        print(f"tables with decoded text in {args.report}/")
+    dots = gradient_dot_products(module, task, train, queries, args.parameters)
 
     ranks = Ranks([], [], [])
     for j, ok in enumerate(correct):
