@@ -5,8 +5,9 @@ each stated in exactly one training sequence among many distractor sequences (so
 the same names in other sentences), trains a small causal transformer (PyTorch's own
 ``nn.TransformerEncoder`` with a causal mask) from scratch with Lightning, and asks for each fact
 the completion "the capital of X is" -> "Y". Influence (``compute_influence`` with completion
-queries) should rank the sequence that states the fact as the most helpful one; a plain gradient
-dot product is scored beside it. Nothing is downloaded.
+queries, CG on the output layer's weights in float64) should rank the sequence that states the
+fact first among the helpful ones; a plain gradient dot product is scored beside it. Nothing is
+downloaded.
 
     python examples/planted_facts.py               # about 3 minutes on one CPU thread
     python examples/planted_facts.py --facts 12 --distractors 108 --epochs 100   # 30 s
@@ -346,13 +347,15 @@ def report(corpus: Corpus, ranks: Ranks) -> None:
             f"{name:>22}: stating sequence ranked first for {Ranks.share(r, 1):.0%}, "
             f"in the top 5 for {Ranks.share(r, 5):.0%}"
         )
-    shared = [k for k, j in enumerate(ranks.facts) if corpus.shared_names[j]]
-    if shared:
+    groups = (("reuse", True), ("do not reuse", False))
+    for words, shared in groups:
+        rows = [k for k, j in enumerate(ranks.facts) if corpus.shared_names[j] == shared]
         for name, r in methods:
-            picked = [r[k] for k in shared]
+            picked = [r[k] for k in rows]
             print(
-                f"{name:>22}: first for {Ranks.share(picked, 1):.0%} of the {len(shared)} facts "
-                "whose names also appear in distractors"
+                f"{name:>22}: first for {Ranks.share(picked, 1):.0%}, top 5 for "
+                f"{Ranks.share(picked, 5):.0%} of the {len(rows)} facts whose names "
+                f"distractors {words}"
             )
     for k, j in enumerate(ranks.facts[:3]):
         print(

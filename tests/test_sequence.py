@@ -307,3 +307,51 @@ def test_decoded_text_in_the_csv_files_and_tensorboard(tmp_path: Path) -> None:
     assert outlier["index"] == str(worst) and outlier["input"] == text(train, worst)
     tb_rows = table_rows(tb_text(tensorboard_events(tmp_path / "tb"), "influence/val_0"))
     assert tb_rows[0][2] == str(top) and tb_rows[0][6] == f"`{text(train, top)}`"
+
+
+def test_callback_shows_decoded_sequences_in_tensorboard(tmp_path: Path) -> None:
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from test_logging import table_rows, tb_text, tensorboard_events
+    from torch.utils.data import DataLoader
+
+    from lightning_influence import InfluenceCallback
+
+    words = [f"w{i}" for i in range(VOCAB)]
+    _, train, queries = _trained_tiny_lm(steps=0)
+    module = LanguageModel(CausalTransformer(VOCAB, LENGTH, width=8, layers=1, heads=2))
+
+    def as_dict(rows: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+        return {
+            "input_ids": torch.stack([r[0] for r in rows]),
+            "labels": torch.stack([r[1] for r in rows]),
+        }
+
+    batches = DataLoader(train, batch_size=16, collate_fn=as_dict)
+    callback = InfluenceCallback(
+        task=LanguageModelingTask(decode=lambda ids: " ".join(words[i] for i in ids)),
+        solver="exact",
+        damping=0.1,
+        self_influence=False,
+        perturbation_k=0,  # input-space maps need floating-point inputs, not token ids
+        train_dataset=train,
+        val_dataset=queries,
+        log_val=1,
+        top_k=2,
+    )
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        logger=TensorBoardLogger(tmp_path, name="tb"),
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(module, batches)
+    assert callback.result is not None
+    top = int(callback.result.helpful(1).indices[0, 0])
+    text = tb_text(tensorboard_events(tmp_path / "tb"), "influence/val_0")
+    assert "Input: `" + " ".join(words[i] for i in queries[0][0].tolist()) + "`" in text
+    row = table_rows(text)[0]
+    assert row[2] == str(top) and row[6] == "`" + " ".join(words[i] for i in train[top][0]) + "`"
