@@ -19,6 +19,7 @@ import ctypes
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     example_pass(fm, data.subset(data.indices[:2]), val_inverse)  # one-off set-up costs
     Path("/proc/self/clear_refs").write_text("5")  # reset the resident high-water mark
     before = _rss_kib("VmRSS")
+    started = time.perf_counter()
     scored = example_pass(fm, data, val_inverse)
+    seconds = time.perf_counter() - started
     peak = _rss_kib("VmHWM") - before
     assert scored.scores is not None
     return {
@@ -66,6 +69,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "n_params": fm.n_params,
         "gradient_bytes_per_batch": args.batch_size * fm.n_params * 4,
         "peak_mib": peak / 1024,
+        "seconds": seconds,
     }
 
 
@@ -98,7 +102,8 @@ def main() -> None:
         print(
             f"length {length:4d}: peak {rows[-1]['peak_mib']:8.1f} MiB above the start "
             f"(gradients of one batch: {rows[-1]['gradient_bytes_per_batch'] / 2**20:.1f} MiB, "
-            f"{rows[-1]['n_params']:,} parameters, batch {args.batch_size})"
+            f"{rows[-1]['n_params']:,} parameters, batch {args.batch_size}), "
+            f"{rows[-1]['seconds']:.1f} s"
         )
     ratio = rows[1]["peak_mib"] / rows[0]["peak_mib"]
     print(f"peak memory ratio, length {args.lengths[1]} / {args.lengths[0]}: {ratio:.2f}x")
