@@ -14,6 +14,11 @@ from lightning_influence.core.curvature import Curvature
 from lightning_influence.core.data import IndexedData, as_indexed
 from lightning_influence.core.model import FunctionalModel, select_parameters
 from lightning_influence.core.scores import perturbation_influence
+from lightning_influence.core.sequence import (
+    LanguageModelingTask,
+    SequenceClassificationTask,
+    completion_example,
+)
 from lightning_influence.core.task import ClassificationTask, RegressionTask, Task, TaskError
 from lightning_influence.metrics import detection_metrics
 from lightning_influence.report import LogSettings
@@ -34,17 +39,20 @@ __all__ = [
     "InfluenceConfig",
     "InfluenceError",
     "InfluenceResult",
+    "LanguageModelingTask",
     "LiSSA",
     "LogSettings",
     "LowRank",
     "Ranking",
     "RegressionTask",
+    "SequenceClassificationTask",
     "Solver",
     "SolverDivergedError",
     "Task",
     "TaskError",
     "__version__",
     "as_indexed",
+    "completion_example",
     "compute_influence",
     "detection_metrics",
     "influence_from_checkpoint",

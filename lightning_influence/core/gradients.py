@@ -59,7 +59,11 @@ class PerSampleGradients:
 
         try:
             with torch.enable_grad():
-                return vmap(grad(loss_one), in_dims=(None, 0, 0))(model.theta, inputs, targets)
+                # A task may bound how many examples are differentiated at once (activations).
+                chunk = getattr(model.task, "chunk_size", None)
+                return vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk)(
+                    model.theta, inputs, targets
+                )
         except TaskError:
             raise
         except (RuntimeError, ValueError, NotImplementedError) as err:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
+from lightning_influence.core.attention import differentiable_attention
 from lightning_influence.core.task import Task, TaskError
 
 __all__ = ["Batch", "FunctionalModel", "select_parameters"]
@@ -129,7 +130,8 @@ class FunctionalModel:
     def outputs(self, theta: Tensor, inputs: Any) -> Any:
         """Model outputs with parameters ``theta``."""
         state = {**self.fixed, **self.unflatten(theta)}
-        return functional_call(self._forward, _prefixed(state), (inputs,), strict=False)
+        with differentiable_attention():  # built-in transformer layers, differentiable
+            return functional_call(self._forward, _prefixed(state), (inputs,), strict=False)
 
     def losses_from_outputs(self, outputs: Any, targets: Any, size: int | None = None) -> Tensor:
         """Per-sample losses from outputs, checked to be one per example (``size`` of them)."""

@@ -10,8 +10,10 @@ from pathlib import Path
 from lightning_influence.report.drawing import histogram_figure, write_png
 from lightning_influence.report.model import Report
 from lightning_influence.report.tables import (
+    INPUT,
     OUTLIERS,
     RANKINGS,
+    VAL_INPUT,
     outliers_markdown,
     panel_markdown,
     summary_markdown,
@@ -24,9 +26,12 @@ __all__ = ["write_files", "write_tables"]
 def write_tables(report: Report, out_dir: Path, stem: str) -> list[Path]:
     """The review list and the rankings as CSV (those that are not empty)."""
     rankings = [row for panel in report.panels for row in panel.rows()]
+    outliers, ranking = list(OUTLIERS), list(RANKINGS)
+    if not report.images:  # inputs shown as text go in the tables too
+        outliers, ranking = [*outliers, INPUT], [*ranking, VAL_INPUT, INPUT]
     files = [
-        write_csv(out_dir / f"{stem}_outliers.csv", OUTLIERS, report.outlier_rows()),
-        write_csv(out_dir / f"{stem}_rankings.csv", RANKINGS, rankings),
+        write_csv(out_dir / f"{stem}_outliers.csv", outliers, report.outlier_rows()),
+        write_csv(out_dir / f"{stem}_rankings.csv", ranking, rankings),
     ]
     return [f for f in files if f is not None]
 

@@ -10,7 +10,7 @@ are shown as text through ``LogSettings.describe``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -248,6 +248,11 @@ class _ExampleSource:
             for index, x in self.inputs.items():
                 self.tiles[index] = drawing.image_tile(x, self.settings.image_size)
 
+    @property
+    def _describe(self) -> Callable[[Any], str] | None:
+        """The settings' ``describe``, else the task's own (token ids to text, say), if any."""
+        return self.settings.describe or getattr(self.task, "describe", None)
+
     def _label(self, labels: Tensor | None, index: int) -> str:
         pos = self.position.get(index)
         if labels is None or pos is None:
@@ -264,7 +269,7 @@ class _ExampleSource:
             label=self._label(self.targets, index),
             prediction=self._label(self.predictions, index),
             score=score,
-            text=self.settings.describe(x) if self.settings.describe else text,
+            text=self._describe(x) if self._describe else text,
             image=self.tiles.get(index),
             saliency=None if saliency is None else drawing.saliency_tile(saliency, size),
             fields=fields,

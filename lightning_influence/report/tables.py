@@ -21,10 +21,12 @@ if TYPE_CHECKING:
     from lightning_influence.result import InfluenceResult
 
 __all__ = [
+    "INPUT",
     "MISLABELED_NOTE",
     "OUTLIERS",
     "RANKINGS",
     "VALIDATION",
+    "VAL_INPUT",
     "Column",
     "outliers_markdown",
     "panel_markdown",
@@ -90,6 +92,9 @@ OUTLIERS: tuple[Column, ...] = (
     Column("self_influence", "self-influence", lambda r: r.example.score, ".4g"),
     Column("times_median", "x median", lambda r: r.times_median, ".3g"),
 )
+# Inputs shown as text (decoded sequences, sentences) also go in the CSV and W&B tables.
+VAL_INPUT = Column("val_input", "val input", lambda r: _val(r).text, markdown=False)
+INPUT = Column("input", "input", lambda r: r.example.text, markdown=False)
 _NUMERIC = {"rank", "train_index", "index", "score", "removal_effect", "self_influence"}
 _NUMERIC |= {"times_median", "loss", "spread"}
 MISLABELED_NOTE = (
