@@ -114,3 +114,56 @@ def test_one_factorization_serves_lissa_and_self_influence(digits: Callable[...,
     )
     assert _rel(result.scores, exact.scores) < 1e-2
     assert torch.corrcoef(torch.stack([result.self_influence, exact.self_influence]))[0, 1] > 0.99
+
+
+def _regression_problem() -> tuple[nn.Module, torch.utils.data.TensorDataset]:
+    """pyDVL's closed-form case: linear regression with 4 outputs and 20 inputs."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 20, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(20, 4, generator=gen, dtype=torch.float64)
+    y += 0.1 * torch.randn(200, 4, generator=gen, dtype=torch.float64)
+    torch.manual_seed(0)
+    return nn.Linear(20, 4).double(), torch.utils.data.TensorDataset(x, y)
+
+
+def _closed_form(model: nn.Linear, data: torch.utils.data.TensorDataset, damping: float):
+    """Scores and self-influence of the mean per-example squared error (averaged over the 4
+    outputs), from its explicit Hessian: no package code."""
+    x, y = data.tensors
+    xb = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # [n, 21]
+    residual = (xb @ torch.cat([model.weight, model.bias[:, None]], 1).T.detach()) - y  # [n, 4]
+    k = y.shape[1]
+    grads = (2 / k) * torch.einsum("no,ni->noi", residual, xb)  # [n, 4, 21]
+    grads = torch.cat([grads[:, :, :20].reshape(len(x), -1), grads[:, :, 20]], 1)  # weight, bias
+    gram = (2 / k) * xb.T @ xb / len(x)  # each output's block of the Hessian
+    hessian = torch.zeros(grads.shape[1], grads.shape[1], dtype=x.dtype)
+    for o in range(k):
+        rows = [*range(o * 20, o * 20 + 20), 80 + o]
+        hessian[torch.tensor(rows)[:, None], torch.tensor(rows)] = gram
+    inverse = torch.linalg.inv(hessian + damping * torch.eye(len(hessian), dtype=x.dtype))
+    return -grads @ inverse @ grads.T, torch.einsum("np,pq,nq->n", grads, inverse, grads)
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ranks = torch.stack([a.flatten().argsort().argsort(), b.flatten().argsort().argsort()])
+    return float(torch.corrcoef(ranks.double())[0, 1])
+
+
+def test_lowrank_on_a_four_output_regression_is_accurate_or_warns() -> None:
+    from lightning_influence import RegressionTask
+
+    model, data = _regression_problem()
+    scores, self_influence = _closed_form(model, data, 0.1)
+    options = dict(damping=0.1, task=RegressionTask(), progress=False, val_indices=range(20))
+    with pytest.warns(UserWarning, match="output Hessians' trace"):
+        compute_influence(model, data, data, solver=LowRank(), **options)
+    # max_condition near 1: the rest of the space, inverted as 1 / damping, holds little curvature
+    exact_gn = LowRank(output_directions=None, max_examples=None, max_condition=2)
+    result = compute_influence(
+        model, data, data, solver=exact_gn, self_influence_solver=exact_gn, **options
+    )
+    assert (
+        torch.corrcoef(torch.stack([result.scores.flatten(), scores[:, :20].flatten()]))[0, 1]
+        > 0.99
+    )
+    assert _spearman(result.self_influence, self_influence) > 0.99

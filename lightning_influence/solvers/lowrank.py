@@ -112,7 +112,9 @@ class LowRank(FactorizedSolver):
             reached (with a warning). The diagnostics say which one stopped it.
         oversample: extra products beyond ``rank`` (sharpen the kept eigenpairs).
         max_condition: the condition number left beyond the kept eigenvectors that ``"auto"``
-            aims for, ``(e_rank + damping) / damping``.
+            aims for, ``(e_rank + damping) / damping``. 50 suits a preconditioner and
+            self-influence rankings; as an inverse on its own, where the rest of the space is
+            inverted as ``1 / damping``, accurate scores need it near 1 (e.g. 2).
         max_memory: bytes that the kept eigenvectors (``rank x p`` numbers) may take.
         method: ``"auto"``, ``"nystrom"`` or ``"lanczos"``.
         block_size: products per pass over the data; by default all of them for ``"nystrom"``,
