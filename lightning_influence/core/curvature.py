@@ -91,6 +91,7 @@ class Curvature:
         # Running totals of the output Hessians' trace, kept and overall, over truncated products.
         self.trace_kept = 0.0
         self.trace_total = 0.0
+        self._uniform_share: float | None = None
         # Forward multiply-adds per example and parameter (weight reuse), counted on first use.
         self.flops_per_parameter: float | None = None
         # Every local example's Jacobian and output Hessian, once worth keeping (see `factors`).
@@ -153,6 +154,12 @@ class Curvature:
             method = gauss_newton_method(out, vectors, self.flops_per_parameter)
             return method(fm, inputs, targets, out, vectors)
 
+    @property
+    def output_trace_uniform(self) -> float | None:
+        """The share the kept directions would carry if every output direction weighed the same
+        (``output_directions / outputs``), once products were truncated; ``None`` before."""
+        return self._uniform_share
+
     def _truncated_directions(self, out: Tensor) -> int | None:
         """``output_directions`` where truncation applies (fewer directions than outputs, and the
         ``batch x outputs x outputs`` Hessians fit in 256 MiB), else ``None``: exact products."""
@@ -161,7 +168,10 @@ class Curvature:
             return None
         outputs = out[0].numel()
         fits = out.shape[0] * outputs**2 * out.element_size() <= _JACOBIAN_BYTES
-        return directions if directions < outputs and fits else None
+        if directions < outputs and fits:
+            self._uniform_share = directions / outputs
+            return directions
+        return None
 
     def matvec(self, vectors: Tensor, exact: bool = False) -> Tensor:
         """Mean curvature over all training data applied to each row of ``vectors`` ``[m, p]``."""

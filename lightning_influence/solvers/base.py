@@ -63,6 +63,11 @@ class CurvatureOperator(Protocol):
         """Share of the output Hessians' trace kept by truncated Gauss-Newton products so far."""
         ...
 
+    @property
+    def output_trace_uniform(self) -> float | None:
+        """The share the kept directions would carry if all output directions weighed the same."""
+        ...
+
     def matvec(self, vectors: Tensor) -> Tensor:
         """Curvature on all training data applied to each row of ``vectors`` ``[m, p]``."""
         ...

@@ -124,8 +124,9 @@ class LowRank(FactorizedSolver):
         output_directions: for the Gauss-Newton matrix, keep the top ``output_directions``
             eigenvectors of each example's output Hessian (one backward pass each, instead of
             one per model output); ``None`` is exact. One suffices for a softmax classifier;
-            a warning says when the kept directions carry under half of the output Hessians'
-            trace (a regressor with several outputs, say). Ignored for the Hessian.
+            a warning says when the kept directions carry under 1.5 times the share they would
+            if all output directions weighed the same (a regressor with several outputs, whose
+            output Hessian is isotropic, say). Ignored for the Hessian.
         seed: seeds the random vectors and the subset.
 
     Example:
@@ -253,7 +254,8 @@ class LowRank(FactorizedSolver):
         if kept is not None:
             info["output_directions"] = float(self.output_directions or 0)
             info["output_trace_kept"] = kept
-            if kept < _LOW_TRACE_SHARE:
+            uniform = curv.output_trace_uniform or 0.0
+            if kept < _LOW_TRACE_GAIN * uniform:  # barely better than keeping any direction
                 warnings.warn(
                     f"LowRank kept {kept:.0%} of the output Hessians' trace with "
                     f"`output_directions={self.output_directions}`, so its Gauss-Newton matrix "
@@ -282,4 +284,4 @@ class LowRank(FactorizedSolver):
         return evals[order], evecs[order], min(0.0, float(evals.min())), products, passes
 
 
-_LOW_TRACE_SHARE = 0.5
+_LOW_TRACE_GAIN = 1.5
