@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--solver",
         choices=["lissa", "cg", "exact"],
-        default="exact",
-        help="exact: fastest below a few thousand parameters (default); cg, lissa: scale further",
+        default="lissa",
+        help="lissa (default, preconditioned: any model size); exact, cg: small models",
     )
     parser.add_argument(
         "--parameters",
