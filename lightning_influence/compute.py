@@ -44,7 +44,6 @@ __all__ = [
 ]
 
 Data = Dataset[Any] | DataLoader[Any] | IndexedData
-CURVATURE_BATCH = 256
 
 
 def default_self_influence_solver(n_params: int, solver: Solver | None = None) -> FactorizedSolver:
@@ -191,9 +190,7 @@ def _compute(
     if reduce is not None:
         check_examples_everywhere(fm, train, reduce)
     # Full passes over the curvature data (CG, Exact, LowRank) run faster in larger batches.
-    curv = Curvature(
-        fm, train.rebatched(max(train.batch_size, CURVATURE_BATCH)), config.curvature, reduce
-    )
+    curv = Curvature(fm, train.rebatched(config.curvature_batch_size), config.curvature, reduce)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()

@@ -52,7 +52,10 @@ class InfluenceConfig:
         val_indices: explicit validation dataset indices; overrides ``num_val``.
         perturbation_k: per validation point, input-space influence maps of its top-k helpful and
             harmful training examples (0 turns them off).
-        batch_size: examples per batch for gradients and curvature (the loader's by default).
+        batch_size: examples per batch of per-sample gradients (the loader's by default).
+        curvature_batch_size: examples per batch of full-data curvature products (``CG``,
+            ``Exact``, the sketch and LiSSA's residuals), independent of ``batch_size``: larger
+            batches make these passes faster, at the cost of memory.
         dtype: working precision, ``"float32"`` or ``"float64"`` (for reference runs); the
             model's own by default. A ``torch.dtype`` is accepted and stored by name.
         seed: seeds the choice of validation points and a solver given by name.
@@ -78,6 +81,7 @@ class InfluenceConfig:
     val_indices: list[int] | None = None
     perturbation_k: int = 4
     batch_size: int | None = None
+    curvature_batch_size: int = 1024
     dtype: DTypeName | None = None
     seed: int = 0
 
@@ -113,6 +117,7 @@ class InfluenceConfig:
         check_int("num_val", self.num_val, 1, allow_none=True)
         check_int("perturbation_k", self.perturbation_k, 0)
         check_int("batch_size", self.batch_size, 1, allow_none=True)
+        check_int("curvature_batch_size", self.curvature_batch_size, 1)
         check_int("seed", self.seed, 0)
         if isinstance(self.dtype, torch.dtype):
             names = {v: k for k, v in _DTYPES.items()}

@@ -167,3 +167,18 @@ def test_lowrank_on_a_four_output_regression_is_accurate_or_warns() -> None:
         > 0.99
     )
     assert _spearman(result.self_influence, self_influence) > 0.99
+
+
+def test_a_block_above_the_memory_budget_is_solved_in_chunks(
+    digits: Callable[..., tuple], reference: type
+) -> None:
+    train, _ = digits(n_train=200)
+    x, y = train.tensors
+    model = _small_mlp()
+    matrix = reference.gauss_newton(model, x)
+    v = reference.gradients(model, x[:5], y[:5])
+    curvature = Curvature(FunctionalModel(model, ClassificationTask()), as_indexed(train))
+    budget = 10 * curvature.n_params * 8 * 2  # two rows at a time
+    solved, info = LiSSA(max_block_memory=budget, tol=1e-4).solve(curvature, v, 0.1)
+    assert info["chunks"] == 3
+    assert _rel(solved, v @ reference.inverse(matrix, 0.1)) < 1e-2

@@ -69,6 +69,8 @@ class LiSSA(Solver):
         probe_batches: minibatches probed for the largest eigenvalue.
         max_depth: the most steps an automatic plain ``depth`` may take.
         check_every: preconditioned: steps between full-data residual checks.
+        max_block_memory: preconditioned: bytes the working copies of the validation block may
+            take (about ten ``[rows, p]`` blocks); a larger block is solved in chunks of rows.
 
     Example:
         >>> LiSSA(depth=500, batch_size=128).preconditioner.rank
@@ -88,10 +90,11 @@ class LiSSA(Solver):
     probe_batches: int = 8
     max_depth: int = 5000
     check_every: int = 25
+    max_block_memory: int = 2**30
     name = "lissa"
 
     def __post_init__(self) -> None:
-        for arg in ("depth", "repeats", "batch_size", "check_every"):
+        for arg in ("depth", "repeats", "batch_size", "check_every", "max_block_memory"):
             check_positive_int(arg, getattr(self, arg), allow_none=arg == "depth")
         if self.scale is not None and not self.scale > 0:
             raise ValueError(f"`scale` must be positive (or None to estimate), got {self.scale}.")
@@ -157,7 +160,15 @@ class LiSSA(Solver):
             return self._plain(curvature, vectors, damping, progress)
         if factorization is None:
             factorization = self.preconditioner.factorize(curvature, damping, progress)
-        return _preconditioned(self, curvature, vectors, damping, progress, *factorization)
+        # About ten [rows, p] blocks are alive during the recursion: bound them by the budget.
+        itemsize = torch.finfo(curvature.dtype).bits // 8
+        rows = max(1, self.max_block_memory // (10 * curvature.n_params * itemsize))
+        chunks = [
+            _preconditioned(self, curvature, block, damping, progress, *factorization)
+            for block in vectors.split(rows)
+        ]
+        info = {k: max(c[1][k] for c in chunks) for k in chunks[0][1]}
+        return torch.cat([c[0] for c in chunks]), {**info, "chunks": float(len(chunks))}
 
     def _plain(
         self, curvature: CurvatureOperator, vectors: Tensor, damping: float, progress: bool
