@@ -232,7 +232,7 @@ def test_exact_refuses_large_models_and_names_other_solvers() -> None:
 def test_scores_do_not_depend_on_batch_sizes_and_keep_dataset_indices() -> None:
     data, model = _toy(), _mlp()
     kwargs = dict(solver=Exact(), damping=0.1, progress=False, val_indices=[3, 1, 7])
-    a = compute_influence(model, data, data, batch_size=5, **kwargs)
+    a = compute_influence(model, data, data, batch_size=5, curvature_batch_size=7, **kwargs)
     b = compute_influence(model, DataLoader(data, batch_size=17, shuffle=True), data, **kwargs)
     torch.testing.assert_close(a.scores, b.scores, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(a.self_influence, b.self_influence)

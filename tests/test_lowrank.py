@@ -274,6 +274,7 @@ def _influence(batch_size: int, **kwargs: object) -> torch.Tensor:
         solver=Exact(),
         damping=DAMPING,
         batch_size=batch_size,
+        curvature_batch_size=batch_size,
         self_influence_solver=LowRank(rank=4, oversample=4, block_size=4),
         progress=False,
         **kwargs,  # type: ignore[arg-type]
