@@ -1,12 +1,4 @@
-"""Show an :class:`~lightning_influence.InfluenceResult` where users look.
-
-:func:`log_influence` builds the report once (:mod:`.model`: examples, panels, the review list;
-:mod:`.drawing`: pictures; :mod:`.tables`: markdown and CSV) and hands it to one writer per logger
-type: :mod:`.tensorboard`, :mod:`.wandb`; every other logger gets the diagnostics through
-``log_metrics`` and the plain files of :mod:`.files`. The CSV tables and the folder the Influence
-tab of TensorBoard reads (:mod:`.dashboard`, shown by :mod:`.plugin`) are always written. What is
-shown is set by :class:`LogSettings`.
-"""
+"""Log a report to every logger: one writer per logger type, plain files for the rest."""
 
 from __future__ import annotations
 
@@ -28,7 +20,7 @@ from lightning_influence.report.tensorboard import write_tensorboard
 from lightning_influence.report.wandb import write_wandb
 from lightning_influence.result import InfluenceResult
 
-__all__ = ["LogSettings", "log_influence"]
+__all__ = ["WRITERS", "log_influence"]
 
 Writer = Callable[[Any, Report, str, int, "Path | None"], None]
 """Writes a report to one logger: ``(logger, report, prefix, step, result_path)``."""

@@ -1,0 +1,38 @@
+"""Show an :class:`~lightning_influence.InfluenceResult` where users look.
+
+:func:`log_influence` builds the report once (:mod:`.model`: examples, panels, the review list;
+:mod:`.drawing`: pictures; :mod:`.tables`: markdown and CSV) and hands it to one writer per logger
+type: :mod:`.tensorboard`, :mod:`.wandb`; every other logger gets the diagnostics through
+``log_metrics`` and the plain files of :mod:`.files`. The CSV tables and the folder the Influence
+tab of TensorBoard reads (:mod:`.dashboard`, shown by :mod:`.plugin`) are always written. What is
+shown is set by :class:`LogSettings`.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_influence.report.loggers import WRITERS as WRITERS
+    from lightning_influence.report.loggers import log_influence
+    from lightning_influence.report.settings import LogSettings
+
+_SOURCES: dict[str, str] = {
+    "LogSettings": "lightning_influence.report.settings",
+    "WRITERS": "lightning_influence.report.loggers",
+    "log_influence": "lightning_influence.report.loggers",
+}
+"""Where each name lives; Lightning's loggers load with :mod:`.loggers`, on first use."""
+
+__all__ = ["LogSettings", "log_influence"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import ``name`` from its module on first use and cache it in this namespace."""
+    source = _SOURCES.get(name)
+    if source is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(source), name)
+    globals()[name] = value
+    return value
