@@ -242,7 +242,10 @@ def test_bad_arguments_fail_at_construction(kwargs: dict[str, Any], match: str) 
 def test_diverging_solver_names_the_setting_and_leaves_the_run_intact(tmp_path: Path) -> None:
     data, model = _small(), DigitsCNN(channels=2)
     callback = InfluenceCallback(
-        solver=LiSSA(scale=1e-3, depth=50), self_influence=False, perturbation_k=0, num_val=4
+        solver=LiSSA(preconditioner=None, scale=1e-3, depth=50),
+        self_influence=False,
+        perturbation_k=0,
+        num_val=4,
     )
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     logger = CSVLogger(tmp_path, name="csv")

@@ -210,7 +210,12 @@ def test_lissa_with_a_too_small_scale_raises_the_divergence_error() -> None:
     data, model = _toy(64), _mlp()
     with pytest.raises(SolverDivergedError, match=r"scale.*damping"):
         compute_influence(
-            model, data, data, solver=LiSSA(scale=1e-3, depth=2000), damping=0.1, progress=False
+            model,
+            data,
+            data,
+            solver=LiSSA(preconditioner=None, scale=1e-3, depth=2000),
+            damping=0.1,
+            progress=False,
         )
 
 

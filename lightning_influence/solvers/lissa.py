@@ -22,7 +22,11 @@ from lightning_influence.solvers.base import (
 )
 from lightning_influence.solvers.lowrank import LowRank, LowRankInverse
 
-__all__ = ["LiSSA", "auto_depth"]
+__all__ = ["PRECONDITIONER", "LiSSA", "auto_depth"]
+
+# The default preconditioner: exact Gauss-Newton products on up to 1,024 examples, and the rank
+# grown until the curvature left beyond it is at most 5 times the damping (within 64 MiB).
+PRECONDITIONER = LowRank(max_examples=1024, output_directions=None, max_condition=5.0)
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,9 @@ class LiSSA(Solver):
     and ``damping=their_damping * their_scale``.
 
     Args:
-        preconditioner: the low-rank factorization to precondition with; ``None`` for plain LiSSA.
+        preconditioner: the low-rank factorization to precondition with (``PRECONDITIONER``:
+            exact Gauss-Newton products on up to 1,024 examples, rank grown until
+            ``l_k <= 5 damping`` within 64 MiB); ``None`` for plain LiSSA.
         depth: the most recursion steps per repeat; ``None``: 1,000 when preconditioned, else
             three times ``scale / damping`` up to ``max_depth``.
         repeats: independent chains (different minibatches) averaged together (plain only).
@@ -73,11 +79,11 @@ class LiSSA(Solver):
             take (about ten ``[rows, p]`` blocks); a larger block is solved in chunks of rows.
 
     Example:
-        >>> LiSSA(depth=500, batch_size=128).preconditioner.rank
-        'auto'
+        >>> LiSSA(depth=500, batch_size=128).preconditioner.max_condition
+        5.0
     """
 
-    preconditioner: LowRank | None = field(default_factory=LowRank)
+    preconditioner: LowRank | None = field(default_factory=lambda: PRECONDITIONER)
     depth: int | None = None
     repeats: int = 1
     batch_size: int = 256
@@ -89,7 +95,7 @@ class LiSSA(Solver):
     scale_margin: float = 1.25
     probe_batches: int = 8
     max_depth: int = 5000
-    check_every: int = 25
+    check_every: int = 10
     max_block_memory: int = 2**30
     name = "lissa"
 
