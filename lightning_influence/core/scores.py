@@ -16,8 +16,10 @@ from tqdm.auto import tqdm
 
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.gradients import PerSampleGradients, one_example
+from lightning_influence.core.layerwise import LayerwiseDots
 from lightning_influence.core.model import FunctionalModel
 from lightning_influence.solvers.base import InverseOperator
+from lightning_influence.solvers.lowrank import LowRankInverse
 
 __all__ = ["ExamplePass", "example_pass", "perturbation_influence", "quadratic_form"]
 
@@ -58,8 +60,15 @@ def example_pass(
     ``keep_gradients`` keeps ``G`` (only for small sets, such as the validation points).
     Each batch is unpacked and cast once and runs one forward pass (for losses and predictions)
     besides its per-sample gradients; pass ``gradients`` to share one vmap fallback decision.
+
+    Layers with a layer-wise rule (``nn.Linear``) give their share of ``G S^T`` (and, with a
+    low-rank inverse, of ``G U^T`` for its eigenvectors ``U``) from one forward and one backward
+    pass of the batch, never forming their part of ``G`` (:mod:`.layerwise`); the first batch
+    checks it against per-sample gradients on a few examples.
     """
     gradients = gradients or PerSampleGradients(model)
+    layerwise = _layerwise(model, val_inverse, inverse, keep_gradients)
+    checked = False
     idx_parts: list[Tensor] = []
     parts: dict[str, list[Tensor]] = {k: [] for k in ("loss", "score", "self", "grad")}
     targets: list[Tensor | None] = []
@@ -68,6 +77,23 @@ def example_pass(
     for idx, batch in data.batches():
         prepared = model.prepare(batch)
         inputs, tgt, size = prepared.inputs, prepared.targets, prepared.size
+        if layerwise is not None and not checked:
+            checked = True
+            layerwise = layerwise if layerwise.agrees(inputs, tgt, gradients) else None
+        if layerwise is not None:
+            outputs, dots, norms = layerwise(inputs, tgt)
+            parts["loss"].append(model.losses_from_outputs(outputs, tgt, size).cpu())
+            m = 0 if val_inverse is None else val_inverse.shape[0]
+            if val_inverse is not None:
+                parts["score"].append((-dots[:, :m]).cpu())
+            if isinstance(inverse, LowRankInverse):
+                coords = dots[:, m:].square() @ inverse.weights.to(dots.dtype)
+                parts["self"].append((norms / inverse.damping + coords).cpu())
+            idx_parts.append(idx)
+            targets.append(_labels(tgt, size))
+            preds.append(_labels(model.task.predict(outputs), size))
+            bar.update(size)
+            continue
         with torch.no_grad():
             outputs = model.outputs(model.theta, inputs)
             parts["loss"].append(model.losses_from_outputs(outputs, tgt, size).cpu())
@@ -97,6 +123,28 @@ def example_pass(
         self_influence=cat(parts["self"]) if inverse is not None else None,
         gradients=cat(parts["grad"]) if keep_gradients else None,
     )
+
+
+def _layerwise(
+    model: FunctionalModel,
+    val_inverse: Tensor | None,
+    inverse: InverseOperator | None,
+    keep_gradients: bool,
+) -> LayerwiseDots | None:
+    """The layer-wise route when it covers a parameter and every quantity asked for: scores, and
+    self-influence with a low-rank inverse whose eigenvectors span under half the space."""
+    if keep_gradients or (val_inverse is None and inverse is None):
+        return None
+    rows = [] if val_inverse is None else [val_inverse]
+    if inverse is not None:
+        if not isinstance(inverse, LowRankInverse) or 2 * inverse.rank >= model.n_params:
+            return None
+        rows.append(inverse.evecs)
+    dtype = model.dtype
+    layerwise = LayerwiseDots(
+        model, torch.cat([r.to(device=model.device, dtype=dtype) for r in rows])
+    )
+    return layerwise if layerwise.covers_any else None
 
 
 def quadratic_form(inverse: InverseOperator, g: Tensor) -> Tensor:

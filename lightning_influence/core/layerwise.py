@@ -1,0 +1,258 @@
+"""Dot products of per-sample gradients with fixed rows, layer by layer, without ``[batch, p]``.
+
+For an ``nn.Linear`` layer (any leading dimensions) an example's weight gradient is
+``sum_t g_t a_t^T`` over its positions ``t``, with ``a_t`` the layer's input and ``g_t`` the
+gradient of the example's loss with respect to the layer's output. Its dot product with a row
+``S`` reshaped to the weight is ``sum_t g_t^T S a_t``, and its squared norm
+``sum_{t,s} (g_t . g_s)(a_t . a_s)``: both come from the two factors, captured by module hooks
+in one forward and one backward pass of the summed loss (examples' losses are independent, so
+its output gradients are the per-example ones). Parameters of other layers fall back to
+per-sample gradients of those parameters alone.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from lightning_influence.core.gradients import PerSampleGradients
+from lightning_influence.core.model import FunctionalModel
+
+__all__ = ["LayerwiseDots", "layerwise_parameters"]
+
+_SUPPORTED = (nn.Linear,)
+_CHECKED_EXAMPLES = 4
+
+
+def layerwise_parameters(model: FunctionalModel) -> list[bool]:
+    """For each chosen parameter, whether a layer-wise rule covers it (``nn.Linear`` weight or bias,
+    used by that one module only).
+
+    Example:
+        >>> import torch
+        >>> from lightning_influence.core.task import ClassificationTask
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+        >>> layerwise_parameters(FunctionalModel(net, ClassificationTask()))
+        [True, True, False, False]
+    """
+    owners: dict[int, int] = {}
+    for _, p in model.model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    named = dict(model.model.named_parameters())
+    covered = []
+    for name in model.names:
+        module_name, _, leaf = name.rpartition(".")
+        module = model.model.get_submodule(module_name)
+        covered.append(
+            type(module) in _SUPPORTED
+            and leaf in ("weight", "bias")
+            and owners[id(named[name])] == 1
+        )
+    return covered
+
+
+@dataclass
+class _Layer:
+    module: nn.Module
+    weight: Tensor | None  # rows' block for the weight, [r, out, in]
+    bias: Tensor | None  # rows' block for the bias, [r, out]
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+
+
+class LayerwiseDots:
+    """``G R^T`` and the squared norms of the rows of ``G`` for the per-sample gradients ``G`` of a
+    batch and fixed rows ``R`` (``[r, p]``), never forming ``G`` for the covered layers.
+
+    Example:
+        >>> import torch
+        >>> from lightning_influence.core.task import ClassificationTask
+        >>> fm = FunctionalModel(torch.nn.Linear(4, 3), ClassificationTask())
+        >>> x, y, rows = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]), torch.randn(2, 15)
+        >>> _, dots, norms = LayerwiseDots(fm, rows)(x, y)
+        >>> g = PerSampleGradients(fm)(x, y)
+        >>> torch.allclose(dots, g @ rows.T, atol=1e-5), torch.allclose(norms, g.square().sum(1))
+        (True, True)
+    """
+
+    def __init__(self, model: FunctionalModel, rows: Tensor) -> None:
+        self.model = model
+        covered = layerwise_parameters(model)
+        rows = rows.to(device=model.device, dtype=model.dtype)
+        pieces = torch.split(rows, model.numels, dim=1)
+        layers: dict[str, _Layer] = {}
+        rest_names, rest_pieces = [], []
+        for name, shape, piece, ok in zip(model.names, model.shapes, pieces, covered, strict=True):
+            if not ok:
+                rest_names.append(name)
+                rest_pieces.append(piece)
+                continue
+            module_name, _, leaf = name.rpartition(".")
+            module = model.model.get_submodule(module_name)
+            layer = layers.setdefault(module_name, _Layer(module, None, None, [], []))
+            block = piece.reshape(rows.shape[0], *shape).contiguous()
+            if leaf == "weight":
+                layer.weight = block
+            else:
+                layer.bias = block
+        self._layers = list(layers.values())
+        self._rest: FunctionalModel | None = None
+        self._rest_rows = torch.cat(rest_pieces, dim=1) if rest_pieces else None
+        if rest_names:
+            self._rest = FunctionalModel(model.model, model.task, rest_names, dtype=model.dtype)
+            self._rest_gradients = PerSampleGradients(self._rest)
+
+    @property
+    def covers_any(self) -> bool:
+        """Whether at least one chosen parameter takes the layer-wise route."""
+        return bool(self._layers)
+
+    def __call__(self, inputs: Any, targets: Any) -> tuple[Any, Tensor, Tensor]:
+        """``(outputs, G R^T [batch, r], |g_i|^2 [batch])`` for a batch cast by ``prepare``."""
+        fm = self.model
+        size = fm.task.batch_size(inputs)
+        for layer in self._layers:
+            layer.inputs.clear()
+            layer.outputs.clear()
+        with torch.enable_grad(), self._hooks():
+            theta = fm.theta.detach().requires_grad_(True)
+            outputs = fm.outputs(theta, inputs)
+            total = fm.losses_from_outputs(outputs, targets, size).sum()
+            captured = [out for layer in self._layers for out in layer.outputs]
+            grads = torch.autograd.grad(total, captured, allow_unused=True) if captured else ()
+        dots = torch.zeros(size, self._n_rows, dtype=fm.dtype, device=fm.device)
+        norms = torch.zeros(size, dtype=fm.dtype, device=fm.device)
+        position = iter(grads)
+        for layer in self._layers:
+            for a_in in layer.inputs:
+                g_out = next(position)
+                if g_out is None:
+                    continue
+                a, g = _flat(a_in, size), _flat(g_out, size)
+                dots += _layer_dots(layer, a, g)
+                norms += _layer_norms(layer, a, g)
+            layer.inputs.clear()
+            layer.outputs.clear()
+        if self._rest is not None and self._rest_rows is not None:
+            rest = self._rest_gradients(inputs, targets).detach()
+            dots += rest @ self._rest_rows.T
+            norms += rest.square().sum(dim=1)
+        return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, outputs), dots, norms
+
+    def agrees(self, inputs: Any, targets: Any, gradients: PerSampleGradients) -> bool:
+        """Whether the layer-wise dot products match per-sample gradients on a few examples of
+        this batch (a layer used outside its ``forward``, or examples that share a loss, would
+        not); warns when they do not."""
+        n = min(_CHECKED_EXAMPLES, self.model.task.batch_size(inputs))
+        x, y = tree_map(lambda t: t[:n] if isinstance(t, Tensor) else t, (inputs, targets))
+        try:
+            _, dots, _ = self(x, y)
+        except (RuntimeError, ValueError) as err:
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        else:
+            g = gradients(x, y).detach()
+            finite = torch.isfinite(g).all(dim=1)  # an example with a NaN loss is named later
+            reference = g[finite] @ torch.cat(self._all_rows(), dim=1).T
+            dots = dots[finite]
+            if not reference.numel():
+                return True
+            scale = reference.abs().max().clamp_min(torch.finfo(reference.dtype).tiny)
+            error = float((dots - reference).abs().max() / scale)
+            if error <= 1e-3:
+                return True
+            reason = f"relative difference {error:.2g}"
+        warnings.warn(
+            f"Layer-wise scores disagree with per-sample gradients on this model ({reason}); "
+            "scoring with per-sample gradients instead. A layer whose weights are used outside "
+            "its forward, or a loss that mixes examples (batch norm in training mode), does this.",
+            stacklevel=3,
+        )
+        return False
+
+    @property
+    def _n_rows(self) -> int:
+        return int(self._all_rows()[0].shape[0])
+
+    def _all_rows(self) -> list[Tensor]:
+        """The rows in the order of ``theta``, each parameter's block flattened."""
+        blocks: dict[int, Tensor] = {}
+        for layer in self._layers:
+            for leaf in ("weight", "bias"):
+                block = getattr(layer, leaf)
+                if block is not None:
+                    blocks[id(getattr(layer.module, leaf))] = block.flatten(1)
+        named = dict(self.model.model.named_parameters())
+        rest = iter(
+            torch.split(self._rest_rows, self._rest.numels, dim=1)
+            if self._rest is not None and self._rest_rows is not None
+            else ()
+        )
+        return [
+            blocks[id(named[n])] if id(named[n]) in blocks else next(rest) for n in self.model.names
+        ]
+
+    @contextmanager
+    def _hooks(self) -> Iterator[None]:
+        def capture(layer: _Layer) -> Any:
+            def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+                if not args or not isinstance(output, Tensor):
+                    raise RuntimeError(f"{type(module).__name__} was called without a tensor input")
+                layer.inputs.append(args[0].detach())
+                layer.outputs.append(output)
+
+            return hook
+
+        handles = [layer.module.register_forward_hook(capture(layer)) for layer in self._layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _flat(t: Tensor, size: int) -> Tensor:
+    """``[batch, *lead, features]`` as ``[batch, positions, features]``."""
+    if t.ndim < 2 or t.shape[0] != size:
+        raise RuntimeError(f"a layer saw a tensor of shape {tuple(t.shape)}, not batch-first")
+    return t.reshape(size, -1, t.shape[-1])
+
+
+def _layer_dots(layer: _Layer, a: Tensor, g: Tensor) -> Tensor:
+    """``sum_t g_t^T S_j a_t`` (weight) plus ``sum_t g_t . b_j`` (bias) for every row ``j``."""
+    size, positions = a.shape[0], a.shape[1]
+    out: Tensor | None = None
+    if layer.weight is not None:
+        w = layer.weight.to(a.dtype)  # [r, out, in]
+        r, n_out, n_in = w.shape
+        if n_in <= n_out:  # contract the inputs first: [b, t, r, out]
+            z = (a.reshape(-1, n_in) @ w.reshape(r * n_out, n_in).T).view(size, positions, r, n_out)
+            out = torch.einsum("btro,bto->br", z, g)
+        else:  # contract the output gradients first: [b, t, r, in]
+            z = g.reshape(-1, n_out) @ w.permute(1, 0, 2).reshape(n_out, r * n_in)
+            out = torch.einsum("btri,bti->br", z.view(size, positions, r, n_in), a)
+    if layer.bias is not None:
+        bias = g.sum(dim=1) @ layer.bias.to(g.dtype).T
+        out = bias if out is None else out + bias
+    if out is None:
+        raise RuntimeError("a layer-wise layer has neither a weight nor a bias chosen")
+    return out
+
+
+def _layer_norms(layer: _Layer, a: Tensor, g: Tensor) -> Tensor:
+    """Squared norms of each example's gradient over the layer's chosen parameters."""
+    norms = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
+    if layer.weight is not None:
+        if a.shape[1] == 1:
+            norms = norms + a.square().sum((1, 2)) * g.square().sum((1, 2))
+        else:
+            norms = norms + ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum((1, 2))
+    if layer.bias is not None:
+        norms = norms + g.sum(dim=1).square().sum(dim=1)
+    return norms
