@@ -61,8 +61,9 @@ def layerwise_parameters(model: FunctionalModel) -> list[bool]:
 @dataclass
 class _Layer:
     module: nn.Module
-    weight: Tensor | None  # rows' block for the weight, [r, out, in]
+    weight: Tensor | None  # rows' weight blocks laid out for one matrix product (_weight_layout)
     bias: Tensor | None  # rows' block for the bias, [r, out]
+    shape: tuple[int, int, int]  # (rows, out, in)
     inputs: list[Tensor]
     outputs: list[Tensor]
 
@@ -96,13 +97,18 @@ class LayerwiseDots:
                 continue
             module_name, _, leaf = name.rpartition(".")
             module = model.model.get_submodule(module_name)
-            layer = layers.setdefault(module_name, _Layer(module, None, None, [], []))
-            block = piece.reshape(rows.shape[0], *shape).contiguous()
+            n_out = shape[0]
+            n_in = shape[1] if leaf == "weight" else 0
+            layer = layers.setdefault(
+                module_name, _Layer(module, None, None, (rows.shape[0], n_out, n_in), [], [])
+            )
             if leaf == "weight":
-                layer.weight = block
+                layer.shape = (rows.shape[0], n_out, n_in)
+                layer.weight = _weight_layout(piece.reshape(rows.shape[0], n_out, n_in))
             else:
-                layer.bias = block
+                layer.bias = piece.contiguous()
         self._layers = list(layers.values())
+        self._rows = rows
         self._rest: FunctionalModel | None = None
         self._rest_rows = torch.cat(rest_pieces, dim=1) if rest_pieces else None
         if rest_names:
@@ -127,7 +133,7 @@ class LayerwiseDots:
             total = fm.losses_from_outputs(outputs, targets, size).sum()
             captured = [out for layer in self._layers for out in layer.outputs]
             grads = torch.autograd.grad(total, captured, allow_unused=True) if captured else ()
-        dots = torch.zeros(size, self._n_rows, dtype=fm.dtype, device=fm.device)
+        dots = torch.zeros(size, self._rows.shape[0], dtype=fm.dtype, device=fm.device)
         norms = torch.zeros(size, dtype=fm.dtype, device=fm.device)
         position = iter(grads)
         for layer in self._layers:
@@ -159,7 +165,7 @@ class LayerwiseDots:
         else:
             g = gradients(x, y).detach()
             finite = torch.isfinite(g).all(dim=1)  # an example with a NaN loss is named later
-            reference = g[finite] @ torch.cat(self._all_rows(), dim=1).T
+            reference = g[finite] @ self._rows.T
             dots = dots[finite]
             if not reference.numel():
                 return True
@@ -175,28 +181,6 @@ class LayerwiseDots:
             stacklevel=3,
         )
         return False
-
-    @property
-    def _n_rows(self) -> int:
-        return int(self._all_rows()[0].shape[0])
-
-    def _all_rows(self) -> list[Tensor]:
-        """The rows in the order of ``theta``, each parameter's block flattened."""
-        blocks: dict[int, Tensor] = {}
-        for layer in self._layers:
-            for leaf in ("weight", "bias"):
-                block = getattr(layer, leaf)
-                if block is not None:
-                    blocks[id(getattr(layer.module, leaf))] = block.flatten(1)
-        named = dict(self.model.model.named_parameters())
-        rest = iter(
-            torch.split(self._rest_rows, self._rest.numels, dim=1)
-            if self._rest is not None and self._rest_rows is not None
-            else ()
-        )
-        return [
-            blocks[id(named[n])] if id(named[n]) in blocks else next(rest) for n in self.model.names
-        ]
 
     @contextmanager
     def _hooks(self) -> Iterator[None]:
@@ -224,19 +208,29 @@ def _flat(t: Tensor, size: int) -> Tensor:
     return t.reshape(size, -1, t.shape[-1])
 
 
+def _weight_layout(blocks: Tensor) -> Tensor:
+    """Rows' weight blocks ``[r, out, in]`` as one matrix that the larger of the layer's two
+    factors multiplies: ``[out, r * in]`` (output gradients first) when ``in <= out``, else
+    ``[in, r * out]`` (inputs first); the intermediate then has the smaller width."""
+    r, n_out, n_in = blocks.shape
+    if n_in <= n_out:
+        return blocks.permute(1, 0, 2).reshape(n_out, r * n_in).contiguous()
+    return blocks.permute(2, 0, 1).reshape(n_in, r * n_out).contiguous()
+
+
 def _layer_dots(layer: _Layer, a: Tensor, g: Tensor) -> Tensor:
     """``sum_t g_t^T S_j a_t`` (weight) plus ``sum_t g_t . b_j`` (bias) for every row ``j``."""
     size, positions = a.shape[0], a.shape[1]
+    r, n_out, n_in = layer.shape
     out: Tensor | None = None
     if layer.weight is not None:
-        w = layer.weight.to(a.dtype)  # [r, out, in]
-        r, n_out, n_in = w.shape
-        if n_in <= n_out:  # contract the inputs first: [b, t, r, out]
-            z = (a.reshape(-1, n_in) @ w.reshape(r * n_out, n_in).T).view(size, positions, r, n_out)
+        w = layer.weight.to(a.dtype)
+        if n_in <= n_out:  # [b, t, r, in], then the inputs
+            z = (g.reshape(-1, n_out) @ w).view(size, positions, r, n_in)
+            out = torch.einsum("btri,bti->br", z, a)
+        else:  # [b, t, r, out], then the output gradients
+            z = (a.reshape(-1, n_in) @ w).view(size, positions, r, n_out)
             out = torch.einsum("btro,bto->br", z, g)
-        else:  # contract the output gradients first: [b, t, r, in]
-            z = g.reshape(-1, n_out) @ w.permute(1, 0, 2).reshape(n_out, r * n_in)
-            out = torch.einsum("btri,bti->br", z.view(size, positions, r, n_in), a)
     if layer.bias is not None:
         bias = g.sum(dim=1) @ layer.bias.to(g.dtype).T
         out = bias if out is None else out + bias
