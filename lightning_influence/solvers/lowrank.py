@@ -106,8 +106,8 @@ class LowRank(FactorizedSolver):
 
     Args:
         rank: eigenpairs kept, at most the number of chosen parameters; ``"auto"`` doubles the
-            sketch (32, 64, 128, ... products, keeping the top half) until the smallest kept
-            eigenvalue is at most
+            sketch (32, 64, 128, ... products, keeping the top half; at most a quarter of the
+            parameters above 512 of them) until the smallest kept eigenvalue is at most
             ``max_condition`` times the damping, all parameters are kept, or ``max_memory`` is
             reached (with a warning). The diagnostics say which one stopped it.
         oversample: extra products beyond ``rank`` (sharpen the kept eigenpairs).
@@ -197,6 +197,9 @@ class LowRank(FactorizedSolver):
         curv = curvature.subsample(self.max_examples, self.output_directions, subset_generator)
         itemsize = torch.finfo(curv.dtype).bits // 8
         budget = max(1, self.max_memory // (itemsize * p))  # vectors of length p that fit
+        # A sketch of more than a quarter of the parameters costs about what the dense matrix
+        # does; small models may go to full rank.
+        size_cap = p if p <= 512 else max(32, p // 4)
         if self.rank == "auto":
             dim, stop = min(p, 32, budget), ""
         else:
@@ -217,9 +220,11 @@ class LowRank(FactorizedSolver):
                 stop = "full rank"
             elif dim >= budget:
                 stop = "memory"
+            elif dim >= size_cap:
+                stop = "size"
             if stop:
                 break
-            dim = min(p, 2 * dim, budget)
+            dim = min(p, 2 * dim, budget, size_cap)
         evals, evecs = evals[:keep], evecs[:keep]
         shifted = evals + damping
         if bool((shifted.abs() <= 1e-12 * shifted.abs().max()).any()):
@@ -237,6 +242,7 @@ class LowRank(FactorizedSolver):
             "negative_eigenvalues": float((shifted < 0).sum()),
             "condition_beyond_rank": float((evals[-1] + damping) / damping),
             "rank_limited_by_memory": float(stop == "memory"),
+            "rank_limited_by_size": float(stop == "size"),
             "matvecs": float(n_products),
             "curvature_passes": float(n_passes),
             "examples": float(curv.n_total),
