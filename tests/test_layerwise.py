@@ -30,6 +30,18 @@ class _Sequence(nn.Module):
         return self.head(self.mix(torch.tanh(self.embed(x))).mean(dim=(1, 2)))
 
 
+class _Tokens(nn.Module):
+    """An embedding with a padding row, averaged over positions, then a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(6, 4, padding_idx=0)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.embed(x)).mean(dim=1))
+
+
 class _SharedWeight(nn.Module):
     """Uses one layer's weight outside its forward: hooks cannot see that use."""
 
@@ -51,10 +63,21 @@ def _models() -> dict[str, tuple[nn.Module, Tensor, Tensor, Task]]:
     mixed = nn.Sequential(nn.Linear(7, 9), nn.LayerNorm(9), nn.Tanh(), nn.Linear(9, 3))
     regression = nn.Sequential(nn.Linear(7, 12), nn.ReLU(), nn.Linear(12, 2))
     seq_x = torch.randn(11, 2, 3, 5, dtype=torch.float64)
+    conv = nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(3, 4, 2, dilation=2, bias=False),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    )
+    images = torch.randn(11, 2, 7, 7, dtype=torch.float64)
+    tokens = torch.randint(0, 6, (11, 5))  # repeats and padding (0) in most rows
     return {
         "mlp": (mlp.double(), x, y, ClassificationTask()),
         "mixed": (mixed.double(), x, y, ClassificationTask()),
         "leading_dims": (_Sequence().double(), seq_x, y, ClassificationTask()),
+        "conv2d": (conv.double(), images, y, ClassificationTask()),
+        "embedding": (_Tokens().double(), tokens, y, ClassificationTask()),
         "regression": (
             regression.double(),
             x,
@@ -110,6 +133,14 @@ def test_scores_and_self_influence_match_per_sample_gradients(name: str) -> None
     torch.testing.assert_close(scored.losses, losses)
     # Full per-sample gradients only for the first batch's check; never for the rest.
     assert sizes == [4]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_parameter_but_the_layer_norms_is_covered(name: str) -> None:
+    model, _, _, task = MODELS[name]
+    fm = FunctionalModel(model, task)
+    expected = [not n.startswith("1.") if name == "mixed" else True for n in fm.names]
+    assert layerwise_parameters(fm) == expected
 
 
 def test_mixed_model_takes_both_routes() -> None:

@@ -12,6 +12,7 @@ per-sample gradients of those parameters alone.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,13 +28,25 @@ from lightning_influence.core.model import FunctionalModel
 
 __all__ = ["LayerwiseDots", "layerwise_parameters"]
 
-_SUPPORTED = (nn.Linear,)
 _CHECKED_EXAMPLES = 4
 
 
+def _covered(module: nn.Module, leaf: str) -> bool:
+    """Whether a layer-wise rule covers parameter ``leaf`` of ``module``."""
+    if type(module) is nn.Linear:
+        return leaf in ("weight", "bias")
+    if type(module) is nn.Conv2d:
+        plain = module.groups == 1 and module.padding_mode == "zeros"
+        return plain and not isinstance(module.padding, str) and leaf in ("weight", "bias")
+    if type(module) is nn.Embedding:
+        return leaf == "weight" and module.max_norm is None and not module.scale_grad_by_freq
+    return False
+
+
 def layerwise_parameters(model: FunctionalModel) -> list[bool]:
-    """For each chosen parameter, whether a layer-wise rule covers it (``nn.Linear`` weight or bias,
-    used by that one module only).
+    """For each chosen parameter, whether a layer-wise rule covers it: the weight or bias of an
+    ``nn.Linear``, of an ``nn.Conv2d`` (one group, zero padding given as sizes) or the weight of
+    an ``nn.Embedding`` (no ``max_norm``, no ``scale_grad_by_freq``), used by that module only.
 
     Example:
         >>> import torch
@@ -50,11 +63,7 @@ def layerwise_parameters(model: FunctionalModel) -> list[bool]:
     for name in model.names:
         module_name, _, leaf = name.rpartition(".")
         module = model.model.get_submodule(module_name)
-        covered.append(
-            type(module) in _SUPPORTED
-            and leaf in ("weight", "bias")
-            and owners[id(named[name])] == 1
-        )
+        covered.append(_covered(module, leaf) and owners[id(named[name])] == 1)
     return covered
 
 
@@ -98,11 +107,13 @@ class LayerwiseDots:
             module_name, _, leaf = name.rpartition(".")
             module = model.model.get_submodule(module_name)
             n_out = shape[0]
-            n_in = shape[1] if leaf == "weight" else 0
+            n_in = math.prod(shape[1:]) if leaf == "weight" else 0
             layer = layers.setdefault(
                 module_name, _Layer(module, None, None, (rows.shape[0], n_out, n_in), [], [])
             )
-            if leaf == "weight":
+            if isinstance(module, nn.Embedding):  # [tokens, r, dim]: rows gathered by token
+                layer.weight = piece.reshape(rows.shape[0], *shape).transpose(0, 1).contiguous()
+            elif leaf == "weight":
                 layer.shape = (rows.shape[0], n_out, n_in)
                 layer.weight = _weight_layout(piece.reshape(rows.shape[0], n_out, n_in))
             else:
@@ -141,9 +152,13 @@ class LayerwiseDots:
                 g_out = next(position)
                 if g_out is None:
                     continue
-                a, g = _flat(a_in, size), _flat(g_out, size)
-                dots += _layer_dots(layer, a, g)
-                norms += _layer_norms(layer, a, g)
+                if isinstance(layer.module, nn.Embedding):
+                    dots_i, norms_i = _embedding_terms(layer, a_in, g_out, size)
+                else:
+                    a, g = _factors(layer.module, a_in, g_out, size)
+                    dots_i, norms_i = _layer_dots(layer, a, g), _layer_norms(layer, a, g)
+                dots += dots_i
+                norms += norms_i
             layer.inputs.clear()
             layer.outputs.clear()
         if self._rest is not None and self._rest_rows is not None:
@@ -206,6 +221,40 @@ def _flat(t: Tensor, size: int) -> Tensor:
     if t.ndim < 2 or t.shape[0] != size:
         raise RuntimeError(f"a layer saw a tensor of shape {tuple(t.shape)}, not batch-first")
     return t.reshape(size, -1, t.shape[-1])
+
+
+def _factors(module: nn.Module, a_in: Tensor, g_out: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """A layer's input and output gradient as ``[batch, positions, in]`` and
+    ``[batch, positions, out]``, so that the weight gradient is ``sum_t g_t a_t^T``."""
+    if isinstance(module, nn.Conv2d):
+        padding = module.padding
+        if a_in.ndim != 4 or a_in.shape[0] != size or isinstance(padding, str):
+            raise RuntimeError(f"a Conv2d saw an input of shape {tuple(a_in.shape)}, not batched")
+        patches = nn.functional.unfold(
+            a_in, module.kernel_size, module.dilation, padding, module.stride
+        )
+        return patches.transpose(1, 2), g_out.flatten(2).transpose(1, 2)
+    return _flat(a_in, size), _flat(g_out, size)
+
+
+def _embedding_terms(
+    layer: _Layer, tokens: Tensor, g_out: Tensor, size: int
+) -> tuple[Tensor, Tensor]:
+    """Dots and squared norms for an embedding: the gradient is ``sum_t e_{x_t} g_t^T``."""
+    module = layer.module
+    if not isinstance(module, nn.Embedding) or layer.weight is None:
+        raise RuntimeError("an embedding's rows are missing")
+    if tokens.shape[0] != size:
+        raise RuntimeError(f"an Embedding saw tokens of shape {tuple(tokens.shape)}, not batched")
+    x = tokens.reshape(size, -1)
+    g = g_out.reshape(size, x.shape[1], module.embedding_dim)
+    if module.padding_idx is not None:  # no gradient reaches the padding row
+        g = g * (x != module.padding_idx).unsqueeze(-1).to(g.dtype)
+    rows = layer.weight.to(g.dtype)[x.reshape(-1)]  # [b * t, r, dim]
+    dots = (rows @ g.reshape(-1, module.embedding_dim, 1)).view(size, x.shape[1], -1).sum(dim=1)
+    same = (x.unsqueeze(2) == x.unsqueeze(1)).to(g.dtype)
+    norms = (same * (g @ g.transpose(1, 2))).sum(dim=(1, 2))
+    return dots, norms
 
 
 def _weight_layout(blocks: Tensor) -> Tensor:
