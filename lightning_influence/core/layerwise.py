@@ -75,6 +75,7 @@ class _Layer:
     shape: tuple[int, int, int]  # (rows, out, in)
     inputs: list[Tensor]
     outputs: list[Tensor]
+    flat: Tensor | None = None  # rows' weight blocks as they lie in theta, [r, out * in]
 
 
 class LayerwiseDots:
@@ -115,6 +116,7 @@ class LayerwiseDots:
                 layer.weight = piece.reshape(rows.shape[0], *shape).transpose(0, 1).contiguous()
             elif leaf == "weight":
                 layer.shape = (rows.shape[0], n_out, n_in)
+                layer.flat = piece
                 layer.weight = _weight_layout(piece.reshape(rows.shape[0], n_out, n_in))
             else:
                 layer.bias = piece.contiguous()
@@ -272,7 +274,11 @@ def _layer_dots(layer: _Layer, a: Tensor, g: Tensor) -> Tensor:
     size, positions = a.shape[0], a.shape[1]
     r, n_out, n_in = layer.shape
     out: Tensor | None = None
-    if layer.weight is not None:
+    if layer.flat is not None and positions * r * min(n_in, n_out) > n_in * n_out:
+        # Many positions and rows: each example's gradient for this layer is the smaller buffer.
+        per_example = (g.transpose(1, 2) @ a).reshape(size, n_out * n_in)
+        out = per_example @ layer.flat.to(a.dtype).T
+    elif layer.weight is not None:
         w = layer.weight.to(a.dtype)
         if n_in <= n_out:  # [b, t, r, in], then the inputs
             z = (g.reshape(-1, n_out) @ w).view(size, positions, r, n_in)
