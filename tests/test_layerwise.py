@@ -55,6 +55,12 @@ class _SharedWeight(nn.Module):
         return self.out(h @ self.lin.weight)
 
 
+class _ChunkedTask(ClassificationTask):
+    """Differentiates three examples at a time (as ``LanguageModelingTask(chunk_size=3)``)."""
+
+    chunk_size = 3
+
+
 def _models() -> dict[str, tuple[nn.Module, Tensor, Tensor, Task]]:
     torch.manual_seed(0)
     x = torch.randn(11, 7, dtype=torch.float64)
@@ -76,6 +82,7 @@ def _models() -> dict[str, tuple[nn.Module, Tensor, Tensor, Task]]:
         "mlp": (mlp.double(), x, y, ClassificationTask()),
         "mixed": (mixed.double(), x, y, ClassificationTask()),
         "leading_dims": (_Sequence().double(), seq_x, y, ClassificationTask()),
+        "chunked": (_Sequence().double(), seq_x, y, _ChunkedTask()),
         "conv2d": (conv.double(), images, y, ClassificationTask()),
         "embedding": (_Tokens().double(), tokens, y, ClassificationTask()),
         "regression": (

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from lightning_influence.core.gradients import PerSampleGradients
 from lightning_influence.core.model import FunctionalModel
@@ -134,9 +134,27 @@ class LayerwiseDots:
         return bool(self._layers)
 
     def __call__(self, inputs: Any, targets: Any) -> tuple[Any, Tensor, Tensor]:
-        """``(outputs, G R^T [batch, r], |g_i|^2 [batch])`` for a batch cast by ``prepare``."""
+        """``(outputs, G R^T [batch, r], |g_i|^2 [batch])`` for a batch cast by ``prepare``.
+
+        A task's ``chunk_size`` (examples differentiated at once) bounds the activations held,
+        as it does for per-sample gradients.
+        """
+        size = self.model.task.batch_size(inputs)
+        chunk = getattr(self.model.task, "chunk_size", None)
+        if chunk is None or chunk >= size:
+            return self._chunk(inputs, targets, size)
+        parts = []
+        for i in range(0, size, chunk):
+            x, y = _rows((inputs, targets), i, i + chunk)
+            parts.append(self._chunk(x, y, min(chunk, size - i)))
+        flat = [tree_flatten(part[0]) for part in parts]
+        columns = zip(*(leaves for leaves, _ in flat), strict=True)
+        joined = [torch.cat(c) if isinstance(c[0], Tensor) and c[0].ndim else c[0] for c in columns]
+        dots, norms = torch.cat([part[1] for part in parts]), torch.cat([part[2] for part in parts])
+        return tree_unflatten(joined, flat[0][1]), dots, norms
+
+    def _chunk(self, inputs: Any, targets: Any, size: int) -> tuple[Any, Tensor, Tensor]:
         fm = self.model
-        size = fm.task.batch_size(inputs)
         for layer in self._layers:
             layer.inputs.clear()
             layer.outputs.clear()
@@ -174,7 +192,7 @@ class LayerwiseDots:
         this batch (a layer used outside its ``forward``, or examples that share a loss, would
         not); warns when they do not."""
         n = min(_CHECKED_EXAMPLES, self.model.task.batch_size(inputs))
-        x, y = tree_map(lambda t: t[:n] if isinstance(t, Tensor) else t, (inputs, targets))
+        x, y = _rows((inputs, targets), 0, n)
         try:
             _, dots, _ = self(x, y)
         except (RuntimeError, ValueError) as err:
@@ -216,6 +234,11 @@ class LayerwiseDots:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _rows(tree: Any, start: int, stop: int) -> Any:
+    """Examples ``start:stop`` of every tensor in ``tree``."""
+    return tree_map(lambda t: t[start:stop] if isinstance(t, Tensor) else t, tree)
 
 
 def _flat(t: Tensor, size: int) -> Tensor:
