@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+from trainers import quick_trainer
 
 from lightning_influence import (
     ClassificationTask,
@@ -31,19 +32,7 @@ from lightning_influence import (
 ARGS: dict[str, Any] = {"solver": "exact", "num_val": 10, "damping": 1e-3, "perturbation_k": 1}
 
 
-def _trainer(tmp_path: Path, callbacks: list[Any], **kwargs: Any) -> L.Trainer:
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "max_epochs": 1,
-        "default_root_dir": tmp_path,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        "enable_progress_bar": False,
-        "callbacks": callbacks,
-        **kwargs,
-    }
-    return L.Trainer(**options)
+_trainer = quick_trainer
 
 
 def _expected_val_indices(n: int, k: int, seed: int) -> Tensor:

@@ -24,6 +24,7 @@ from torch.utils.data import (
     TensorDataset,
     WeightedRandomSampler,
 )
+from trainers import quick_trainer
 
 from lightning_influence import (
     Exact,
@@ -68,19 +69,7 @@ def _classes(n: int = N, d: int = 4, seed: int = 0) -> TensorDataset:
 
 
 def _trainer(tmp_path: Path, callbacks: list[Any], **kwargs: Any) -> L.Trainer:
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "max_epochs": 1,
-        "default_root_dir": tmp_path,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        "enable_progress_bar": False,
-        "num_sanity_val_steps": 0,
-        "callbacks": callbacks,
-        **kwargs,
-    }
-    return L.Trainer(**options)
+    return quick_trainer(tmp_path, callbacks, **{"num_sanity_val_steps": 0, **kwargs})
 
 
 def _loaders(data: Dataset[Any], batch_size: int = 10) -> tuple[DataLoader[Any], DataLoader[Any]]:
