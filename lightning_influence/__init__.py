@@ -8,8 +8,9 @@ cheap: Lightning, the loggers and matplotlib load only with the parts that need 
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lightning_influence.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from lightning_influence.callback import (
@@ -104,14 +105,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """Import public ``name`` from its module on first use and cache it in this namespace."""
-    source = _SOURCES.get(name)
-    if source is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(source), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _SOURCES)
 
 
 def __dir__() -> list[str]:

@@ -10,8 +10,9 @@ shown is set by :class:`LogSettings`.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lightning_influence.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from lightning_influence.report.loggers import WRITERS as WRITERS
@@ -28,11 +29,4 @@ _SOURCES: dict[str, str] = {
 __all__ = ["LogSettings", "log_influence"]
 
 
-def __getattr__(name: str) -> Any:
-    """Import ``name`` from its module on first use and cache it in this namespace."""
-    source = _SOURCES.get(name)
-    if source is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(source), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _SOURCES)
