@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +154,6 @@ def main(argv: list[str] | None = None) -> InfluenceResult:
     model = TextClassifier(len(data.train.vocab))
     influence = InfluenceCallback(
         num_val=args.num_val,
-        solver="exact",
         damping=1e-3,  # the optimizer's weight decay
         perturbation_k=0,  # input-space maps need continuous inputs, not token ids
         log=LogSettings(
@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> InfluenceResult:
     print(f"Validation sentence #{v}: {data.train.decode(data.val_dataset.tensors[0][v])!r}")
     for i in result.helpful(3).indices[0].tolist():
         print(f"  helped by #{i}: {data.train.decode(data.train.ids[i])!r}")
-    print(f"\nOpen the Influence tab: tensorboard --logdir {args.runs}  ({logger.log_dir})")
+    runs = Path(args.runs).resolve()
+    print(f"\nOpen the Influence tab: {sys.executable} -m tensorboard.main --logdir {runs}")
     return result
 
 
