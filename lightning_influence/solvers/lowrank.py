@@ -226,6 +226,14 @@ class LowRank(FactorizedSolver):
                 break
             dim = min(p, 2 * dim, budget, size_cap)
         evals, evecs = evals[:keep], evecs[:keep]
+        if not curvature.positive_semidefinite and dim < p:  # an incomplete sketch
+            # The sketch resolves the top of the spectrum; single-vector Lanczos on all the data
+            # finds the bottom end (Ritz values lie inside the spectrum: never too negative).
+            low, _, more, more_passes = lanczos(
+                curvature, min(p, _BOTTOM_LANCZOS_STEPS), 1, generator, False
+            )
+            most_negative = min(most_negative, float(low.min()))
+            n_products, n_passes = n_products + more, n_passes + more_passes
         shifted = evals + damping
         if bool((shifted.abs() <= 1e-12 * shifted.abs().max()).any()):
             raise ValueError(
@@ -291,3 +299,4 @@ class LowRank(FactorizedSolver):
 
 
 _LOW_TRACE_GAIN = 1.5
+_BOTTOM_LANCZOS_STEPS = 40
