@@ -3,8 +3,8 @@
 :class:`Curvature` is the one object every solver consumes: ``matvec(V)`` applies the curvature
 of the mean training loss to each row of ``V`` (shape ``[m, p]``), ``minibatch`` gives the same
 product on a random minibatch (for stochastic solvers), and ``dense()`` builds the whole matrix
-for small models. Two curvatures are offered: the Hessian, and the Gauss-Newton matrix ``J^T H_out J``
-(positive semi-definite even for non-convex models). Damping is added by the solvers, never here.
+for small models. Two curvatures are offered: the Hessian, and the Gauss-Newton matrix
+``J^T H_out J`` (positive semi-definite even for non-convex models). Damping is added by the solvers, never here.
 Under data parallelism ``reduce`` sums across processes, so every process sees the same product.
 """
 
