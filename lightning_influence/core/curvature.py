@@ -4,8 +4,9 @@
 of the mean training loss to each row of ``V`` (shape ``[m, p]``), ``minibatch`` gives the same
 product on a random minibatch (for stochastic solvers), and ``dense()`` builds the whole matrix
 for small models. Two curvatures are offered: the Hessian, and the Gauss-Newton matrix
-``J^T H_out J`` (positive semi-definite even for non-convex models). Damping is added by the solvers, never here.
-Under data parallelism ``reduce`` sums across processes, so every process sees the same product.
+``J^T H_out J`` (positive semi-definite even for non-convex models). Damping is added by the
+solvers, never here. Under data parallelism ``reduce`` sums across processes, so every process
+sees the same product.
 """
 
 from __future__ import annotations
