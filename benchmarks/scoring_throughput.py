@@ -80,18 +80,12 @@ def _vmap_rate(
 
 
 def _digits_cnn(channels: int = 8) -> nn.Module:
+    """The examples' digits CNN, seeded."""
+    sys.path.insert(0, str(HERE.parent / "examples"))
+    from digits import DigitsCNN
+
     torch.manual_seed(0)
-    c = channels
-    return nn.Sequential(
-        nn.Conv2d(1, c, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(c, 2 * c, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(2 * c * 4, 10),
-    )
+    return DigitsCNN(channels=channels).net
 
 
 def _cnn(results: dict[str, Any]) -> None:

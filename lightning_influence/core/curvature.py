@@ -33,7 +33,7 @@ from lightning_influence.core.products import (
     per_example,
     products_from_factors,
 )
-from lightning_influence.solvers.base import check_positive_int
+from lightning_influence.validation import check_positive_int
 
 __all__ = ["Curvature", "CurvatureKind", "Reduce", "gauss_newton_method"]
 

@@ -20,7 +20,6 @@ __all__ = [
     "InverseOperator",
     "Solver",
     "SolverDivergedError",
-    "check_positive_int",
 ]
 
 Diagnostics = dict[str, float]
@@ -152,12 +151,3 @@ def raise_diverged(solver: str, damping: float, scale: float | None, what: str) 
         f"may not be positive definite: {hint}increase `damping` (it is {damping:g}), "
         "or use curvature='gauss_newton', which is positive semi-definite."
     )
-
-
-def check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is a positive integer (or None)."""
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"`{name}` must be a positive integer{extra}, got {value!r}.")

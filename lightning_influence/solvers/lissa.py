@@ -17,10 +17,10 @@ from lightning_influence.solvers.base import (
     Diagnostics,
     Solver,
     check_finite,
-    check_positive_int,
     raise_diverged,
 )
 from lightning_influence.solvers.lowrank import LowRank, LowRankInverse
+from lightning_influence.validation import check_positive_int
 
 __all__ = ["PRECONDITIONER", "LiSSA", "auto_depth"]
 

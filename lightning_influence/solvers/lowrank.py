@@ -26,9 +26,9 @@ from lightning_influence.solvers.base import (
     CurvatureOperator,
     Diagnostics,
     FactorizedSolver,
-    check_positive_int,
 )
 from lightning_influence.solvers.sketch import lanczos, nystrom
+from lightning_influence.validation import check_positive_int
 
 __all__ = ["LowRank", "LowRankInverse"]
 
