@@ -27,7 +27,7 @@ from lightning_influence.solvers.base import (
     Diagnostics,
     FactorizedSolver,
 )
-from lightning_influence.solvers.sketch import lanczos, nystrom
+from lightning_influence.solvers.sketch import NystromSketch, lanczos
 from lightning_influence.validation import check_positive_int
 
 __all__ = ["LowRank", "LowRankInverse"]
@@ -205,9 +205,11 @@ class LowRank(FactorizedSolver):
         else:
             dim, stop = min(p, self.rank + self.oversample), "rank"
         n_products = n_passes = 0
+        # Nystrom products are kept: a larger sketch costs only its new products.
+        sketch = NystromSketch(curv, generator) if self._method(curv) == "nystrom" else None
         while True:
             evals, evecs, most_negative, products, passes = self._eigenpairs(
-                curv, dim, generator, progress
+                curv, dim, generator, progress, sketch
             )
             n_products, n_passes = n_products + products, n_passes + passes
             keep = dim if dim == p else max(1, dim // 2)  # the top half is accurate
@@ -280,20 +282,30 @@ class LowRank(FactorizedSolver):
                 )
         return inverse, info
 
+    def _method(self, curv: CurvatureOperator) -> str:
+        """``"nystrom"`` or ``"lanczos"``; ``"auto"`` takes Nystrom for a semi-definite one."""
+        if self.method != "auto":
+            return self.method
+        return "nystrom" if curv.positive_semidefinite else "lanczos"
+
     def _eigenpairs(
-        self, curv: CurvatureOperator, dim: int, generator: torch.Generator, progress: bool
+        self,
+        curv: CurvatureOperator,
+        dim: int,
+        generator: torch.Generator,
+        progress: bool,
+        sketch: NystromSketch | None,
     ) -> tuple[Tensor, Tensor, float, int, int]:
-        """Eigenpairs from ``dim`` products, largest first; the most negative eigenvalue found,
-        the products and the passes over the data."""
-        method, block_size = self.method, self.block_size
-        if method == "auto":
-            method = "nystrom" if curv.positive_semidefinite else "lanczos"
-            if method == "lanczos" and block_size is None:
-                block_size = max(1, -(-dim // 2))
-        run = nystrom if method == "nystrom" else lanczos
-        evals, evecs, products, passes = run(
-            curv, dim, block_size or (dim if method == "nystrom" else 1), generator, progress
-        )
+        """Eigenpairs from ``dim`` products (Nystrom when ``sketch`` is given, reusing its
+        products), largest first; the most negative eigenvalue found, the new products and the
+        passes over the data."""
+        if sketch is not None:
+            products, passes = sketch.grow(dim, self.block_size or dim, progress)
+            evals, evecs = sketch.eigenpairs()
+        else:
+            # plain Lanczos, or for "auto" block Lanczos in two passes
+            block_size = self.block_size or (-(-dim // 2) if self.method == "auto" else 1)
+            evals, evecs, products, passes = lanczos(curv, dim, block_size, generator, progress)
         order = torch.argsort(evals, descending=True)
         return evals[order], evecs[order], min(0.0, float(evals.min())), products, passes
 

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from lightning_influence.solvers.base import CurvatureOperator
 
-__all__ = ["lanczos", "nystrom"]
+__all__ = ["NystromSketch", "lanczos", "nystrom"]
 
 
 def lanczos(
@@ -68,44 +68,93 @@ def nystrom(
 ) -> tuple[Tensor, Tensor, int, int]:
     """Eigenpairs of the randomized Nystrom approximation from ``dim`` products.
 
-    Stable form (Tropp et al. 2017): shift ``Y`` by ``nu * Omega`` with a tiny ``nu``, take a
-    Cholesky factor ``C`` of ``Omega^T Y_nu``, and the SVD of ``C^-1 Y_nu`` (from its Gram matrix);
-    eigenvalues are the squared singular values minus ``nu``.
+    Returns eigenvalues ``[dim]``, eigenvectors as rows ``[dim, p]``, the number of products and
+    the number of passes over the data (see :class:`NystromSketch`).
     """
-    p = curvature.n_params
-    dtype, device = curvature.dtype, curvature.device
-    omega = _orthonormal(
-        _random(dim, p, generator, dtype, device), torch.zeros(0, p).to(dtype), generator
-    )
-    images = []
-    bar = tqdm(total=dim, desc="Nystrom", disable=not progress, leave=False)
-    for start in range(0, dim, block_size):
-        images.append(curvature.matvec(omega[start : start + block_size]).double())
-        bar.update(min(block_size, dim - start))
-    bar.close()
-    y = torch.cat(images)
-    om = omega.double()
-    nu = math.sqrt(p) * torch.finfo(dtype).eps * float(y.norm())
-    y_nu = y + nu * om
-    core = om @ y_nu.T
-    factor, info = torch.linalg.cholesky_ex((core + core.T) / 2)
-    if int(info) != 0:
-        raise ValueError(
-            "The Nystrom approximation needs a positive semi-definite curvature, and this one "
-            "has negative curvature (the Hessian of a non-convex model). Use "
-            "curvature='gauss_newton' or `LowRank(method='lanczos')`."
-        )
-    b = torch.linalg.solve_triangular(factor, y_nu, upper=False)
-    # The SVD of the short, wide ``b`` from the eigenpairs of its small Gram matrix ``b b^T``
-    # (eigenvalues ``s^2``, right singular vectors ``U^T b / s``): a fraction of the SVD's cost.
-    squares, u = torch.linalg.eigh(b @ b.T)
-    squares = squares.clamp_min(0.0)
-    sing = squares.sqrt()
-    kept = sing > torch.finfo(sing.dtype).eps * sing.max().clamp_min(1e-300) * dim
-    vh = torch.where(kept[:, None], (u.T @ b) / sing.clamp_min(1e-300)[:, None], 0.0)
-    evals = (squares - nu).clamp_min(0.0)
-    passes = -(-dim // block_size)
-    return evals.to(dtype), vh.to(dtype=dtype, device=device), dim, passes
+    sketch = NystromSketch(curvature, generator)
+    products, passes = sketch.grow(dim, block_size, progress)
+    return *sketch.eigenpairs(), products, passes
+
+
+class NystromSketch:
+    """Products ``Y = H Omega`` with an orthonormal test block ``Omega``, grown in place: a
+    larger sketch reuses every product already taken (the test block gains rows orthonormal to
+    the old ones), so doubling the sketch costs only the new products.
+
+    Eigenpairs in the stable form of Tropp et al. (2017): shift ``Y`` by ``nu * Omega`` with a
+    tiny ``nu``, take a Cholesky factor ``C`` of ``Omega^T Y_nu`` and the SVD of ``C^-1 Y_nu``
+    (from its Gram matrix); eigenvalues are the squared singular values minus ``nu``.
+
+    Example:
+        >>> import torch
+        >>> from lightning_influence.core.curvature import Curvature
+        >>> from lightning_influence.core.data import as_indexed
+        >>> from lightning_influence.core.model import FunctionalModel
+        >>> from lightning_influence.core.task import ClassificationTask
+        >>> from torch.utils.data import TensorDataset
+        >>> fm = FunctionalModel(torch.nn.Linear(4, 3), ClassificationTask())
+        >>> data = as_indexed(TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,))))
+        >>> sketch = NystromSketch(Curvature(fm, data), torch.Generator().manual_seed(0))
+        >>> sketch.grow(5, block_size=5, progress=False), sketch.grow(10, 10, False)
+        ((5, 1), (5, 1))
+        >>> sketch.eigenpairs()[1].shape
+        torch.Size([10, 15])
+    """
+
+    def __init__(self, curvature: CurvatureOperator, generator: torch.Generator) -> None:
+        self.curvature, self.generator = curvature, generator
+        p, dtype = curvature.n_params, curvature.dtype
+        self.omega = torch.zeros(0, p, dtype=dtype, device=curvature.device)
+        self.images = torch.zeros(0, p, dtype=torch.float64, device=curvature.device)
+
+    @property
+    def dim(self) -> int:
+        """Products taken so far."""
+        return int(self.omega.shape[0])
+
+    def grow(self, dim: int, block_size: int, progress: bool) -> tuple[int, int]:
+        """Take products until the sketch has ``dim`` of them, ``block_size`` per pass over the
+        data; returns the new products and passes."""
+        curv, new = self.curvature, dim - self.dim
+        if new <= 0:
+            return 0, 0
+        rows = _random(new, curv.n_params, self.generator, curv.dtype, curv.device)
+        fresh = _orthonormal(rows, self.omega, self.generator)
+        images = []
+        bar = tqdm(total=new, desc="Nystrom", disable=not progress, leave=False)
+        for start in range(0, new, block_size):
+            images.append(curv.matvec(fresh[start : start + block_size]).double())
+            bar.update(min(block_size, new - start))
+        bar.close()
+        self.omega = torch.cat([self.omega, fresh])
+        self.images = torch.cat([self.images, *images])
+        return new, -(-new // block_size)
+
+    def eigenpairs(self) -> tuple[Tensor, Tensor]:
+        """Eigenvalues ``[dim]`` and eigenvectors as rows ``[dim, p]`` of the approximation."""
+        dim, p, dtype = self.dim, self.curvature.n_params, self.curvature.dtype
+        y, om = self.images, self.omega.double()
+        nu = math.sqrt(p) * torch.finfo(dtype).eps * float(y.norm())
+        y_nu = y + nu * om
+        core = om @ y_nu.T
+        factor, info = torch.linalg.cholesky_ex((core + core.T) / 2)
+        if int(info) != 0:
+            raise ValueError(
+                "The Nystrom approximation needs a positive semi-definite curvature, and this "
+                "one has negative curvature (the Hessian of a non-convex model). Use "
+                "curvature='gauss_newton' or `LowRank(method='lanczos')`."
+            )
+        b = torch.linalg.solve_triangular(factor, y_nu, upper=False)
+        # The SVD of the short, wide ``b`` from the eigenpairs of its small Gram matrix ``b b^T``
+        # (eigenvalues ``s^2``, right singular vectors ``U^T b / s``): a fraction of the SVD's
+        # cost.
+        squares, u = torch.linalg.eigh(b @ b.T)
+        squares = squares.clamp_min(0.0)
+        sing = squares.sqrt()
+        kept = sing > torch.finfo(sing.dtype).eps * sing.max().clamp_min(1e-300) * dim
+        vh = torch.where(kept[:, None], (u.T @ b) / sing.clamp_min(1e-300)[:, None], 0.0)
+        evals = (squares - nu).clamp_min(0.0)
+        return evals.to(dtype), vh.to(dtype=dtype, device=self.omega.device)
 
 
 def _random(
