@@ -20,6 +20,7 @@ from lightning_influence.config import InfluenceConfig
 from lightning_influence.core.curvature import Curvature
 from lightning_influence.core.data import IndexedData, as_indexed
 from lightning_influence.core.model import FunctionalModel
+from lightning_influence.core.precision import check_scoring_dtype
 from lightning_influence.core.scores import example_pass, perturbation_influence
 from lightning_influence.guards import (
     bad_examples_named,
@@ -186,6 +187,7 @@ def _compute(
     self_influence = config.self_influence
     si_solver = config.self_influence_solver or default_self_influence_solver(fm.n_params, solver)
     check_weights(fm)
+    check_scoring_dtype(fm.dtype, fm.device, config.scoring_torch_dtype)
     check_memory(fm, len(val), train.batch_size, [solver, si_solver][: 1 + self_influence])
     if reduce is not None:
         check_examples_everywhere(fm, train, reduce)
@@ -231,7 +233,13 @@ def _compute(
     t0 = time.perf_counter()
     with bad_examples_named(fm, train, "training"):
         train_pass = example_pass(
-            fm, train, val_inverse, inverse, progress=progress, desc="Training"
+            fm,
+            train,
+            val_inverse,
+            inverse,
+            progress=progress,
+            desc="Training",
+            scoring_dtype=config.scoring_torch_dtype,
         )
     timings["time_scoring"] = time.perf_counter() - t0
 
@@ -266,6 +274,7 @@ def _compute(
         "n_params": fm.n_params,
         "n_train_total": curv.n_total,
         "dtype": str(fm.dtype),
+        "scoring_dtype": config.scoring_dtype,
         "task": type(task).__name__,
     }
     return InfluenceResult(

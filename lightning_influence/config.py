@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_influence.core.curvature import CurvatureKind
+from lightning_influence.core.precision import SCORING_DTYPES, ScoringDTypeName
 from lightning_influence.core.task import ClassificationTask, Task
 from lightning_influence.solvers import CG, Exact, FactorizedSolver, LiSSA, Solver
 
@@ -58,6 +59,10 @@ class InfluenceConfig:
             batches make these passes faster, at the cost of memory.
         dtype: working precision, ``"float32"`` or ``"float64"`` (for reference runs); the
             model's own by default. A ``torch.dtype`` is accepted and stored by name.
+        scoring_dtype: ``"bfloat16"`` or ``"float16"`` runs the training examples' scoring pass
+            (forward, backward and dot products) under autocast in that dtype, with scores,
+            self-influence and solved vectors in float32; ``None`` (default) scores in ``dtype``.
+            Needs a float32 working precision; CPU and CUDA both run it.
         seed: seeds the choice of validation points and a solver given by name.
 
     Example:
@@ -83,6 +88,7 @@ class InfluenceConfig:
     batch_size: int | None = None
     curvature_batch_size: int = 1024
     dtype: DTypeName | None = None
+    scoring_dtype: ScoringDTypeName | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -123,6 +129,23 @@ class InfluenceConfig:
             names = {v: k for k, v in _DTYPES.items()}
             object.__setattr__(self, "dtype", names.get(self.dtype, str(self.dtype)))
         _check_choice("dtype", self.dtype, (None, *_DTYPES))
+        if isinstance(self.scoring_dtype, torch.dtype):
+            names = {v: k for k, v in SCORING_DTYPES.items()}
+            object.__setattr__(
+                self, "scoring_dtype", names.get(self.scoring_dtype, self.scoring_dtype)
+            )
+        if self.scoring_dtype not in (None, *SCORING_DTYPES):
+            raise ValueError(
+                "`scoring_dtype` must be None, 'bfloat16' or 'float16', got "
+                f"{self.scoring_dtype!r}. None (the default) scores in the working precision "
+                "`dtype`; 'bfloat16' lowers the scoring pass where the hardware has it."
+            )
+        if self.scoring_dtype is not None and self.dtype == "float64":
+            raise ValueError(
+                f"`scoring_dtype={self.scoring_dtype!r}` lowers a float32 scoring pass, but "
+                "dtype='float64' asks for a reference run. Pass scoring_dtype=None with float64, "
+                "or dtype=None / 'float32'."
+            )
         if self.val_indices is not None:
             object.__setattr__(self, "val_indices", _index_list(self.val_indices))
 
@@ -145,6 +168,11 @@ class InfluenceConfig:
     def torch_dtype(self) -> torch.dtype | None:
         """``dtype`` as a ``torch.dtype`` (``None``: the model's own)."""
         return _DTYPES[self.dtype] if self.dtype else None
+
+    @property
+    def scoring_torch_dtype(self) -> torch.dtype | None:
+        """``scoring_dtype`` as a ``torch.dtype`` (``None``: the working precision)."""
+        return SCORING_DTYPES[self.scoring_dtype] if self.scoring_dtype else None
 
     def make_task(self) -> Task:
         """``task``, or ``ClassificationTask()`` when none was given."""

@@ -8,6 +8,11 @@ gradient of the example's loss with respect to the layer's output. Its dot produ
 in one forward and one backward pass of the summed loss (examples' losses are independent, so
 its output gradients are the per-example ones). Parameters of other layers fall back to
 per-sample gradients of those parameters alone.
+
+With a ``scoring_dtype`` (bfloat16 or float16) the forward and backward passes run under
+autocast and the layers' products take their factors and rows in that dtype; each product's
+last contraction and every sum over layers is in the working precision. Parameters on the
+per-sample route keep the working precision.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from lightning_influence.core.gradients import PerSampleGradients
 from lightning_influence.core.model import FunctionalModel
+from lightning_influence.core.precision import scoring_autocast
 
 __all__ = ["LayerwiseDots", "layerwise_parameters"]
 
@@ -82,6 +88,9 @@ class LayerwiseDots:
     """``G R^T`` and the squared norms of the rows of ``G`` for the per-sample gradients ``G`` of a
     batch and fixed rows ``R`` (``[r, p]``), never forming ``G`` for the covered layers.
 
+    ``scoring_dtype`` (``torch.bfloat16`` or ``torch.float16``) lowers the passes and products
+    (see the module's docstring); the results are in the model's working dtype either way.
+
     Example:
         >>> import torch
         >>> from lightning_influence.core.task import ClassificationTask
@@ -93,17 +102,24 @@ class LayerwiseDots:
         (True, True)
     """
 
-    def __init__(self, model: FunctionalModel, rows: Tensor) -> None:
+    def __init__(
+        self, model: FunctionalModel, rows: Tensor, scoring_dtype: torch.dtype | None = None
+    ) -> None:
         self.model = model
+        self.scoring_dtype = scoring_dtype
         covered = layerwise_parameters(model)
         rows = rows.to(device=model.device, dtype=model.dtype)
-        pieces = torch.split(rows, model.numels, dim=1)
+        blocks = rows.to(scoring_dtype) if scoring_dtype is not None else rows
+        pieces = torch.split(blocks, model.numels, dim=1)
         layers: dict[str, _Layer] = {}
         rest_names, rest_pieces = [], []
-        for name, shape, piece, ok in zip(model.names, model.shapes, pieces, covered, strict=True):
+        exact_pieces = torch.split(rows, model.numels, dim=1)
+        for name, shape, piece, exact, ok in zip(
+            model.names, model.shapes, pieces, exact_pieces, covered, strict=True
+        ):
             if not ok:
                 rest_names.append(name)
-                rest_pieces.append(piece)
+                rest_pieces.append(exact)
                 continue
             module_name, _, leaf = name.rpartition(".")
             module = model.model.get_submodule(module_name)
@@ -155,10 +171,11 @@ class LayerwiseDots:
 
     def _chunk(self, inputs: Any, targets: Any, size: int) -> tuple[Any, Tensor, Tensor]:
         fm = self.model
+        compute = self.scoring_dtype or fm.dtype
         for layer in self._layers:
             layer.inputs.clear()
             layer.outputs.clear()
-        with torch.enable_grad(), self._hooks():
+        with torch.enable_grad(), self._hooks(), scoring_autocast(fm.device, self.scoring_dtype):
             theta = fm.theta.detach().requires_grad_(True)
             outputs = fm.outputs(theta, inputs)
             total = fm.losses_from_outputs(outputs, targets, size).sum()
@@ -173,16 +190,16 @@ class LayerwiseDots:
                 if g_out is None:
                     continue
                 if isinstance(layer.module, nn.Embedding):
-                    dots_i, norms_i = _embedding_terms(layer, a_in, g_out, size)
+                    terms = _embedding_terms(layer, a_in, g_out.to(compute), size, fm.dtype)
                 else:
-                    a, g = _factors(layer.module, a_in, g_out, size)
-                    dots_i, norms_i = _layer_dots(layer, a, g), _layer_norms(layer, a, g)
-                dots += dots_i
-                norms += norms_i
+                    a, g = _factors(layer.module, a_in.to(compute), g_out.to(compute), size)
+                    terms = _layer_dots(layer, a, g, fm.dtype), _layer_norms(layer, a, g, fm.dtype)
+                dots += terms[0]
+                norms += terms[1]
             layer.inputs.clear()
             layer.outputs.clear()
         if self._rest is not None and self._rest_rows is not None:
-            rest = self._rest_gradients(inputs, targets).detach()
+            rest = self._rest_gradients(inputs, targets).detach()  # in the working dtype
             dots += rest @ self._rest_rows.T
             norms += rest.square().sum(dim=1)
         return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, outputs), dots, norms
@@ -190,11 +207,12 @@ class LayerwiseDots:
     def agrees(self, inputs: Any, targets: Any, gradients: PerSampleGradients) -> bool:
         """Whether the layer-wise dot products match per-sample gradients on a few examples of
         this batch (a layer used outside its ``forward``, or examples that share a loss, would
-        not); warns when they do not."""
+        not); warns when they do not. Both run in the working precision."""
         n = min(_CHECKED_EXAMPLES, self.model.task.batch_size(inputs))
         x, y = _rows((inputs, targets), 0, n)
+        exact = self if self.scoring_dtype is None else LayerwiseDots(self.model, self._rows)
         try:
-            _, dots, _ = self(x, y)
+            _, dots, _ = exact(x, y)
         except (RuntimeError, ValueError) as err:
             reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
         else:
@@ -263,9 +281,10 @@ def _factors(module: nn.Module, a_in: Tensor, g_out: Tensor, size: int) -> tuple
 
 
 def _embedding_terms(
-    layer: _Layer, tokens: Tensor, g_out: Tensor, size: int
+    layer: _Layer, tokens: Tensor, g_out: Tensor, size: int, acc: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """Dots and squared norms for an embedding: the gradient is ``sum_t e_{x_t} g_t^T``."""
+    """Dots and squared norms for an embedding: the gradient is ``sum_t e_{x_t} g_t^T``; sums
+    over positions in ``acc``."""
     module = layer.module
     if not isinstance(module, nn.Embedding) or layer.weight is None:
         raise RuntimeError("an embedding's rows are missing")
@@ -276,10 +295,10 @@ def _embedding_terms(
     if module.padding_idx is not None:  # no gradient reaches the padding row
         g = g * (x != module.padding_idx).unsqueeze(-1).to(g.dtype)
     rows = layer.weight.to(g.dtype)[x.reshape(-1)]  # [b * t, r, dim]
-    dots = (rows @ g.reshape(-1, module.embedding_dim, 1)).view(size, x.shape[1], -1).sum(dim=1)
-    same = (x.unsqueeze(2) == x.unsqueeze(1)).to(g.dtype)
-    norms = (same * (g @ g.transpose(1, 2))).sum(dim=(1, 2))
-    return dots, norms
+    dots = (rows @ g.reshape(-1, module.embedding_dim, 1)).view(size, x.shape[1], -1)
+    same = (x.unsqueeze(2) == x.unsqueeze(1)).to(acc)
+    norms = (same * (g @ g.transpose(1, 2)).to(acc)).sum(dim=(1, 2))
+    return dots.to(acc).sum(dim=1), norms
 
 
 def _weight_layout(blocks: Tensor) -> Tensor:
@@ -292,39 +311,42 @@ def _weight_layout(blocks: Tensor) -> Tensor:
     return blocks.permute(2, 0, 1).reshape(n_in, r * n_out).contiguous()
 
 
-def _layer_dots(layer: _Layer, a: Tensor, g: Tensor) -> Tensor:
-    """``sum_t g_t^T S_j a_t`` (weight) plus ``sum_t g_t . b_j`` (bias) for every row ``j``."""
+def _layer_dots(layer: _Layer, a: Tensor, g: Tensor, acc: torch.dtype) -> Tensor:
+    """``sum_t g_t^T S_j a_t`` (weight) plus ``sum_t g_t . b_j`` (bias) for every row ``j``, in
+    ``acc``: the large product in the factors' dtype, the contraction after it in ``acc``."""
     size, positions = a.shape[0], a.shape[1]
     r, n_out, n_in = layer.shape
     out: Tensor | None = None
     if layer.flat is not None and positions * r * min(n_in, n_out) > n_in * n_out:
         # Many positions and rows: each example's gradient for this layer is the smaller buffer.
         per_example = (g.transpose(1, 2) @ a).reshape(size, n_out * n_in)
-        out = per_example @ layer.flat.to(a.dtype).T
+        out = (per_example @ layer.flat.to(a.dtype).T).to(acc)
     elif layer.weight is not None:
         w = layer.weight.to(a.dtype)
         if n_in <= n_out:  # [b, t, r, in], then the inputs
             z = (g.reshape(-1, n_out) @ w).view(size, positions, r, n_in)
-            out = torch.einsum("btri,bti->br", z, a)
+            out = torch.einsum("btri,bti->br", z.to(acc), a.to(acc))
         else:  # [b, t, r, out], then the output gradients
             z = (a.reshape(-1, n_in) @ w).view(size, positions, r, n_out)
-            out = torch.einsum("btro,bto->br", z, g)
+            out = torch.einsum("btro,bto->br", z.to(acc), g.to(acc))
     if layer.bias is not None:
-        bias = g.sum(dim=1) @ layer.bias.to(g.dtype).T
+        bias = g.to(acc).sum(dim=1) @ layer.bias.to(acc).T
         out = bias if out is None else out + bias
     if out is None:
         raise RuntimeError("a layer-wise layer has neither a weight nor a bias chosen")
     return out
 
 
-def _layer_norms(layer: _Layer, a: Tensor, g: Tensor) -> Tensor:
-    """Squared norms of each example's gradient over the layer's chosen parameters."""
-    norms = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
+def _layer_norms(layer: _Layer, a: Tensor, g: Tensor, acc: torch.dtype) -> Tensor:
+    """Squared norms of each example's gradient over the layer's chosen parameters, summed in
+    ``acc`` (Gram matrices of many positions in the factors' dtype)."""
+    norms = torch.zeros(a.shape[0], dtype=acc, device=a.device)
     if layer.weight is not None:
         if a.shape[1] == 1:
-            norms = norms + a.square().sum((1, 2)) * g.square().sum((1, 2))
+            norms = norms + a.to(acc).square().sum((1, 2)) * g.to(acc).square().sum((1, 2))
         else:
-            norms = norms + ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum((1, 2))
+            grams = (a @ a.transpose(1, 2)).to(acc) * (g @ g.transpose(1, 2)).to(acc)
+            norms = norms + grams.sum((1, 2))
     if layer.bias is not None:
-        norms = norms + g.sum(dim=1).square().sum(dim=1)
+        norms = norms + g.to(acc).sum(dim=1).square().sum(dim=1)
     return norms

@@ -6,6 +6,7 @@ Memory holds the validation inverse-HVPs ``[m, p]`` and one batch of training gr
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from lightning_influence.core.data import IndexedData
 from lightning_influence.core.gradients import PerSampleGradients, one_example
 from lightning_influence.core.layerwise import LayerwiseDots
 from lightning_influence.core.model import FunctionalModel
+from lightning_influence.core.precision import check_scoring_dtype, scoring_autocast
 from lightning_influence.solvers.base import InverseOperator
 from lightning_influence.solvers.lowrank import LowRankInverse
 
@@ -37,9 +39,9 @@ class ExamplePass:
     gradients: Tensor | None = None
 
 
-def _labels(t: Any, n: int) -> Tensor | None:
+def _labels(t: Any, n: int, dtype: torch.dtype) -> Tensor | None:
     if isinstance(t, Tensor) and t.ndim == 1 and t.shape[0] == n:
-        return t.detach().cpu()
+        return (t.to(dtype) if t.is_floating_point() else t).detach().cpu()
     return None
 
 
@@ -52,6 +54,7 @@ def example_pass(
     progress: bool = False,
     desc: str = "Scoring",
     gradients: PerSampleGradients | None = None,
+    scoring_dtype: torch.dtype | None = None,
 ) -> ExamplePass:
     """Stream per-sample gradients over ``data`` and reduce each batch at once.
 
@@ -65,9 +68,25 @@ def example_pass(
     low-rank inverse, of ``G U^T`` for its eigenvectors ``U``) from one forward and one backward
     pass of the batch, never forming their part of ``G`` (:mod:`.layerwise`); the first batch
     checks it against per-sample gradients on a few examples.
+
+    ``scoring_dtype`` (``torch.bfloat16`` or ``torch.float16``) runs the layer-wise route in that
+    dtype: its forward and backward pass under autocast, its products with the rows in that
+    dtype, their sums in the working one (float32). The per-sample route (parameters without a
+    layer-wise rule, or all of them when the route is off) keeps the working dtype: its
+    ``[batch, p]`` gradients cost the same either way, and vmap does not batch every layer's
+    backward under autocast. ``val_inverse``, quadratic forms and every result stay float32.
     """
+    check_scoring_dtype(model.dtype, model.device, scoring_dtype)
     gradients = gradients or PerSampleGradients(model)
-    layerwise = _layerwise(model, val_inverse, inverse, keep_gradients)
+    layerwise = _layerwise(model, val_inverse, inverse, keep_gradients, scoring_dtype)
+    if scoring_dtype is not None and layerwise is None:
+        warnings.warn(
+            f"`scoring_dtype={str(scoring_dtype).removeprefix('torch.')!r}` has no effect on this "
+            "pass: it lowers the layer-wise route (nn.Linear, nn.Conv2d and nn.Embedding layers; "
+            "for self-influence, a low-rank inverse such as LowRank()), and none is taken, so "
+            f"every score comes from per-sample gradients in {model.dtype}.",
+            stacklevel=2,
+        )
     checked = False
     idx_parts: list[Tensor] = []
     parts: dict[str, list[Tensor]] = {k: [] for k in ("loss", "score", "self", "grad")}
@@ -82,7 +101,9 @@ def example_pass(
             layerwise = layerwise if layerwise.agrees(inputs, tgt, gradients) else None
         if layerwise is not None:
             outputs, dots, norms = layerwise(inputs, tgt)
-            parts["loss"].append(model.losses_from_outputs(outputs, tgt, size).cpu())
+            with scoring_autocast(model.device, scoring_dtype):
+                losses = model.losses_from_outputs(outputs, tgt, size)
+            parts["loss"].append(losses.to(model.dtype).cpu())
             m = 0 if val_inverse is None else val_inverse.shape[0]
             if val_inverse is not None:
                 parts["score"].append((-dots[:, :m]).cpu())
@@ -90,8 +111,8 @@ def example_pass(
                 coords = dots[:, m:].square() @ inverse.weights.to(dots.dtype)
                 parts["self"].append((norms / inverse.damping + coords).cpu())
             idx_parts.append(idx)
-            targets.append(_labels(tgt, size))
-            preds.append(_labels(model.task.predict(outputs), size))
+            targets.append(_labels(tgt, size, model.dtype))
+            preds.append(_labels(model.task.predict(outputs), size, model.dtype))
             bar.update(size)
             continue
         with torch.no_grad():
@@ -106,8 +127,8 @@ def example_pass(
         if keep_gradients:
             parts["grad"].append(g)
         idx_parts.append(idx)
-        targets.append(_labels(tgt, size))
-        preds.append(_labels(prediction, size))
+        targets.append(_labels(tgt, size, model.dtype))
+        preds.append(_labels(prediction, size, model.dtype))
         bar.update(size)
     bar.close()
 
@@ -130,6 +151,7 @@ def _layerwise(
     val_inverse: Tensor | None,
     inverse: InverseOperator | None,
     keep_gradients: bool,
+    scoring_dtype: torch.dtype | None = None,
 ) -> LayerwiseDots | None:
     """The layer-wise route when it covers a parameter and every quantity asked for: scores, and
     self-influence with a low-rank inverse whose eigenvectors span under half the space."""
@@ -142,7 +164,7 @@ def _layerwise(
         rows.append(inverse.evecs)
     dtype = model.dtype
     layerwise = LayerwiseDots(
-        model, torch.cat([r.to(device=model.device, dtype=dtype) for r in rows])
+        model, torch.cat([r.to(device=model.device, dtype=dtype) for r in rows]), scoring_dtype
     )
     return layerwise if layerwise.covers_any else None
 
