@@ -132,7 +132,9 @@ class LiSSA(Solver):
         n_probe = min(self.probe_batches, -(-curvature.n_total // self.batch_size))
         top = 0.0
         for _ in range(n_probe):
-            matvec = curvature.minibatch(self.batch_size, generator)
+            matvec: Callable[[Tensor], Tensor] = curvature.matvec  # all data, in batches
+            if self.batch_size < curvature.n_total:
+                matvec = curvature.minibatch(self.batch_size, generator)
             if precondition is None:
                 top = max(top, _top_eigenvalue(matvec, curvature, generator) + damping)
             else:
@@ -281,7 +283,8 @@ def _preconditioned(
             return scale, kappa, ((1 - root) / (1 + root)) ** 2, 4 / (1 + root) ** 2
         return scale, kappa, float(lissa.momentum), 1.0 + float(lissa.momentum)
 
-    batch_size = min(lissa.batch_size, curvature.n_total)
+    n_total = curvature.n_total
+    batch_size = min(lissa.batch_size, n_total)
     scale, kappa, beta, step = tuned(batch_size)
     v = vectors.to(dtype=curvature.dtype, device=curvature.device)
     target = precondition(v).norm(dim=1).clamp_min(1e-30)
@@ -291,40 +294,61 @@ def _preconditioned(
         r = v - curvature.matvec(x) - damping * x
         return r, precondition(r).norm(dim=1) / target
 
+    # Start from P^-1 v, scaled per row to minimise the error in the (H + damping I) norm:
+    # exact where P matches the curvature, never worse than starting from zero.
+    start_dir = precondition(v)
+    image = curvature.matvec(start_dir) + damping * start_dir
+    energy = (start_dir * image).sum(1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+    alpha = (start_dir * v).sum(1, keepdim=True) / energy
+    x, r = alpha * start_dir, v - alpha * image
+    rel = precondition(r).norm(dim=1) / target
     depth = lissa.depth or 1000
-    x = precondition(v)  # exact where P matches the curvature
-    r, rel = residual(x)
-    start_rel, steps, checks = float(rel.max()), 0, 1
+    start_rel, steps, checks, window = float(rel.max()), 0, 1, lissa.check_every
     bar = tqdm(total=depth, desc="LiSSA", disable=not progress, leave=False)
     while float(rel.max()) > lissa.tol and steps < depth:
-        window = min(lissa.check_every, depth - steps)
+        window = min(window, depth - steps)
+        full = batch_size >= n_total  # deterministic: the last iterate, no averaging
         h, prev = x.clone(), x
         avg, n_avg = torch.zeros_like(v), 0
         for t in range(window):
             # The residual at h, from the full one at x and the minibatch curvature on h - x: its
             # noise shrinks with h - x, so the recursion has no noise floor (a control variate).
             diff = h - x
-            update = curvature.minibatch(batch_size, generator)(diff)
+            products = curvature.matvec if full else curvature.minibatch(batch_size, generator)
+            update = products(diff)
             update.add_(diff, alpha=damping).neg_().add_(r)
             update = precondition(update).mul_(step / scale)
             if beta:
                 update.add_(h - prev, alpha=beta)
             h, prev = h + update, h
-            if 2 * t >= window - 1:
+            if not full and 2 * t >= window - 1:
                 avg += h
                 n_avg += 1
         steps += window
         bar.update(window)
-        check_finite(avg, "LiSSA", damping, scale)
-        new_x = avg / n_avg
+        new_x = h if full else avg / n_avg
+        check_finite(new_x, "LiSSA", damping, scale)
         new_r, new_rel = residual(new_x)
         checks += 1
         if float(new_rel.max()) > 1e3 * max(start_rel, 1.0):
             raise_diverged("LiSSA", damping, scale, "grew without bound")
-        if float(new_rel.max()) > 0.5 * float(rel.max()) and batch_size < curvature.n_total:
-            # minibatch noise: larger minibatches, whose curvature needs a smaller scale
-            batch_size = min(2 * batch_size, curvature.n_total)
-            scale, kappa, beta, step = tuned(batch_size)
+        # measured log-contraction of the residual per full-data pass of products
+        contraction = math.log(float(rel.max()) / max(float(new_rel.max()), 1e-30))
+        if full:
+            # next window just long enough to reach `tol` at the measured rate
+            rate = contraction / window
+            needed = math.log(float(new_rel.max()) / lissa.tol) / max(rate, 1e-12)
+            window = max(1, min(lissa.check_every, math.ceil(2 * needed)))
+        else:
+            # Minibatches pay off while they gain more per pass over the data than full-data
+            # steps would at this condition number; else: full data, or larger minibatches once
+            # noise keeps a window from halving the residual.
+            gain = contraction / (window * batch_size / n_total + 1)
+            root = math.sqrt(kappa)
+            full_gain = window * math.log((root + 1) / (root - 1 + 1e-12)) / (window + 1)
+            if gain < full_gain or contraction < math.log(2):
+                batch_size = n_total if gain < full_gain else min(2 * batch_size, n_total)
+                scale, kappa, beta, step = tuned(batch_size)
         if float(new_rel.max()) < float(rel.max()):
             x, r, rel = new_x, new_r, new_rel
     bar.close()
