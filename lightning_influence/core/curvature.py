@@ -98,6 +98,7 @@ class Curvature:
         # Every local example's Jacobian and output Hessian, once worth keeping (see `factors`).
         self._factors: tuple[Tensor, Tensor] | None = None
         self._factors_decided = False
+        self._factor_order: Tensor | None = None  # data position of each stored factor row
         local = torch.tensor(float(len(data)), dtype=torch.float64, device=model.device)
         self.n_total = int(self.reduce(local).item())
         if self.n_total == 0:
@@ -219,6 +220,7 @@ class Curvature:
                 hessians.append(output_hessians(fm, prepared.targets, out).detach())
         order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(0))
         self._factors = torch.cat(jacobians)[order], torch.cat(hessians)[order]
+        self._factor_order = order
         return self._factors
 
     def minibatch(self, batch_size: int, generator: torch.Generator) -> Callable[[Tensor], Tensor]:
@@ -251,14 +253,28 @@ class Curvature:
         self, max_examples: int | None, output_directions: int | None, generator: torch.Generator
     ) -> Curvature:
         """The same curvature on at most ``max_examples`` random examples of this process's data,
-        with ``output_directions`` for the Gauss-Newton matrix (ignored for the Hessian)."""
+        with ``output_directions`` for the Gauss-Newton matrix (ignored for the Hessian).
+
+        Where per-example factors are stored (see :meth:`factors`), the subset is the first
+        ``max_examples`` of their random order and shares their memory."""
         data = self.data
-        if max_examples is not None and max_examples < len(data):
-            pos = torch.randperm(len(data), generator=generator)[:max_examples]
-            data = data.subset(data.indices[pos.sort().values])
         directions = output_directions if self.kind == "gauss_newton" else None
-        if data is self.data and directions == self.output_directions:
-            return self
+        if max_examples is None or max_examples >= len(data):
+            if directions == self.output_directions:
+                return self
+            return Curvature(self.model, data, self.kind, self.reduce, directions)
+        factors = self.factors() if directions is None else None
+        if factors is not None and self._factor_order is not None:
+            chosen, by_position = self._factor_order[:max_examples].sort()
+            child = Curvature(self.model, data.subset(data.indices[chosen]), self.kind, self.reduce)
+            child._factors = factors[0][:max_examples], factors[1][:max_examples]
+            child._factors_decided = True
+            child._factor_order = torch.empty_like(by_position)
+            child._factor_order[by_position] = torch.arange(max_examples)
+            child.flops_per_parameter = self.flops_per_parameter
+            return child
+        pos = torch.randperm(len(data), generator=generator)[:max_examples]
+        data = data.subset(data.indices[pos.sort().values])
         return Curvature(self.model, data, self.kind, self.reduce, directions)
 
     def dense(self, chunk: int = 256) -> Tensor:
