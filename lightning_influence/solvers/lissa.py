@@ -128,22 +128,38 @@ class LiSSA(Solver):
         Minibatch curvature can be several times larger than the full-data one (rare features),
         and the recursion diverges unless ``scale`` bounds every minibatch it sees.
         """
+        return self._scale_and_direction(curvature, damping, generator, precondition)[0]
+
+    def _scale_and_direction(
+        self,
+        curvature: CurvatureOperator,
+        damping: float,
+        generator: torch.Generator,
+        precondition: Callable[[Tensor], Tensor] | None = None,
+        start: Tensor | None = None,
+    ) -> tuple[float, Tensor]:
+        """:meth:`estimate_scale` and the top direction found; each power iteration starts from
+        the previous one's direction (from ``start`` for the first), which converges in a few
+        products when the minibatches are alike."""
         # decided on the global count, so every process runs the same number of products
         n_probe = min(self.probe_batches, -(-curvature.n_total // self.batch_size))
-        top = 0.0
+        top, direction = 0.0, start
         for _ in range(n_probe):
             matvec: Callable[[Tensor], Tensor] = curvature.matvec  # all data, in batches
             if self.batch_size < curvature.n_total:
                 matvec = curvature.minibatch(self.batch_size, generator)
             if precondition is None:
-                top = max(top, _top_eigenvalue(matvec, curvature, generator) + damping)
+                eig, direction = _top_eigenvalue(matvec, curvature, generator, direction)
+                top = max(top, eig + damping)
             else:
 
                 def system(x: Tensor, matvec: Callable[[Tensor], Tensor] = matvec) -> Tensor:
                     return precondition(matvec(x) + damping * x)
 
-                top = max(top, _top_eigenvalue(system, curvature, generator))
-        return self.scale_margin * top
+                eig, direction = _top_eigenvalue(system, curvature, generator, direction)
+                top = max(top, eig)
+        assert direction is not None  # at least one probe
+        return self.scale_margin * top, direction
 
     def solve(
         self,
@@ -273,10 +289,18 @@ def _preconditioned(
         )
     generator = torch.Generator().manual_seed(lissa.seed)
 
+    top_direction: list[Tensor] = []  # the last power iteration's, to start the next one from
+
     def tuned(batch_size: int) -> tuple[float, float, float, float]:
         """``scale``, the condition number, the momentum and the step for this batch size."""
-        probe = replace(lissa, batch_size=batch_size)
-        scale = lissa.scale or probe.estimate_scale(curvature, damping, generator, precondition)
+        scale = lissa.scale
+        if scale is None:
+            probe = replace(lissa, batch_size=batch_size)
+            start = top_direction.pop() if top_direction else None
+            scale, direction = probe._scale_and_direction(
+                curvature, damping, generator, precondition, start
+            )
+            top_direction.append(direction)
         kappa = scale / (smallest / floor)  # condition number of the preconditioned system
         if lissa.momentum in ("auto", None):
             root = math.sqrt(1 / kappa)
@@ -376,22 +400,25 @@ def _top_eigenvalue(
     matvec: Callable[[Tensor], Tensor],
     curvature: CurvatureOperator,
     generator: torch.Generator,
+    start: Tensor | None = None,
     iters: int = 30,
     rtol: float = 1e-2,
-) -> float:
-    """Largest eigenvalue magnitude by power iteration."""
-    v = torch.randn(1, curvature.n_params, generator=generator, dtype=torch.float64)
-    v = v.to(dtype=curvature.dtype, device=curvature.device)
-    v /= v.norm()
+) -> tuple[float, Tensor]:
+    """Largest eigenvalue magnitude by power iteration (from ``start``, else a random vector),
+    and its direction."""
+    if start is None:
+        start = torch.randn(1, curvature.n_params, generator=generator, dtype=torch.float64)
+    v = start.to(dtype=curvature.dtype, device=curvature.device)
+    v = v / v.norm()
     eig = 0.0
     for _ in range(iters):
         w = matvec(v)
         new = float(w.norm())
         v = w / max(new, 1e-30)
         if abs(new - eig) <= rtol * new:
-            return new
+            return new, v
         eig = new
-    return eig
+    return eig, v
 
 
 def auto_depth(scale: float, damping: float, min_depth: int = 100, max_depth: int = 5000) -> int:
