@@ -10,7 +10,13 @@ memory (``torch.cuda.max_memory_allocated``, reset before each run); writes
 Usage::
 
     python benchmarks/gpu.py                    # on a machine with a CUDA GPU
+    python benchmarks/gpu.py --device cpu --n-train 2000   # CPU: one epoch vs one run, by stage
     python benchmarks/gpu.py --device cpu --tiny   # a smoke test of the script itself
+
+With ``--n-train`` it times one SGD epoch (batch 64) and one ``compute_influence`` call with the
+package's default solver, ``LiSSA()`` (``--solver fixed``: the sweep's), on that many images and
+``--n-val`` validation images, and prints their ratio with the stage breakdown; it writes
+``benchmarks/results/gpu_<device>_<n>_<solver>.json``.
 
 A ``--budget-s`` guard (default 270 s) skips the remaining runs once it is spent, so the script
 always ends with its tables.
@@ -19,6 +25,7 @@ always ends with its tables.
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 from typing import Any
 
@@ -28,7 +35,7 @@ from common import setup, table, write_json
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from lightning_influence import LiSSA, compute_influence
+from lightning_influence import LiSSA, Solver, compute_influence
 
 
 class Block(nn.Module):
@@ -87,11 +94,11 @@ def one_run(
     n_val: int,
     device: torch.device,
     batch_size: int,
-    scale: float,
-    depth: int,
+    solver: Solver,
     dtype: torch.dtype | None,
-    lissa_batch: int = 256,
+    self_influence: bool = False,
 ) -> dict[str, Any]:
+    """One ``compute_influence`` call: wall time, its stages (``time_*``), throughput, memory."""
     val = synthetic(n_val, device, seed=1)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -99,8 +106,8 @@ def one_run(
     sync(device)
     start = time.perf_counter()
     result = compute_influence(
-        model, train, val, solver=LiSSA(depth=depth, batch_size=lissa_batch, scale=scale),
-        damping=1e-3, self_influence=False, batch_size=batch_size, dtype=dtype, progress=False,
+        model, train, val, solver=solver, damping=1e-3, self_influence=self_influence,
+        batch_size=batch_size, dtype=dtype, progress=False,
     )  # fmt: skip
     sync(device)
     wall = time.perf_counter() - start
@@ -113,9 +120,12 @@ def one_run(
         "total_s": wall,
         "val_grads_s": d.get("time_val_gradients"),
         "solver_s": d.get("time_solver"),
+        "self_influence_s": d.get("time_self_influence_factorize"),
         "scoring_s": d.get("time_scoring"),
         "train_ex_per_s": len(train) / d["time_scoring"],
+        "solver_steps": d.get("solver_steps"),
         "gpu_peak_mb": mem,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "finite": bool(torch.isfinite(result.scores).all()),
     }
 
@@ -140,16 +150,93 @@ def exponent(xs: list[float], ys: list[float]) -> float:
     return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
 
 
+# --solver: "default" as shipped; "fixed" as in the GPU sweep (preconditioned, 20 steps);
+# "short": plain recursion, 10 steps of 32 examples at a fixed scale, so that a CPU run ends
+# (a timing figure for the other stages, not converged scores).
+SOLVERS: dict[str, Solver] = {
+    "default": LiSSA(),
+    "fixed": LiSSA(depth=20, batch_size=256, scale=100.0),
+    "short": LiSSA(preconditioner=None, depth=10, batch_size=32, scale=100.0),
+}
+
+
+def product_time(model: nn.Module, train: TensorDataset, n_val: int, device: torch.device) -> None:
+    """Time one Gauss-Newton product of ``n_val`` vectors on a minibatch of 256 (a step of
+    ``LiSSA()``) and on 1,024 examples (a Nystrom product of its preconditioner); prints both."""
+    from lightning_influence import ClassificationTask, FunctionalModel, as_indexed
+    from lightning_influence.core.curvature import Curvature
+
+    fm = FunctionalModel(model, ClassificationTask())
+    for n, k in ((256, n_val), (min(1024, len(train)), 1)):
+        curv = Curvature(fm, as_indexed(train, torch.arange(n), n), "gauss_newton")
+        vectors = torch.randn(k, fm.n_params, device=device)
+        sync(device)
+        start = time.perf_counter()
+        curv.matvec(vectors)
+        sync(device)
+        print(f"one Gauss-Newton product, {k} vector(s), {n} examples: "
+              f"{time.perf_counter() - start:.1f} s", flush=True)  # fmt: skip
+
+
+STAGES = ["total_s", "val_grads_s", "solver_s", "self_influence_s", "scoring_s"]
+
+
+def cpu_run(args: argparse.Namespace) -> None:
+    """``--n-train N``: one epoch and one influence run at the package's defaults, their ratio
+    and the stage breakdown (sized for a CPU: scoring and training batches of 64)."""
+    device = torch.device(args.device)
+    model = resnet(args.width).to(device).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"device {device}, model {n_params:,} parameters, {args.n_train:,} training images")
+    train = synthetic(args.n_train, device, 0)
+    solver = SOLVERS[args.solver]
+    if args.probe:
+        product_time(model, train, args.n_val, device)
+    ep = epoch_time(model, train, device, 64)
+    row = one_run(model, train, args.n_val, device, 64, solver, None, args.self_influence)
+    over = {"epoch_s": ep, "influence_s": row["total_s"], "ratio": row["total_s"] / ep}
+    over.update({k: row[k] for k in [*STAGES[1:], "train_ex_per_s", "solver_steps"]})
+    title = (
+        f"Influence vs one epoch ({n_params:,} params, {args.n_train:,} train, "
+        f"{args.n_val} val, solver {args.solver}, self-influence {args.self_influence})"
+    )
+    table([over], list(over), title)
+    table([row], [c for c in row if c not in ("gpu_peak_mb",)], "The influence run")
+    name = f"gpu_{device.type}_{args.n_train}_{args.solver}"
+    write_json(name, {"n_params": n_params, "run": row, "overhead": over, "args": vars(args)})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument("--budget-s", type=float, default=270.0)
     parser.add_argument("--width", type=int, default=32)
+    parser.add_argument(
+        "--n-train", type=int, default=None, help="one run at this size vs one epoch (CPU mode)"
+    )
+    parser.add_argument("--n-val", type=int, default=8, help="validation points (with --n-train)")
+    parser.add_argument(
+        "--solver",
+        choices=sorted(SOLVERS),
+        default="default",
+        help="with --n-train: LiSSA() as shipped, the sweep's LiSSA(depth=20, scale=100), or a "
+        "short plain recursion (see SOLVERS)",
+    )
+    parser.add_argument(
+        "--probe", action="store_true", help="with --n-train: first time one curvature product"
+    )
+    parser.add_argument("--self-influence", action="store_true", help="with --n-train")
     args = parser.parse_args()
     setup(threads=1 if args.device == "cpu" else 4)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("No CUDA device: run on a GPU machine, or pass `--device cpu --tiny`.")
+        raise SystemExit(
+            "No CUDA device: run on a GPU machine, or pass `--device cpu --n-train 2000` "
+            "(or `--device cpu --tiny`)."
+        )
+    if args.n_train is not None:
+        cpu_run(args)
+        return
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # plain fp32 unless bf16 is asked for
@@ -164,55 +251,33 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {device} ({name}), model {n_params:,} parameters")
-    scale = 100.0  # fixed (no power iteration inside the timed calls); finite scores are checked
+    # fixed scale (no power iteration inside the timed calls); finite scores are checked
+    solver = LiSSA(depth=depth, batch_size=lissa_batch, scale=100.0)
 
     def within_budget() -> bool:
         return time.perf_counter() - started < args.budget_s
 
     # warm-up (CUDA context, kernels)
-    one_run(
-        model,
-        synthetic(train_sizes[0] // 4, device, 0),
-        2,
-        device,
-        batch,
-        scale,
-        1,
-        None,
-        lissa_batch,
-    )
+    warm = LiSSA(depth=1, batch_size=lissa_batch, scale=100.0)
+    one_run(model, synthetic(train_sizes[0] // 4, device, 0), 2, device, batch, warm, None)
     train_rows = []
     for n in train_sizes:
         if not within_budget():
             print(f"budget spent: n_train={n} skipped")
             break
-        train_rows.append(
-            one_run(
-                model, synthetic(n, device, 0), 8, device, batch, scale, depth, None, lissa_batch
-            )
-        )
+        train_rows.append(one_run(model, synthetic(n, device, 0), 8, device, batch, solver, None))
     val_rows = []
     mid = synthetic(train_sizes[1], device, 0)
     for m in val_sizes:
         if not within_budget():
             print(f"budget spent: n_val={m} skipped")
             break
-        val_rows.append(one_run(model, mid, m, device, batch, scale, depth, None, lissa_batch))
+        val_rows.append(one_run(model, mid, m, device, batch, solver, None))
     bf16_rows = []
     if within_budget():
         try:
             bf16_rows.append(
-                one_run(
-                    model,
-                    mid,
-                    val_sizes[1],
-                    device,
-                    batch,
-                    scale,
-                    depth,
-                    torch.bfloat16,
-                    lissa_batch,
-                )
+                one_run(model, mid, val_sizes[1], device, batch, solver, torch.bfloat16)
             )
         except Exception as exc:  # report, do not stop
             bf16_rows.append({"dtype": "bfloat16", "error": f"{type(exc).__name__}: {exc}"[:200]})
@@ -222,9 +287,9 @@ def main() -> None:
         inf = next((r for r in train_rows if r["n_train"] == len(mid)), None)
         if inf:
             overhead = {"n_train": len(mid), "epoch_s": ep, "influence_s": inf["total_s"],
-                        "ratio": inf["total_s"] / ep}  # fmt: skip
-    cols = ["n_train", "n_val", "dtype", "total_s", "val_grads_s", "solver_s", "scoring_s",
-            "train_ex_per_s", "gpu_peak_mb", "finite"]  # fmt: skip
+                        "ratio": inf["total_s"] / ep,
+                        **{k: inf[k] for k in [*STAGES[1:], "train_ex_per_s"]}}  # fmt: skip
+    cols = ["n_train", "n_val", "dtype", *STAGES, "train_ex_per_s", "gpu_peak_mb", "finite"]
     table(train_rows, cols, f"GPU: time vs training points ({n_params:,} params)")
     table(val_rows + bf16_rows, [*cols, "error"], "GPU: time vs validation points; bf16")
     fits = {}
@@ -241,7 +306,7 @@ def main() -> None:
             [r["n_val"] for r in val_rows], [r["total_s"] for r in val_rows]
         )
     if overhead:
-        table([overhead], list(overhead), "GPU: influence time vs one training epoch")
+        table([overhead], list(overhead), "GPU: influence time vs one training epoch, by stage")
     print(f"exponents and ratios: {fits}")
     print(f"total wall time {time.perf_counter() - started:.0f} s")
     write_json(

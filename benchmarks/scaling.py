@@ -18,6 +18,7 @@ Usage::
     python benchmarks/scaling.py           # ~30 min on one thread, most of it the 100k run
     python benchmarks/scaling.py --reuse   # reuse child runs already measured (cache)
     python benchmarks/scaling.py --quick   # 1k / 5k / 10k and 8 / 32 / 128, a few minutes
+    python benchmarks/scaling.py --memory  # peak RSS at 10k vs 100k, default allocator
 
 Prints tables and fitted exponents; writes ``benchmarks/results/scaling.json`` and
 ``docs/img/scaling.png``.
@@ -26,6 +27,7 @@ Prints tables and fitted exponents; writes ``benchmarks/results/scaling.json`` a
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -208,6 +210,37 @@ def overhead_1m(n_train: int, reuse: bool) -> dict[str, Any]:
     }
 
 
+def memory_flat(sizes: list[int], reuse: bool) -> dict[str, Any]:
+    """Peak RSS of the 1M-parameter MLP at each training-set size, each in its own process, with
+    glibc's default allocator settings (no ``MALLOC_*`` variables) and the sweep's solver
+    (``LiSSA(depth=10, batch_size=32, scale=80)``, preconditioned as shipped: its memory does not
+    depend on the training-set size, and its time stays short); the ratio of the largest to the
+    smallest is the figure to keep below 1.2.
+    """
+    env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    if env:
+        raise SystemExit(f"--memory measures glibc's defaults: unset {sorted(env)} first.")
+    rows = []
+    for n in sizes:
+        r = run_child("synthetic.py", influence_args(n, 8, HIDDEN_1M), None, reuse=reuse)
+        d = r["diagnostics"]
+        rows.append(
+            {
+                "n_train": n,
+                "peak_rss_mb": r["peak_rss_mb"],
+                "baseline_rss_mb": r["baseline_rss_mb"],
+                "above_baseline_mb": r["peak_rss_mb"] - r["baseline_rss_mb"],
+                "total_s": d["time_total"],
+                "solver_s": d["time_solver"],
+                "scoring_s": d["time_scoring"],
+            }
+        )
+    ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
+    table(rows, list(rows[0]), "Peak RSS vs training-set size, default allocator")
+    print(f"peak RSS {sizes[-1]:,} / {sizes[0]:,}: {ratio:.3f}x (target < 1.2)")
+    return {"rows": rows, "ratio": ratio}
+
+
 def plot(train: dict[str, Any], val: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -251,9 +284,17 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="reuse cached child runs")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
     parser.add_argument("--no-overhead", action="store_true", help="skip the epoch comparison")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="only peak RSS at 10k and 100k points, default allocator (~5 min)",
+    )
     parser.add_argument("--plot", default=str(ROOT / "docs" / "img" / "scaling.png"))
     args = parser.parse_args()
     setup(threads=1)
+    if args.memory:
+        write_json("memory_flat", memory_flat([10_000, 100_000], args.reuse))
+        return
     train_sizes = [1000, 5000, 10_000] if args.quick else [1000, 10_000, 100_000]
     val_sizes = [8, 32, 128] if args.quick else [8, 64, 512]
     train = sweep_train(train_sizes, args.reuse)
