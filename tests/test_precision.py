@@ -172,3 +172,18 @@ def test_a_float64_model_is_refused_before_any_work() -> None:
     fm = FunctionalModel(model, ClassificationTask())
     with pytest.raises(ValueError, match=r"`scoring_dtype` must be one of"):
         example_pass(fm, as_indexed(data), torch.zeros(1, 8), scoring_dtype=torch.int8)
+
+
+def test_float16_takes_solved_vectors_beyond_its_range() -> None:
+    """Solved vectors scale as 1 / damping: entries of 1e6 overflow float16 unless scaled."""
+    model, x, y, _ = MODELS["conv2d"]
+    fm = FunctionalModel(model, ClassificationTask())
+    gen = torch.Generator().manual_seed(4)
+    val_inverse = torch.randn(4, fm.n_params, generator=gen) * 1e6
+    val_inverse[:, : fm.numels[0]] *= 1e-6  # the first layer's share far below the others'
+    data = as_indexed(TensorDataset(x, y), batch_size=32)
+    ref = example_pass(fm, data, val_inverse)
+    low = example_pass(fm, data, val_inverse, scoring_dtype=torch.float16)
+    assert ref.scores is not None and low.scores is not None
+    assert torch.isfinite(low.scores).all()
+    assert _relative(ref.scores, low.scores) <= BOUNDS[torch.float16]

@@ -82,6 +82,7 @@ class _Layer:
     inputs: list[Tensor]
     outputs: list[Tensor]
     flat: Tensor | None = None  # rows' weight blocks as they lie in theta, [r, out * in]
+    scale: Tensor | None = None  # [r]: blocks are stored divided by it (lowered precision only)
 
 
 class LayerwiseDots:
@@ -109,17 +110,14 @@ class LayerwiseDots:
         self.scoring_dtype = scoring_dtype
         covered = layerwise_parameters(model)
         rows = rows.to(device=model.device, dtype=model.dtype)
-        blocks = rows.to(scoring_dtype) if scoring_dtype is not None else rows
-        pieces = torch.split(blocks, model.numels, dim=1)
+        pieces = torch.split(rows, model.numels, dim=1)
+        scales = _block_scales(model.names, pieces, covered) if scoring_dtype else {}
         layers: dict[str, _Layer] = {}
         rest_names, rest_pieces = [], []
-        exact_pieces = torch.split(rows, model.numels, dim=1)
-        for name, shape, piece, exact, ok in zip(
-            model.names, model.shapes, pieces, exact_pieces, covered, strict=True
-        ):
+        for name, shape, piece, ok in zip(model.names, model.shapes, pieces, covered, strict=True):
             if not ok:
                 rest_names.append(name)
-                rest_pieces.append(exact)
+                rest_pieces.append(piece)
                 continue
             module_name, _, leaf = name.rpartition(".")
             module = model.model.get_submodule(module_name)
@@ -128,6 +126,9 @@ class LayerwiseDots:
             layer = layers.setdefault(
                 module_name, _Layer(module, None, None, (rows.shape[0], n_out, n_in), [], [])
             )
+            if scoring_dtype is not None:
+                layer.scale = scales[module_name]
+                piece = (piece / layer.scale[:, None]).to(scoring_dtype)
             if isinstance(module, nn.Embedding):  # [tokens, r, dim]: rows gathered by token
                 layer.weight = piece.reshape(rows.shape[0], *shape).transpose(0, 1).contiguous()
             elif leaf == "weight":
@@ -194,7 +195,7 @@ class LayerwiseDots:
                 else:
                     a, g = _factors(layer.module, a_in.to(compute), g_out.to(compute), size)
                     terms = _layer_dots(layer, a, g, fm.dtype), _layer_norms(layer, a, g, fm.dtype)
-                dots += terms[0]
+                dots += terms[0] if layer.scale is None else terms[0] * layer.scale
                 norms += terms[1]
             layer.inputs.clear()
             layer.outputs.clear()
@@ -252,6 +253,24 @@ class LayerwiseDots:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _block_scales(
+    names: list[str], pieces: tuple[Tensor, ...], covered: list[bool]
+) -> dict[str, Tensor]:
+    """Per covered module and row, the power of two at or above the row's largest entry there.
+
+    Rows are stored divided by it in the lowered dtype: a solved vector (about ``1 / damping``
+    times a gradient) may exceed float16's range, and a layer's share of it may be far smaller
+    than another's. Powers of two divide exactly; the dots are multiplied back in float32.
+    """
+    peaks: dict[str, Tensor] = {}
+    for name, piece, ok in zip(names, pieces, covered, strict=True):
+        if ok:
+            module_name, peak = name.rpartition(".")[0], piece.abs().amax(dim=1)
+            peaks[module_name] = torch.maximum(peaks.get(module_name, peak), peak)
+    tiny = torch.finfo(pieces[0].dtype).tiny
+    return {k: torch.exp2(torch.ceil(torch.log2(v.clamp_min(tiny)))) for k, v in peaks.items()}
 
 
 def _rows(tree: Any, start: int, stop: int) -> Any:
