@@ -7,21 +7,29 @@ and preconditioned condition number (result diagnostics). One intra-op thread.
     python benchmarks/lissa.py            # the digits MLP at damping 1e-2, 1e-3, 1e-4 and with
                                           # the Hessian at its optimum
     python benchmarks/lissa.py --cnn      # also the digits CNN of the examples at damping 1e-3
+    python benchmarks/lissa.py --large    # only the 1M-parameter MLP of scaling.py at damping
+                                          # 1e-3 against an exact reference (see `large`)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
-from common import agreement, fitted_digits, float32
+from common import MALLOC_ENV, agreement, fitted_digits, float32, table
 
 from lightning_influence import CG, Exact, LiSSA, Solver, compute_influence
 
@@ -60,8 +68,21 @@ def compare(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cnn", action="store_true", help="also the digits CNN at damping 1e-3")
+    parser.add_argument("--large", action="store_true", help="only the 1M-parameter MLP")
+    parser.add_argument("--n-train", type=int, default=500, help="--large: training points")
+    parser.add_argument("--n-val", type=int, default=8, help="--large: validation points")
+    parser.add_argument("--cg-tol", type=float, default=1e-6, help="--large: CG's tol")
+    parser.add_argument("--cg-max-iter", type=int, default=100, help="--large: its max_iter")
+    parser.add_argument("--child", choices=["kernel", "cg", "lissa"], help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.child:
+        print(json.dumps(large_child(args)), flush=True)
+        return
+    if args.large:
+        large(args)
+        return
     model, train, val = float32(*fitted_digits("mlp"))
     for damping in (1e-2, 1e-3, 1e-4):
         print(f"digits MLP 64-32-10 (2,410 parameters), damping {damping:g}, 20 validation points")
@@ -80,6 +101,198 @@ def main() -> None:
         print("digits CNN (1,898 parameters), damping 1e-3, 64 validation points")
         train_set, val_set = data.train_dataloader().dataset, data.val_dataloader().dataset
         compare(cnn.eval(), train_set, val_set, 1e-3, 64, [LiSSA()])
+
+
+# ------------------------------------------------------------ --large: the 1M-parameter MLP
+LARGE_DAMPING = 1e-3
+
+
+def large_model(n_train: int) -> tuple[torch.nn.Module, Any]:
+    """``synthetic.py``'s ``100 -> 9000 -> 10`` ReLU MLP (999,010 parameters) and its training
+    set, before training."""
+    from synthetic import SyntheticClassification, wide_mlp
+
+    return wide_mlp(9000), SyntheticClassification(n_train, seed=0)
+
+
+def large(args: argparse.Namespace) -> None:
+    """Train the MLP for one SGD epoch as ``synthetic.py epoch`` does (batch 64, lr 0.01, weight
+    decay = damping, shuffled with a fixed seed), then run, each in a fresh child process (its
+    own peak RSS): the exact kernel solve (the reference), ``CG`` at ``--cg-tol`` /
+    ``--cg-max-iter`` and the default ``LiSSA()``. Compares the solved vectors
+    ``(G + damping I)^-1 g_val`` (``|x - ref| / |ref|``, the largest over validation points) and
+    the scores of every training point (Pearson / Spearman against the reference's).
+
+    At ``damping=1e-3`` this curvature's condition number is about 1e5-1e6: ``CG`` does not
+    converge in hundreds of full passes, so the reference is the kernel solve, whose residual is
+    checked with the package's own curvature products. Its ``[10 n, 10 n]`` kernel limits ``n``
+    to a few thousand (3.2 GB of float64 at 2,000).
+    """
+    from torch.utils.data import DataLoader
+
+    model, train = large_model(args.n_train)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=LARGE_DAMPING)
+    loader = DataLoader(train, batch_size=64, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    t0 = time.perf_counter()
+    for x, y in loader:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    print(f"trained one epoch on {args.n_train:,} points in {time.perf_counter() - t0:.1f} s")
+    rows, solved = [], {}
+    with tempfile.TemporaryDirectory() as workdir:
+        torch.save(model.state_dict(), Path(workdir) / "model.pt")
+        for name in ("kernel", "cg", "lissa"):
+            command = [sys.executable, __file__, "--child", name, "--workdir", workdir,
+                       "--n-train", str(args.n_train), "--n-val", str(args.n_val), "--cg-tol",
+                       str(args.cg_tol), "--cg-max-iter", str(args.cg_max_iter)]  # fmt: skip
+            proc = subprocess.run(command, stdout=subprocess.PIPE, text=True,
+                                  env={**os.environ, **MALLOC_ENV})  # fmt: skip
+            if proc.returncode != 0:
+                raise RuntimeError(f"the {name} child failed (its error is printed above)")
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(name, json.dumps(row), flush=True)
+            rows.append(row)
+            solved[name] = torch.load(Path(workdir) / f"{name}.pt").double()
+    ref = solved["kernel"]
+    scores = large_scores(model, train, torch.cat(list(solved.values())))
+    ref_scores = scores[:, : args.n_val]
+    for j, (row, x) in enumerate(zip(rows, solved.values(), strict=True)):
+        a = agreement(ref_scores, scores[:, j * args.n_val : (j + 1) * args.n_val])
+        row.update(relative_error=float(((x - ref).norm(dim=1) / ref.norm(dim=1)).max()),
+                   pearson=a["pearson"], spearman=a["spearman"],
+                   time_vs_cg=row["wall_s"] / rows[1]["wall_s"])  # fmt: skip
+    columns = ["solver", "relative_error", "pearson", "spearman", "wall_s", "time_vs_cg", "steps",
+               "relative_residual", "true_relative_residual", "rank", "condition_beyond_rank",
+               "rank_limited_by_memory", "preconditioned_condition", "final_batch_size",
+               "baseline_rss_mb", "peak_rss_mb"]  # fmt: skip
+    table(rows, columns, f"1M-parameter MLP, {args.n_train:,} training points, {args.n_val} "
+          f"validation points, damping {LARGE_DAMPING:g}, Gauss-Newton; errors against the "
+          "kernel solve")  # fmt: skip
+    for row in rows:
+        for message in row["warnings"]:
+            print(f"{row['solver']} warned: {message}")
+
+
+def large_scores(model: torch.nn.Module, train: Any, solved: Tensor) -> Tensor:
+    """Scores ``-g_train . s`` of every training point for each solved vector ``s``."""
+    from lightning_influence.core.data import as_indexed
+    from lightning_influence.core.model import FunctionalModel
+    from lightning_influence.core.scores import example_pass
+    from lightning_influence.core.task import ClassificationTask
+
+    fm = FunctionalModel(model.eval(), ClassificationTask())
+    scores = example_pass(fm, as_indexed(train, None, 64), solved.to(fm.dtype)).scores
+    assert scores is not None
+    return scores
+
+
+def kernel_solve(model: torch.nn.Module, train: Any, grads: Tensor, damping: float) -> Tensor:
+    """``(G + damping I)^-1 g`` for each row of ``grads``, exactly, in float64, for the
+    ``Linear -> ReLU -> Linear`` classifier: ``G = B^T B / n`` with ``B`` the output Jacobians
+    ``J_i`` times the square roots ``L_i`` of the softmax cross-entropy Hessians, so by Woodbury
+    ``(G + d I)^-1 g = (g - B^T (n d I + B B^T)^-1 B g) / d``, an ``[n k, n k]`` system whose
+    kernel ``J J^T`` has a closed form for this architecture (``k`` = 10 classes).
+
+    Used as the reference where ``CG`` on all ``p`` parameters cannot converge in the time
+    available; the caller checks its residual with the package's own curvature products.
+    """
+    first, second = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    w1, b1, w2, b2 = (t.detach().double() for t in (first.weight, first.bias,
+                                                     second.weight, second.bias))  # fmt: skip
+    n, k, hidden = len(train), w2.shape[0], w2.shape[1]
+    x = torch.stack([train[i][0] for i in range(n)]).double()
+    z = x @ w1.T + b1
+    mask, h = (z > 0).double(), z.clamp_min(0)
+    probs = torch.softmax(h @ w2.T + b2, dim=1)
+    hess = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    evals, evecs = torch.linalg.eigh(hess)
+    roots = evecs @ torch.diag_embed(evals.clamp_min(0).sqrt()) @ evecs.transpose(1, 2)
+    # J J^T[(i,a),(j,b)] = delta_ab (h_i.h_j + 1) + (x_i.x_j + 1) sum_u W2[a,u] W2[b,u] m_iu m_ju
+    a = (mask[:, None, :] * w2[None]).reshape(n * k, hidden)
+    ntk = (a @ a.T).view(n, k, n, k)
+    del a
+    ntk *= (x @ x.T + 1)[:, None, :, None]
+    ntk += (h @ h.T + 1)[:, None, :, None] * torch.eye(k, dtype=torch.float64)[None, :, None, :]
+    ntk = torch.einsum("iab,ibjc,jcd->iajd", roots, ntk, roots).reshape(n * k, n * k)
+    ntk.diagonal().add_(n * damping)
+    chol = torch.linalg.cholesky(ntk)
+    del ntk
+    g = grads.double()
+    shapes = [w1.shape, b1.shape, w2.shape, b2.shape]
+    out = []
+    for row in g:
+        parts = row.split([shape.numel() for shape in shapes])
+        gw1, gb1, gw2, gb2 = (part.view(shape) for part, shape in zip(parts, shapes, strict=True))
+        jg = h @ gw2.T + gb2 + (mask * (x @ gw1.T + gb1)) @ w2.T  # [n, k]: J_i g
+        rhs = torch.einsum("iab,ib->ia", roots, jg).reshape(n * k, 1)
+        u = torch.einsum("iab,ib->ia", roots, torch.cholesky_solve(rhs, chol).view(n, k))
+        back = (u @ w2) * mask  # B^T w = J^T (L w), by the chain rule through both layers
+        btw = torch.cat([(back.T @ x).reshape(-1), back.sum(0), (u.T @ h).reshape(-1), u.sum(0)])
+        out.append((row - btw) / damping)
+    return torch.stack(out)
+
+
+def large_child(args: argparse.Namespace) -> dict[str, Any]:
+    """One solve on the trained MLP: solved vectors saved to ``workdir``, its figures returned.
+
+    ``kernel`` is :func:`kernel_solve`, ``cg`` the package's ``CG`` with ``--cg-tol`` and
+    ``--cg-max-iter``, ``lissa`` the default ``LiSSA()``. Peak RSS is the child's own
+    (``ru_maxrss``), before and after the solve. The true relative residual
+    ``|g - (G + damping I) x| / |g|`` comes from one more product of the package's curvature in
+    float64, outside the timing.
+    """
+    from synthetic import SyntheticClassification, peak_rss_mb
+
+    from lightning_influence.core.curvature import Curvature
+    from lightning_influence.core.data import as_indexed
+    from lightning_influence.core.model import FunctionalModel
+    from lightning_influence.core.scores import example_pass
+    from lightning_influence.core.task import ClassificationTask
+
+    model, train = large_model(args.n_train)
+    model.load_state_dict(torch.load(Path(args.workdir) / "model.pt"))
+    fm = FunctionalModel(model.eval(), ClassificationTask())
+    val = as_indexed(SyntheticClassification(args.n_val, seed=1), None, 64)
+    grads = example_pass(fm, val, keep_gradients=True).gradients
+    assert grads is not None
+    curvature = Curvature(fm, as_indexed(train, None, 1024), "gauss_newton")
+    solver: Solver = LiSSA() if args.child == "lissa" else CG(args.cg_max_iter, args.cg_tol)
+    baseline = peak_rss_mb()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t0 = time.perf_counter()
+        info: dict[str, float] = {}
+        if args.child == "kernel":
+            x = kernel_solve(model, train, grads, LARGE_DAMPING)
+        else:
+            x, info = solver.solve(curvature, grads, LARGE_DAMPING)
+        wall = time.perf_counter() - t0
+    peak = peak_rss_mb()
+    torch.save(x, Path(args.workdir) / f"{args.child}.pt")
+    fm64 = FunctionalModel(model, ClassificationTask(), dtype=torch.float64)
+    curvature64 = Curvature(fm64, as_indexed(train, None, 1024), "gauss_newton")
+    g, x = grads.double(), x.double()
+    r = g - curvature64.matvec(x) - LARGE_DAMPING * x
+    names = {"kernel": "kernel solve (reference)", "cg": repr(solver), "lissa": "LiSSA()"}
+    return {
+        "solver": names[args.child],
+        "n_params": fm.n_params,
+        "wall_s": wall,
+        "steps": info.get("steps"),
+        "relative_residual": info.get("relative_residual"),
+        "true_relative_residual": float((r.norm(dim=1) / g.norm(dim=1)).max()),
+        "rank": info.get("preconditioner_rank"),
+        "condition_beyond_rank": info.get("preconditioner_condition_beyond_rank"),
+        "rank_limited_by_memory": info.get("preconditioner_rank_limited_by_memory"),
+        "preconditioned_condition": info.get("preconditioned_condition_number"),
+        "final_batch_size": info.get("final_batch_size"),
+        "baseline_rss_mb": baseline,
+        "peak_rss_mb": peak,
+        "warnings": [str(w.message) for w in caught if w.category is UserWarning],
+        "diagnostics": info,
+    }
 
 
 if __name__ == "__main__":
