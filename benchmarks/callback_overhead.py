@@ -151,8 +151,11 @@ def main() -> None:
             **{k: v for k, v in diag.items() if k.startswith("time_")},
             "solver_steps": diag.get("solver_steps"),
         }
-        # setup checks, gathering, saving the result and logging it (figures, files)
+        # setup checks, gathering, saving the result and logging it (figures, files); the part
+        # after `time_callback_total` is saving and logging
         row["time_other"] = run["callback_s"] - diag["time_total"]
+        if "time_callback_total" in diag:
+            row["time_save_and_log"] = run["callback_s"] - diag["time_callback_total"]
         rows.append(row)
         print(f"{name}: the callback adds {row['epochs_added']:.1f} training epochs", flush=True)
     stages = [
@@ -162,6 +165,7 @@ def main() -> None:
         "time_scoring",
         "time_perturbation",
         "time_other",
+        "time_save_and_log",
     ]
     table(
         rows,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import threading
 import time
 from typing import Any
 
@@ -60,6 +61,43 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class RssTrace:
+    """Samples this process's resident set size every ``period`` seconds in a thread, so that a
+    peak can be placed in a stage of ``compute_influence`` (its ``time_*`` diagnostics give the
+    stages' lengths, in order)."""
+
+    def __init__(self, period: float = 0.02) -> None:
+        self.period, self.samples = period, [(time.perf_counter(), _rss_mb())]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.samples.append((time.perf_counter(), _rss_mb()))
+
+    def __enter__(self) -> RssTrace:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peaks(self, start: float, stages: list[tuple[str, float]]) -> dict[str, float]:
+        """Largest sample in each stage, the stages laid end to end from ``start``."""
+        out, t0 = {}, start
+        for name, length in stages:
+            inside = [rss for t, rss in self.samples if t0 <= t <= t0 + length]
+            out[name] = max(inside, default=float("nan"))
+            t0 += length
+        return out
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def run_influence(args: argparse.Namespace) -> dict[str, Any]:
     from lightning_influence import LiSSA, compute_influence
     from lightning_influence.core.curvature import Curvature
@@ -84,17 +122,21 @@ def run_influence(args: argparse.Namespace) -> dict[str, Any]:
         solver = LiSSA(depth=args.depth, batch_size=args.lissa_batch, scale=scale)
     baseline = peak_rss_mb()
     start = time.perf_counter()
-    result = compute_influence(
-        model,
-        train,
-        val,
-        solver=solver,
-        damping=args.damping,
-        self_influence=args.self_influence,
-        batch_size=args.batch_size,
-        progress=False,
-    )
+    with RssTrace() as trace:
+        result = compute_influence(
+            model,
+            train,
+            val,
+            solver=solver,
+            damping=args.damping,
+            self_influence=args.self_influence,
+            batch_size=args.batch_size,
+            progress=False,
+        )
     wall = time.perf_counter() - start
+    order = ["val_gradients", "solver", "self_influence_factorize", "scoring"]
+    d = result.diagnostics
+    stages = [(k, float(d[f"time_{k}"])) for k in order if f"time_{k}" in d]
     n_params = sum(p.numel() for p in model.parameters())
     return {
         "mode": "influence",
@@ -108,6 +150,7 @@ def run_influence(args: argparse.Namespace) -> dict[str, Any]:
         "wall_s": wall,
         "baseline_rss_mb": baseline,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_by_stage_mb": trace.peaks(start, stages),
         "scores_shape": list(result.scores.shape),
         "scores_finite": bool(torch.isfinite(result.scores).all()),
         "self_influence": args.self_influence,
