@@ -19,6 +19,7 @@ Usage::
     python benchmarks/scaling.py --reuse   # reuse child runs already measured (cache)
     python benchmarks/scaling.py --quick   # 1k / 5k / 10k and 8 / 32 / 128, a few minutes
     python benchmarks/scaling.py --memory  # peak RSS at 10k vs 100k, default allocator
+    python benchmarks/scaling.py --ratio   # influence / one epoch at 10k: LiSSA(), LiSSA(depth=10)
 
 Prints tables and fitted exponents; writes ``benchmarks/results/scaling.json`` and
 ``docs/img/scaling.png``.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -241,6 +243,52 @@ def memory_flat(sizes: list[int], reuse: bool) -> dict[str, Any]:
     return {"rows": rows, "ratio": ratio}
 
 
+def ratio_1m(n_train: int, cap_s: float) -> dict[str, Any]:
+    """Influence / one SGD epoch for the 1M-parameter MLP, 8 validation points, each run its own
+    process: an epoch, the sweep's short ``LiSSA(depth=10)``, ``LiSSA()`` as shipped (given up
+    after ``cap_s``), and an epoch again; ratios against the mean of the two epochs (the load
+    of a shared machine drifts during a run)."""
+    epoch_args = ["epoch", "--n-train", str(n_train), "--hidden", str(HIDDEN_1M)]
+    first = run_child("synthetic.py", epoch_args)["wall_s"]
+    runs: dict[str, dict[str, Any] | None] = {}
+    default_args = [*influence_args(n_train, 8, HIDDEN_1M)[:-2], "--solver", "default"]
+    for name, args in (
+        ("LiSSA(depth=10)", influence_args(n_train, 8, HIDDEN_1M)),
+        ("LiSSA()", default_args),
+    ):
+        try:
+            runs[name] = run_child("synthetic.py", args, timeout=cap_s)
+        except subprocess.TimeoutExpired:
+            print(f"{name}: not finished after {cap_s:.0f} s", flush=True)
+            runs[name] = None
+    epoch = (first + run_child("synthetic.py", epoch_args)["wall_s"]) / 2
+    rows = []
+    for name, r in runs.items():
+        d = r["diagnostics"] if r else {}
+        total = d.get("time_total", cap_s)
+        rows.append(
+            {
+                "solver": name if r else f"{name} (stopped at the cap)",
+                "epoch_s": epoch,
+                "influence_s": total,
+                "ratio": total / epoch if r else None,
+                "val_grads_s": d.get("time_val_gradients"),
+                "solver_s": d.get("time_solver"),
+                "solver_steps": d.get("solver_steps"),
+                "scoring_s": d.get("time_scoring"),
+                "train_ex_per_s": n_train / d["time_scoring"] if r else None,
+                "peak_rss_mb": r["peak_rss_mb"] if r else None,
+            }
+        )
+    table(
+        rows,
+        list(rows[0]),
+        f"Influence / one epoch, MLP (999,010 params), {n_train:,} train, 8 val",
+    )
+    print(f"epochs: {first:.2f} s before, {2 * epoch - first:.2f} s after", flush=True)
+    return {"rows": rows, "epoch_before_s": first, "epoch_after_s": 2 * epoch - first}
+
+
 def plot(train: dict[str, Any], val: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -285,6 +333,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
     parser.add_argument("--no-overhead", action="store_true", help="skip the epoch comparison")
     parser.add_argument(
+        "--ratio",
+        action="store_true",
+        help="only influence / one epoch at 10k points: LiSSA() and LiSSA(depth=10)",
+    )
+    parser.add_argument("--cap-s", type=float, default=900.0, help="with --ratio: LiSSA() limit")
+    parser.add_argument(
         "--memory",
         action="store_true",
         help="only peak RSS at 10k and 100k points, default allocator (~5 min)",
@@ -292,6 +346,9 @@ def main() -> None:
     parser.add_argument("--plot", default=str(ROOT / "docs" / "img" / "scaling.png"))
     args = parser.parse_args()
     setup(threads=1)
+    if args.ratio:
+        write_json("ratio_1m", ratio_1m(10_000, args.cap_s))
+        return
     if args.memory:
         write_json("memory_flat", memory_flat([10_000, 100_000], args.reuse))
         return
