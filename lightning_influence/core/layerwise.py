@@ -362,10 +362,10 @@ def _layer_norms(layer: _Layer, a: Tensor, g: Tensor, acc: torch.dtype) -> Tenso
     norms = torch.zeros(a.shape[0], dtype=acc, device=a.device)
     if layer.weight is not None:
         if a.shape[1] == 1:
-            norms = norms + a.to(acc).square().sum((1, 2)) * g.to(acc).square().sum((1, 2))
+            norms = norms + a.square().sum((1, 2), dtype=acc) * g.square().sum((1, 2), dtype=acc)
         else:
             grams = (a @ a.transpose(1, 2)).to(acc) * (g @ g.transpose(1, 2)).to(acc)
             norms = norms + grams.sum((1, 2))
     if layer.bias is not None:
-        norms = norms + g.to(acc).sum(dim=1).square().sum(dim=1)
+        norms = norms + g.sum(dim=1, dtype=acc).square().sum(dim=1)
     return norms
