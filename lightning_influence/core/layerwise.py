@@ -128,7 +128,8 @@ class LayerwiseDots:
             )
             if scoring_dtype is not None:
                 layer.scale = scales[module_name]
-                piece = (piece / layer.scale[:, None]).to(scoring_dtype)
+                low = torch.empty(piece.shape, dtype=scoring_dtype, device=piece.device)
+                piece = torch.div(piece, layer.scale[:, None], out=low)  # no float32 copy
             if isinstance(module, nn.Embedding):  # [tokens, r, dim]: rows gathered by token
                 layer.weight = piece.reshape(rows.shape[0], *shape).transpose(0, 1).contiguous()
             elif leaf == "weight":
@@ -267,7 +268,8 @@ def _block_scales(
     peaks: dict[str, Tensor] = {}
     for name, piece, ok in zip(names, pieces, covered, strict=True):
         if ok:
-            module_name, peak = name.rpartition(".")[0], piece.abs().amax(dim=1)
+            low, high = piece.aminmax(dim=1)
+            module_name, peak = name.rpartition(".")[0], torch.maximum(high, -low)
             peaks[module_name] = torch.maximum(peaks.get(module_name, peak), peak)
     tiny = torch.finfo(pieces[0].dtype).tiny
     return {k: torch.exp2(torch.ceil(torch.log2(v.clamp_min(tiny)))) for k, v in peaks.items()}
