@@ -365,13 +365,17 @@ def _preconditioned(
             window = max(1, min(lissa.check_every, math.ceil(2 * needed)))
         else:
             # Minibatches pay off while they gain more per pass over the data than full-data
-            # steps would at this condition number; else: full data, or larger minibatches once
-            # noise keeps a window from halving the residual.
-            gain = contraction / (window * batch_size / n_total + 1)
+            # steps would at this condition number (else: full data from now on). A window that
+            # gains less than half what the condition number allows is held back by minibatch
+            # noise (else: by the condition number, which larger minibatches do not change).
             root = math.sqrt(kappa)
-            full_gain = window * math.log((root + 1) / (root - 1 + 1e-12)) / (window + 1)
-            if gain < full_gain or contraction < math.log(2):
-                batch_size = n_total if gain < full_gain else min(2 * batch_size, n_total)
+            expected = window * math.log((root + 1) / max(root - 1, 1e-12))
+            gain = contraction / (window * batch_size / n_total + 1)
+            if gain < expected / (window + 1):
+                batch_size = n_total
+                scale, kappa, beta, step = tuned(batch_size)
+            elif contraction < expected / 2:
+                batch_size = min(2 * batch_size, n_total)
                 scale, kappa, beta, step = tuned(batch_size)
         if float(new_rel.max()) < float(rel.max()):
             x, r, rel = new_x, new_r, new_rel
