@@ -144,7 +144,7 @@ def ours(solver: li.Solver, factorized: li.Solver | None = None) -> Callable[[Ca
 def _diag(d: dict[str, float]) -> str:
     """Where our solver's time went: its share of the run and what it did."""
     keep = {
-        "time_solver": "solver s",
+        "time_solver": "solver wall s",
         "solver_scale": "scale",
         "solver_steps": "steps",
         "solver_residual_checks": "checks",
@@ -443,15 +443,15 @@ def evaluate(case: Case, only: list[str] | None, repeat: int = 1) -> list[dict[s
             continue
         row: dict[str, Any] = {"model": case.name, "method": name, "family": family}
         try:
-            walls, cpus = [], []
-            for _ in range(repeat):  # the same seed each time: the same scores, best times
+            outs = []
+            for _ in range(repeat):  # the same seed each time: the same scores
                 torch.manual_seed(0)
-                out = run(case)
-                walls.append(out.time_pairwise)
-                cpus.append(out.cpu_pairwise)
+                outs.append(run(case))
+            out = min(outs, key=lambda o: o.cpu_pairwise)  # the best run, its note with it
             assert out.scores is not None
             row.update(agreement(case.ref_scores, out.scores))
-            row["time_s"], row["cpu_s"] = min(walls), min(cpus)
+            row["time_s"] = min(o.time_pairwise for o in outs)
+            row["cpu_s"] = out.cpu_pairwise
             if out.self_influence is not None:
                 si = out.self_influence.double().reshape(-1)
                 row["self_spearman"] = agreement(case.ref_self, si)["spearman"]
