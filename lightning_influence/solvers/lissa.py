@@ -36,13 +36,17 @@ class LiSSA(Solver):
     **Preconditioned (the default).** With the top eigenpairs ``(U, l)`` of the curvature from
     ``preconditioner`` (a randomized Nystrom sketch, the same factorization that serves
     self-influence), ``P^-1 = U diag(1/(l + damping)) U^T + (I - U U^T) / (l_k + damping)`` and
-    ``h <- h + (P^-1 (v - (H_B + damping I) h)) / scale``, with heavy-ball momentum, minibatch
-    curvature ``H_B`` and the iterates averaged over each window of ``check_every`` steps. It
-    converges at a rate set by ``(l_k + damping) / damping`` instead of
-    ``(l_1 + damping) / damping``: tens of steps where the plain series needs thousands. Every
-    ``check_every`` steps the full-data residual is measured; the solve stops once it is below
-    ``tol`` (relative, preconditioned), and minibatches double in size when the residual stops
-    falling (minibatch noise).
+    ``h <- h + (P^-1 (v - (H_B + damping I) h)) / scale``, with heavy-ball momentum and
+    minibatch curvature ``H_B``. It converges at a rate set by ``(l_k + damping) / damping``
+    instead of ``(l_1 + damping) / damping``: tens of steps where the plain series needs
+    thousands. It starts from the best multiple of ``P^-1 v``. Steps come in windows (at least
+    ``check_every`` steps and a pass over the data in minibatches); after each the full-data
+    residual is measured (at the average of the window's last half), the solve stops once it is below ``tol`` (relative, preconditioned),
+    and the next window's steps use it as a control variate (no minibatch noise floor). A window
+    that gains less than half what the condition number allows doubles the minibatch (noise);
+    once minibatch windows gain less per pass over the data than full-data steps would, the
+    rest of the solve uses full-data products (small training sets), in windows just long enough
+    to reach ``tol``.
 
     **Plain** (``preconditioner=None``): Koh & Liang's recursion ``h_0 = v``,
     ``h_t = v + h_{t-1} - (H_B + damping I) h_{t-1} / scale``, result ``h_T / scale``, with the
@@ -60,8 +64,8 @@ class LiSSA(Solver):
         depth: the most recursion steps per repeat; ``None``: 1,000 when preconditioned, else
             three times ``scale / damping`` up to ``max_depth``.
         repeats: independent chains (different minibatches) averaged together (plain only).
-        batch_size: examples per minibatch curvature product (doubled, when preconditioned,
-            once minibatch noise stops the residual from falling).
+        batch_size: examples per minibatch curvature product (preconditioned: doubled when
+            minibatch noise holds the residual back, all the data once that gains more).
         scale: must exceed the largest eigenvalue of every minibatch ``H_B + damping I`` (plain)
             or ``P^-1 (H_B + damping I)`` (preconditioned); estimated by power iteration over
             ``probe_batches`` minibatches, times ``scale_margin``, when ``None``.
@@ -74,7 +78,7 @@ class LiSSA(Solver):
         scale_margin: factor on the largest minibatch eigenvalue found.
         probe_batches: minibatches probed for the largest eigenvalue.
         max_depth: the most steps an automatic plain ``depth`` may take.
-        check_every: preconditioned: steps between full-data residual checks.
+        check_every: preconditioned: the fewest steps between full-data residual checks.
         max_block_memory: preconditioned: bytes the working copies of the validation block may
             take (about ten ``[rows, p]`` blocks); a larger block is solved in chunks of rows.
 
@@ -327,7 +331,14 @@ def _preconditioned(
     x, r = alpha * start_dir, v - alpha * image
     rel = precondition(r).norm(dim=1) / target
     depth = lissa.depth or 1000
-    start_rel, steps, checks, window = float(rel.max()), 0, 1, lissa.check_every
+    start_rel, steps, checks = float(rel.max()), 0, 1
+
+    def window_length(batch_size: int) -> int:
+        """Steps per residual check: ``check_every``, and at least a pass over the data in
+        minibatches, so that checks never cost most of the solve."""
+        return max(lissa.check_every, math.ceil(n_total / batch_size))
+
+    window = window_length(batch_size)
     bar = tqdm(total=depth, desc="LiSSA", disable=not progress, leave=False)
     while float(rel.max()) > lissa.tol and steps < depth:
         window = min(window, depth - steps)
@@ -377,6 +388,7 @@ def _preconditioned(
             elif contraction < expected / 2:
                 batch_size = min(2 * batch_size, n_total)
                 scale, kappa, beta, step = tuned(batch_size)
+            window = window_length(batch_size)
         if float(new_rel.max()) < float(rel.max()):
             x, r, rel = new_x, new_r, new_rel
     bar.close()

@@ -196,7 +196,8 @@ class LowRank(FactorizedSolver):
         subset_generator = torch.Generator().manual_seed(self.seed + 1)
         curv = curvature.subsample(self.max_examples, self.output_directions, subset_generator)
         itemsize = torch.finfo(curv.dtype).bits // 8
-        budget = max(1, self.max_memory // (itemsize * p))  # vectors of length p that fit
+        # the sketch keeps its top half: twice the eigenvectors that fit in `max_memory`
+        budget = 2 * max(1, self.max_memory // (itemsize * p))
         # A sketch of more than a quarter of the parameters costs about what the dense matrix
         # does; small models may go to full rank.
         size_cap = p if p <= 512 else max(32, p // 4)
