@@ -193,9 +193,14 @@ def cpu_run(args: argparse.Namespace) -> None:
     solver = SOLVERS[args.solver]
     if args.probe:
         product_time(model, train, args.n_val, device)
+    cpu = time.process_time()
     ep = epoch_time(model, train, device, 64)
+    ep_cpu, cpu = time.process_time() - cpu, time.process_time()
     row = one_run(model, train, args.n_val, device, 64, solver, None, args.self_influence)
+    inf_cpu = time.process_time() - cpu
     over = {"epoch_s": ep, "influence_s": row["total_s"], "ratio": row["total_s"] / ep}
+    # CPU time drifts far less than wall time with the load of a shared machine
+    over.update({"epoch_cpu_s": ep_cpu, "influence_cpu_s": inf_cpu, "cpu_ratio": inf_cpu / ep_cpu})
     over.update({k: row[k] for k in [*STAGES[1:], "train_ex_per_s", "solver_steps"]})
     title = (
         f"Influence vs one epoch ({n_params:,} params, {args.n_train:,} train, "
