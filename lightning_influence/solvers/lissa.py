@@ -41,12 +41,12 @@ class LiSSA(Solver):
     instead of ``(l_1 + damping) / damping``: tens of steps where the plain series needs
     thousands. It starts from the best multiple of ``P^-1 v``. Steps come in windows (at least
     ``check_every`` steps and a pass over the data in minibatches); after each the full-data
-    residual is measured (at the average of the window's last half), the solve stops once it is below ``tol`` (relative, preconditioned),
-    and the next window's steps use it as a control variate (no minibatch noise floor). A window
-    that gains less than half what the condition number allows doubles the minibatch (noise);
-    once minibatch windows gain less per pass over the data than full-data steps would, the
-    rest of the solve uses full-data products (small training sets), in windows just long enough
-    to reach ``tol``.
+    residual is measured (at the average of the window's last half), the solve stops once it
+    is below ``tol`` (relative, preconditioned), and the next window's steps use it as a control
+    variate (no minibatch noise floor). A window that gains less than half what the condition
+    number allows doubles the minibatch (noise); once minibatch windows gain less per pass over
+    the data than full-data steps would, the rest of the solve uses full-data products (small
+    training sets), in windows just long enough to reach ``tol``.
 
     **Plain** (``preconditioner=None``): Koh & Liang's recursion ``h_0 = v``,
     ``h_t = v + h_{t-1} - (H_B + damping I) h_{t-1} / scale``, result ``h_T / scale``, with the
@@ -80,7 +80,7 @@ class LiSSA(Solver):
         max_depth: the most steps an automatic plain ``depth`` may take.
         check_every: preconditioned: the fewest steps between full-data residual checks.
         max_block_memory: preconditioned: bytes the working copies of the validation block may
-            take (about ten ``[rows, p]`` blocks); a larger block is solved in chunks of rows.
+            take (about nine ``[rows, p]`` blocks); a larger block is solved in chunks of rows.
 
     Example:
         >>> LiSSA(depth=500, batch_size=128).preconditioner.max_condition
@@ -188,9 +188,9 @@ class LiSSA(Solver):
             return self._plain(curvature, vectors, damping, progress)
         if factorization is None:
             factorization = self.preconditioner.factorize(curvature, damping, progress)
-        # About ten [rows, p] blocks are alive during the recursion: bound them by the budget.
+        # About nine [rows, p] blocks are alive during the recursion: bound them by the budget.
         itemsize = torch.finfo(curvature.dtype).bits // 8
-        rows = max(1, self.max_block_memory // (10 * curvature.n_params * itemsize))
+        rows = max(1, self.max_block_memory // (9 * curvature.n_params * itemsize))
         chunks = [
             _preconditioned(self, curvature, block, damping, progress, *factorization)
             for block in vectors.split(rows)
@@ -278,10 +278,12 @@ def _preconditioned(
     floor = float(evals[-1]) + damping  # P^-1 on the rest of the space is 1 / floor
 
     def precondition(x: Tensor) -> Tensor:
+        """``P^-1 x``, with one new ``[rows, p]`` block."""
         coords = x @ evecs.T
-        rest = x - coords @ evecs
-        out = (coords / (evals + damping)) @ evecs
-        return out if full_rank else out + rest / floor
+        if full_rank:
+            return (coords / (evals + damping)) @ evecs
+        rest = torch.addmm(x, coords, evecs, alpha=-1.0).div_(floor)
+        return rest.addmm_(coords / (evals + damping), evecs)
 
     smallest = float(factor_info.get("most_negative_eigenvalue", 0.0)) + damping
     if smallest <= 0:
@@ -319,7 +321,7 @@ def _preconditioned(
 
     def residual(x: Tensor) -> tuple[Tensor, Tensor]:
         """The full-data residual ``v - (H + damping I) x`` and its relative preconditioned size."""
-        r = v - curvature.matvec(x) - damping * x
+        r = curvature.matvec(x).add_(x, alpha=damping).neg_().add_(v)
         return r, precondition(r).norm(dim=1) / target
 
     # Start from P^-1 v, scaled per row to minimise the error in the (H + damping I) norm:
@@ -343,25 +345,31 @@ def _preconditioned(
     while float(rel.max()) > lissa.tol and steps < depth:
         window = min(window, depth - steps)
         full = batch_size >= n_total  # deterministic: the last iterate, no averaging
-        h, prev = x.clone(), x
-        avg, n_avg = torch.zeros_like(v), 0
+        # Working blocks updated in place: h, prev, diff, the window average (minibatches only)
+        # and two for each step's products, beside v, x and r.
+        h, prev, diff = x.clone(), torch.empty_like(x), torch.empty_like(x)
+        prev.copy_(x)
+        avg, n_avg = (None if full else torch.zeros_like(v)), 0
         for t in range(window):
             # The residual at h, from the full one at x and the minibatch curvature on h - x: its
             # noise shrinks with h - x, so the recursion has no noise floor (a control variate).
-            diff = h - x
+            torch.sub(h, x, out=diff)
             products = curvature.matvec if full else curvature.minibatch(batch_size, generator)
             update = products(diff)
             update.add_(diff, alpha=damping).neg_().add_(r)
             update = precondition(update).mul_(step / scale)
             if beta:
-                update.add_(h - prev, alpha=beta)
-            h, prev = h + update, h
-            if not full and 2 * t >= window - 1:
+                update.add_(h, alpha=beta).sub_(prev, alpha=beta)
+            prev.copy_(h)
+            h.add_(update)
+            del update
+            if avg is not None and 2 * t >= window - 1:
                 avg += h
                 n_avg += 1
         steps += window
         bar.update(window)
-        new_x = h if full else avg / n_avg
+        new_x = h if avg is None else avg.div_(n_avg)
+        del h, prev, diff, avg
         check_finite(new_x, "LiSSA", damping, scale)
         new_r, new_rel = residual(new_x)
         checks += 1
