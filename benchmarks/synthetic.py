@@ -121,6 +121,10 @@ def run_influence(args: argparse.Namespace) -> dict[str, Any]:
         del fm, sub
     if args.solver == "fixed":
         solver = LiSSA(depth=args.depth, batch_size=args.lissa_batch, scale=scale)
+    elif args.solver == "plain":  # no preconditioner, no full-data passes: the scoring pass's own
+        solver = LiSSA(
+            preconditioner=None, depth=args.depth, batch_size=args.lissa_batch, scale=scale
+        )
     baseline = peak_rss_mb()
     start, cpu_start = time.perf_counter(), time.process_time()
     with RssTrace() as trace:
@@ -197,9 +201,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
         "--solver",
-        choices=["fixed", "default"],
+        choices=["fixed", "default", "plain"],
         default="fixed",
-        help="fixed: LiSSA(depth, lissa-batch, scale) as below; default: LiSSA() as shipped",
+        help="fixed: LiSSA(depth, lissa-batch, scale) as below; default: LiSSA() as shipped; "
+        "plain: the fixed one without its preconditioner (the memory of the scoring pass alone)",
     )
     parser.add_argument("--depth", type=int, default=10, help="LiSSA steps")
     parser.add_argument("--lissa-batch", type=int, default=32)
