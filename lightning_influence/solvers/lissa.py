@@ -75,7 +75,7 @@ class LiSSA(Solver):
             this; plain: once the relative change of the averaged estimate is.
         average: plain only: fraction of the final iterates averaged (0 keeps the last one).
         seed: seeds the minibatch draws and the power iteration.
-        scale_margin: factor on the largest minibatch eigenvalue found.
+        scale_margin: factor on the largest minibatch eigenvalue found (1.05 on all the data).
         probe_batches: minibatches probed for the largest eigenvalue.
         max_depth: the most steps an automatic plain ``depth`` may take.
         check_every: preconditioned: the fewest steps between full-data residual checks.
@@ -163,7 +163,9 @@ class LiSSA(Solver):
                 eig, direction = _top_eigenvalue(system, curvature, generator, direction)
                 top = max(top, eig)
         assert direction is not None  # at least one probe
-        return self.scale_margin * top, direction
+        # all the data: no minibatch to bound, only the power iteration's tolerance
+        margin = self.scale_margin if self.batch_size < curvature.n_total else _FULL_DATA_MARGIN
+        return margin * top, direction
 
     def solve(
         self,
@@ -340,15 +342,16 @@ def _preconditioned(
         minibatches, so that checks never cost most of the solve."""
         return max(lissa.check_every, math.ceil(n_total / batch_size))
 
-    window = window_length(batch_size)
+    window, carried = window_length(batch_size), None
     bar = tqdm(total=depth, desc="LiSSA", disable=not progress, leave=False)
     while float(rel.max()) > lissa.tol and steps < depth:
         window = min(window, depth - steps)
         full = batch_size >= n_total  # deterministic: the last iterate, no averaging
         # Working blocks updated in place: h, prev, diff, the window average (minibatches only)
         # and two for each step's products, beside v, x and r.
-        h, prev, diff = x.clone(), torch.empty_like(x), torch.empty_like(x)
-        prev.copy_(x)
+        h, diff = x.clone(), torch.empty_like(x)
+        # full data: heavy ball goes on from the last window's previous iterate
+        prev = carried if carried is not None else x.clone()
         avg, n_avg = (None if full else torch.zeros_like(v)), 0
         for t in range(window):
             # The residual at h, from the full one at x and the minibatch curvature on h - x: its
@@ -369,6 +372,7 @@ def _preconditioned(
         steps += window
         bar.update(window)
         new_x = h if avg is None else avg.div_(n_avg)
+        carried = prev if full else None
         del h, prev, diff, avg
         check_finite(new_x, "LiSSA", damping, scale)
         new_r, new_rel = residual(new_x)
@@ -381,7 +385,7 @@ def _preconditioned(
             # next window just long enough to reach `tol` at the measured rate
             rate = contraction / window
             needed = math.log(float(new_rel.max()) / lissa.tol) / max(rate, 1e-12)
-            window = max(1, min(lissa.check_every, math.ceil(2 * needed)))
+            window = max(1, min(lissa.check_every, math.ceil(needed) + 1))
         else:
             # Minibatches pay off while they gain more per pass over the data than full-data
             # steps would at this condition number (else: full data from now on). A window that
@@ -399,6 +403,8 @@ def _preconditioned(
             window = window_length(batch_size)
         if float(new_rel.max()) < float(rel.max()):
             x, r, rel = new_x, new_r, new_rel
+        else:
+            carried = None
     bar.close()
     if float(rel.max()) > lissa.tol:
         warnings.warn(
@@ -418,6 +424,9 @@ def _preconditioned(
         **{f"preconditioner_{k}": val for k, val in factor_info.items()},
     }
     return x, info
+
+
+_FULL_DATA_MARGIN = 1.05
 
 
 def _top_eigenvalue(
