@@ -75,7 +75,7 @@ class LiSSA(Solver):
             this; plain: once the relative change of the averaged estimate is.
         average: plain only: fraction of the final iterates averaged (0 keeps the last one).
         seed: seeds the minibatch draws and the power iteration.
-        scale_margin: factor on the largest minibatch eigenvalue found (1.05 on all the data).
+        scale_margin: factor on the largest minibatch eigenvalue found (1.1 on all the data).
         probe_batches: minibatches probed for the largest eigenvalue.
         max_depth: the most steps an automatic plain ``depth`` may take.
         check_every: preconditioned: the fewest steps between full-data residual checks.
@@ -344,7 +344,8 @@ def _preconditioned(
 
     window, carried = window_length(batch_size), None
     bar = tqdm(total=depth, desc="LiSSA", disable=not progress, leave=False)
-    while float(rel.max()) > lissa.tol and steps < depth:
+    best_x, best_rel = x, rel
+    while float(best_rel.max()) > lissa.tol and steps < depth:
         window = min(window, depth - steps)
         full = batch_size >= n_total  # deterministic: the last iterate, no averaging
         # Working blocks updated in place: h, prev, diff, the window average (minibatches only)
@@ -401,11 +402,13 @@ def _preconditioned(
                 batch_size = min(2 * batch_size, n_total)
                 scale, kappa, beta, step = tuned(batch_size)
             window = window_length(batch_size)
-        if float(new_rel.max()) < float(rel.max()):
+        if full or float(new_rel.max()) < float(rel.max()):
+            # on all the data the recursion is deterministic: it goes on from where it is
             x, r, rel = new_x, new_r, new_rel
-        else:
-            carried = None
+        if float(new_rel.max()) < float(best_rel.max()):
+            best_x, best_rel = new_x, new_rel
     bar.close()
+    x, rel = best_x, best_rel
     if float(rel.max()) > lissa.tol:
         warnings.warn(
             f"LiSSA stopped after {steps} steps with a relative residual of "
@@ -426,7 +429,7 @@ def _preconditioned(
     return x, info
 
 
-_FULL_DATA_MARGIN = 1.05
+_FULL_DATA_MARGIN = 1.1
 
 
 def _top_eigenvalue(
