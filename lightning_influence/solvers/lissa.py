@@ -342,7 +342,28 @@ def _preconditioned(
         minibatches, so that checks never cost most of the solve."""
         return max(lissa.check_every, math.ceil(n_total / batch_size))
 
+    def expected_contraction(n_steps: int) -> float:
+        """Log-contraction of the residual over ``n_steps`` noise-free steps at the current
+        condition number (heavy ball's rate)."""
+        root = math.sqrt(kappa)
+        return n_steps * math.log((root + 1) / max(root - 1, 1e-12))
+
     window, carried = window_length(batch_size), None
+    if batch_size < n_total:
+        # What one minibatch gets wrong about the curvature along the start direction bounds
+        # what a minibatch window can gain; when full-data steps would gain more per pass over
+        # the data (small training sets), start with them.
+        sample = curvature.minibatch(batch_size, generator)(start_dir)
+        sample.add_(start_dir, alpha=damping).sub_(image)
+        noise = float((precondition(sample).norm(dim=1) / precondition(image).norm(dim=1)).max())
+        at_best = min(expected_contraction(window), -math.log(max(noise, 1e-12)))
+        if at_best / (window * batch_size / n_total + 1) < expected_contraction(window) / (
+            window + 1
+        ):
+            batch_size = n_total
+            scale, kappa, beta, step = tuned(batch_size)
+            window = window_length(batch_size)
+        del sample
     bar = tqdm(total=depth, desc="LiSSA", disable=not progress, leave=False)
     best_x, best_rel = x, rel
     while float(best_rel.max()) > lissa.tol and steps < depth:
@@ -392,8 +413,7 @@ def _preconditioned(
             # steps would at this condition number (else: full data from now on). A window that
             # gains less than half what the condition number allows is held back by minibatch
             # noise (else: by the condition number, which larger minibatches do not change).
-            root = math.sqrt(kappa)
-            expected = window * math.log((root + 1) / max(root - 1, 1e-12))
+            expected = expected_contraction(window)
             gain = contraction / (window * batch_size / n_total + 1)
             if gain < expected / (window + 1):
                 batch_size = n_total
