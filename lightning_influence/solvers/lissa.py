@@ -44,9 +44,10 @@ class LiSSA(Solver):
     residual is measured (at the average of the window's last half), the solve stops once it
     is below ``tol`` (relative, preconditioned), and the next window's steps use it as a control
     variate (no minibatch noise floor). A window that gains less than half what the condition
-    number allows doubles the minibatch (noise); once minibatch windows gain less per pass over
-    the data than full-data steps would, the rest of the solve uses full-data products (small
-    training sets), in windows just long enough to reach ``tol``.
+    number allows doubles the minibatch (noise); once minibatch windows gain, or by one
+    minibatch's error along the start direction would gain, less per pass over the data than
+    full-data steps, the solve uses full-data products (small training sets), in windows just
+    long enough to reach ``tol``.
 
     **Plain** (``preconditioner=None``): Koh & Liang's recursion ``h_0 = v``,
     ``h_t = v + h_{t-1} - (H_B + damping I) h_{t-1} / scale``, result ``h_T / scale``, with the
