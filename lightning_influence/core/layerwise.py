@@ -104,10 +104,15 @@ class LayerwiseDots:
     """
 
     def __init__(
-        self, model: FunctionalModel, rows: Tensor, scoring_dtype: torch.dtype | None = None
+        self,
+        model: FunctionalModel,
+        rows: Tensor,
+        scoring_dtype: torch.dtype | None = None,
+        norms: bool = True,
     ) -> None:
         self.model = model
         self.scoring_dtype = scoring_dtype
+        self.norms = norms  # False: the squared norms are left at zero (no self-influence)
         covered = layerwise_parameters(model)
         rows = rows.to(device=model.device, dtype=model.dtype)
         pieces = torch.split(rows, model.numels, dim=1)
@@ -191,19 +196,24 @@ class LayerwiseDots:
                 g_out = next(position)
                 if g_out is None:
                     continue
+                norm: Tensor | None = None
                 if isinstance(layer.module, nn.Embedding):
-                    terms = _embedding_terms(layer, a_in, g_out.to(compute), size, fm.dtype)
+                    dot, norm = _embedding_terms(layer, a_in, g_out.to(compute), size, fm.dtype)
                 else:
                     a, g = _factors(layer.module, a_in.to(compute), g_out.to(compute), size)
-                    terms = _layer_dots(layer, a, g, fm.dtype), _layer_norms(layer, a, g, fm.dtype)
-                dots += terms[0] if layer.scale is None else terms[0] * layer.scale
-                norms += terms[1]
+                    dot = _layer_dots(layer, a, g, fm.dtype)
+                    if self.norms:
+                        norm = _layer_norms(layer, a, g, fm.dtype)
+                dots += dot if layer.scale is None else dot * layer.scale
+                if self.norms and norm is not None:
+                    norms += norm
             layer.inputs.clear()
             layer.outputs.clear()
         if self._rest is not None and self._rest_rows is not None:
             rest = self._rest_gradients(inputs, targets).detach()  # in the working dtype
             dots += rest @ self._rest_rows.T
-            norms += rest.square().sum(dim=1)
+            if self.norms:
+                norms += rest.square().sum(dim=1)
         return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, outputs), dots, norms
 
     def agrees(self, inputs: Any, targets: Any, gradients: PerSampleGradients) -> bool:
@@ -363,8 +373,13 @@ def _layer_norms(layer: _Layer, a: Tensor, g: Tensor, acc: torch.dtype) -> Tenso
     ``acc`` (Gram matrices of many positions in the factors' dtype)."""
     norms = torch.zeros(a.shape[0], dtype=acc, device=a.device)
     if layer.weight is not None:
+        _, n_out, n_in = layer.shape
         if a.shape[1] == 1:
             norms = norms + a.square().sum((1, 2), dtype=acc) * g.square().sum((1, 2), dtype=acc)
+        elif a.shape[1] ** 2 > n_in * n_out:
+            # more positions than weights: each example's gradient is the smaller buffer
+            per_example = g.transpose(1, 2) @ a
+            norms = norms + per_example.square().sum((1, 2), dtype=acc)
         else:
             grams = (a @ a.transpose(1, 2)).to(acc) * (g @ g.transpose(1, 2)).to(acc)
             norms = norms + grams.sum((1, 2))

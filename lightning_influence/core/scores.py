@@ -164,7 +164,10 @@ def _layerwise(
         rows.append(inverse.evecs)
     dtype = model.dtype
     layerwise = LayerwiseDots(
-        model, torch.cat([r.to(device=model.device, dtype=dtype) for r in rows]), scoring_dtype
+        model,
+        torch.cat([r.to(device=model.device, dtype=dtype) for r in rows]),
+        scoring_dtype,
+        norms=inverse is not None,  # squared norms serve self-influence only
     )
     return layerwise if layerwise.covers_any else None
 
