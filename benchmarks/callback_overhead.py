@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 import lightning as L
-from common import RESULTS, setup, table, write_json
+from common import RESULTS, digits_cnn_epoch, setup, table, write_json
 from lightning.pytorch.callbacks import Callback
 
 from lightning_influence import InfluenceCallback, LiSSA
@@ -110,25 +110,14 @@ def fit(epochs: int, callback: InfluenceCallback | None) -> dict[str, Any]:
 def plain_epoch(repeats: int = 3) -> float:
     """Best of ``repeats`` epochs of a plain PyTorch loop over the digits CNN (after 3 warm-up
     epochs): the training step of ``DigitsCNN`` without Lightning around it."""
-    import torch
     from digits import DigitsCNN, DigitsDataModule
 
     L.seed_everything(0, verbose=False)
     dm, model = DigitsDataModule(), DigitsCNN()
     opt = model.configure_optimizers()
     loader = dm.train_dataloader()
-    times = []
-    for epoch in range(3 + repeats):
-        start = time.perf_counter()
-        for x, y in loader:
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            params = torch.cat([p.reshape(-1) for p in model.parameters()])
-            (loss + 0.5 * model.hparams.weight_decay * (params**2).sum()).backward()
-            opt.step()
-        if epoch >= 3:
-            times.append(time.perf_counter() - start)
-    return min(times)
+    times = [digits_cnn_epoch(model, loader, opt) for _ in range(3 + repeats)]
+    return min(times[3:])
 
 
 def main() -> None:

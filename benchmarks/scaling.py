@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import MALLOC_ENV, ROOT, run_child, setup, table, write_json
+from common import MALLOC_ENV, ROOT, digits_cnn_epoch, run_child, setup, table, write_json
 
 HIDDEN_1M = 9000
 HIDDEN_250K = 2250
@@ -139,16 +139,7 @@ def overhead_digits_cnn() -> dict[str, Any]:
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
-    epochs = []
-    for _ in range(3):
-        start = time.perf_counter()
-        for x, y in loader:
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            params = torch.cat([p.reshape(-1) for p in model.parameters()])
-            (loss + 0.5 * model.hparams.weight_decay * (params**2).sum()).backward()
-            opt.step()
-        epochs.append(time.perf_counter() - start)
+    epochs = [digits_cnn_epoch(model, loader, opt) for _ in range(3)]
     model.eval()
     val = torch.utils.data.TensorDataset(*[t[:64] for t in dm.val_dataset.tensors])
     result = compute_influence(
