@@ -365,6 +365,7 @@ def _preconditioned(
             scale, kappa, beta, step = tuned(batch_size)
             window = window_length(batch_size)
         del sample
+    del start_dir, image
     bar = tqdm(total=depth, desc="LiSSA", disable=not progress, leave=False)
     best_x, best_rel = x, rel
     while float(best_rel.max()) > lissa.tol and steps < depth:
