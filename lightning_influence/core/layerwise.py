@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from lightning_influence.core.gradients import PerSampleGradients
 from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.precision import scoring_autocast
+from lightning_influence.core.products import detach
 
 __all__ = ["LayerwiseDots", "layerwise_parameters"]
 
@@ -198,14 +199,16 @@ class LayerwiseDots:
                     continue
                 norm: Tensor | None = None
                 if isinstance(layer.module, nn.Embedding):
-                    dot, norm = _embedding_terms(layer, a_in, g_out.to(compute), size, fm.dtype)
+                    dot, norm = _embedding_terms(
+                        layer, a_in, g_out.to(compute), size, fm.dtype, self.norms
+                    )
                 else:
                     a, g = _factors(layer.module, a_in.to(compute), g_out.to(compute), size)
                     dot = _layer_dots(layer, a, g, fm.dtype)
                     if self.norms:
                         norm = _layer_norms(layer, a, g, fm.dtype)
                 dots += dot if layer.scale is None else dot * layer.scale
-                if self.norms and norm is not None:
+                if norm is not None:
                     norms += norm
             layer.inputs.clear()
             layer.outputs.clear()
@@ -214,7 +217,7 @@ class LayerwiseDots:
             dots += rest @ self._rest_rows.T
             if self.norms:
                 norms += rest.square().sum(dim=1)
-        return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, outputs), dots, norms
+        return detach(outputs), dots, norms
 
     def agrees(self, inputs: Any, targets: Any, gradients: PerSampleGradients) -> bool:
         """Whether the layer-wise dot products match per-sample gradients on a few examples of
@@ -312,10 +315,10 @@ def _factors(module: nn.Module, a_in: Tensor, g_out: Tensor, size: int) -> tuple
 
 
 def _embedding_terms(
-    layer: _Layer, tokens: Tensor, g_out: Tensor, size: int, acc: torch.dtype
-) -> tuple[Tensor, Tensor]:
+    layer: _Layer, tokens: Tensor, g_out: Tensor, size: int, acc: torch.dtype, norms: bool
+) -> tuple[Tensor, Tensor | None]:
     """Dots and squared norms for an embedding: the gradient is ``sum_t e_{x_t} g_t^T``; sums
-    over positions in ``acc``."""
+    over positions in ``acc``; the norms only when ``norms`` (else ``None``)."""
     module = layer.module
     if not isinstance(module, nn.Embedding) or layer.weight is None:
         raise RuntimeError("an embedding's rows are missing")
@@ -327,9 +330,11 @@ def _embedding_terms(
         g = g * (x != module.padding_idx).unsqueeze(-1).to(g.dtype)
     rows = layer.weight.to(g.dtype)[x.reshape(-1)]  # [b * t, r, dim]
     dots = (rows @ g.reshape(-1, module.embedding_dim, 1)).view(size, x.shape[1], -1)
+    if not norms:
+        return dots.to(acc).sum(dim=1), None
     same = (x.unsqueeze(2) == x.unsqueeze(1)).to(acc)
-    norms = (same * (g @ g.transpose(1, 2)).to(acc)).sum(dim=(1, 2))
-    return dots.to(acc).sum(dim=1), norms
+    squared = (same * (g @ g.transpose(1, 2)).to(acc)).sum(dim=(1, 2))
+    return dots.to(acc).sum(dim=1), squared
 
 
 def _weight_layout(blocks: Tensor) -> Tensor:

@@ -64,10 +64,11 @@ def example_pass(
     Each batch is unpacked and cast once and runs one forward pass (for losses and predictions)
     besides its per-sample gradients; pass ``gradients`` to share one vmap fallback decision.
 
-    Layers with a layer-wise rule (``nn.Linear``) give their share of ``G S^T`` (and, with a
-    low-rank inverse, of ``G U^T`` for its eigenvectors ``U``) from one forward and one backward
-    pass of the batch, never forming their part of ``G`` (:mod:`.layerwise`); the first batch
-    checks it against per-sample gradients on a few examples.
+    Layers with a layer-wise rule (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``) give their
+    share of ``G S^T`` (and, with a low-rank inverse, of ``G U^T`` for its eigenvectors ``U``)
+    from one forward and one backward pass of the batch, never forming their part of ``G``
+    (:mod:`.layerwise`); the first batch checks it against per-sample gradients on a few
+    examples.
 
     ``scoring_dtype`` (``torch.bfloat16`` or ``torch.float16``) runs the layer-wise route in that
     dtype: its forward and backward pass under autocast, its products with the rows in that

@@ -298,18 +298,17 @@ def _preconditioned(
         )
     generator = torch.Generator().manual_seed(lissa.seed)
 
-    top_direction: list[Tensor] = []  # the last power iteration's, to start the next one from
+    top_direction: Tensor | None = None  # the last power iteration's, to start the next one from
 
     def tuned(batch_size: int) -> tuple[float, float, float, float]:
         """``scale``, the condition number, the momentum and the step for this batch size."""
+        nonlocal top_direction
         scale = lissa.scale
         if scale is None:
             probe = replace(lissa, batch_size=batch_size)
-            start = top_direction.pop() if top_direction else None
-            scale, direction = probe._scale_and_direction(
-                curvature, damping, generator, precondition, start
+            scale, top_direction = probe._scale_and_direction(
+                curvature, damping, generator, precondition, top_direction
             )
-            top_direction.append(direction)
         kappa = scale / (smallest / floor)  # condition number of the preconditioned system
         if lissa.momentum in ("auto", None):
             root = math.sqrt(1 / kappa)
@@ -349,6 +348,12 @@ def _preconditioned(
         root = math.sqrt(kappa)
         return n_steps * math.log((root + 1) / max(root - 1, 1e-12))
 
+    def minibatches_pay(gain: float) -> bool:
+        """Whether a minibatch window's log-contraction ``gain`` is more per pass over the data
+        (its products plus the residual after it) than full-data steps would gain."""
+        passes = window * batch_size / n_total + 1
+        return gain / passes >= expected_contraction(window) / (window + 1)
+
     window, carried = window_length(batch_size), None
     if batch_size < n_total:
         # What one minibatch gets wrong about the curvature along the start direction bounds
@@ -357,10 +362,7 @@ def _preconditioned(
         sample = curvature.minibatch(batch_size, generator)(start_dir)
         sample.add_(start_dir, alpha=damping).sub_(image)
         noise = float((precondition(sample).norm(dim=1) / precondition(image).norm(dim=1)).max())
-        at_best = min(expected_contraction(window), -math.log(max(noise, 1e-12)))
-        if at_best / (window * batch_size / n_total + 1) < expected_contraction(window) / (
-            window + 1
-        ):
+        if not minibatches_pay(min(expected_contraction(window), -math.log(max(noise, 1e-12)))):
             batch_size = n_total
             scale, kappa, beta, step = tuned(batch_size)
             window = window_length(batch_size)
@@ -415,12 +417,10 @@ def _preconditioned(
             # steps would at this condition number (else: full data from now on). A window that
             # gains less than half what the condition number allows is held back by minibatch
             # noise (else: by the condition number, which larger minibatches do not change).
-            expected = expected_contraction(window)
-            gain = contraction / (window * batch_size / n_total + 1)
-            if gain < expected / (window + 1):
+            if not minibatches_pay(contraction):
                 batch_size = n_total
                 scale, kappa, beta, step = tuned(batch_size)
-            elif contraction < expected / 2:
+            elif contraction < expected_contraction(window) / 2:
                 batch_size = min(2 * batch_size, n_total)
                 scale, kappa, beta, step = tuned(batch_size)
             window = window_length(batch_size)

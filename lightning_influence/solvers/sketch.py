@@ -1,7 +1,8 @@
-"""Eigenpairs of a curvature from its products: randomized Nystrom and block Lanczos.
+"""Eigenpairs of a curvature from its products: a randomized Nystrom sketch that grows in place,
+and block Lanczos.
 
-Both return eigenvalues ``[dim]``, eigenvectors as rows ``[dim, p]``, the number of
-curvature-vector products and the number of passes over the data.
+Eigenvalues come as ``[dim]`` and eigenvectors as rows ``[dim, p]``, with the number of
+curvature-vector products and the number of passes over the data they took.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from tqdm.auto import tqdm
 
 from lightning_influence.solvers.base import CurvatureOperator
 
-__all__ = ["NystromSketch", "lanczos", "nystrom"]
+__all__ = ["NystromSketch", "lanczos"]
 
 
 def lanczos(
@@ -57,23 +58,6 @@ def lanczos(
     evals, vecs = torch.linalg.eigh(sym)
     evecs = vecs.T.to(dtype=dtype, device=device) @ basis
     return evals.to(dtype), evecs, dim, passes
-
-
-def nystrom(
-    curvature: CurvatureOperator,
-    dim: int,
-    block_size: int,
-    generator: torch.Generator,
-    progress: bool,
-) -> tuple[Tensor, Tensor, int, int]:
-    """Eigenpairs of the randomized Nystrom approximation from ``dim`` products.
-
-    Returns eigenvalues ``[dim]``, eigenvectors as rows ``[dim, p]``, the number of products and
-    the number of passes over the data (see :class:`NystromSketch`).
-    """
-    sketch = NystromSketch(curvature, generator)
-    products, passes = sketch.grow(dim, block_size, progress)
-    return *sketch.eigenpairs(), products, passes
 
 
 class NystromSketch:
