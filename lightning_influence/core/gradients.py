@@ -60,7 +60,7 @@ class PerSampleGradients:
         try:
             with torch.enable_grad():
                 # A task may bound how many examples are differentiated at once (activations).
-                chunk = getattr(model.task, "chunk_size", None)
+                chunk = model.task.chunk_size
                 return vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk)(
                     model.theta, inputs, targets
                 )

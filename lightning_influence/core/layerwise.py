@@ -164,7 +164,7 @@ class LayerwiseDots:
         as it does for per-sample gradients.
         """
         size = self.model.task.batch_size(inputs)
-        chunk = getattr(self.model.task, "chunk_size", None)
+        chunk = self.model.task.chunk_size
         if chunk is None or chunk >= size:
             return self._chunk(inputs, targets, size)
         parts = []

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_influence.core.task import Task, TaskError, _describe
+from lightning_influence.core.task import Task, TaskError, describe_structure
+from lightning_influence.validation import check_positive_int
 
 __all__ = [
     "IGNORE_INDEX",
@@ -43,7 +44,7 @@ def _logits(outputs: Any) -> Tensor:
     if isinstance(logits, Tensor):
         return logits
     raise TaskError(
-        f"The model returned {_describe(outputs)}; expected logits: a tensor, a dict with "
+        f"The model returned {describe_structure(outputs)}; expected logits: a tensor, a dict with "
         "'logits' or an object with a `.logits` attribute. Override `forward` to return them."
     )
 
@@ -107,9 +108,10 @@ def _token_batch(batch: Any) -> tuple[dict[str, Tensor], Tensor | None]:
             inputs["attention_mask"] = batch["attention_mask"]
         return inputs, batch.get("labels")
     raise TaskError(
-        f"Cannot read token ids from a batch of type {_describe(batch)}: expected a tensor of "
-        "token ids [batch, length], a tuple (input_ids, labels), or a dict with 'input_ids' "
-        "(and optionally 'attention_mask' and 'labels'). Override `unpack` for other layouts."
+        f"Cannot read token ids from a batch of type {describe_structure(batch)}: expected a "
+        "tensor of token ids [batch, length], a tuple (input_ids, labels), or a dict with "
+        "'input_ids' (and optionally 'attention_mask' and 'labels'). Override `unpack` for other "
+        "layouts."
     )
 
 
@@ -164,8 +166,7 @@ class LanguageModelingTask(_TokenTask):
     ) -> None:
         if reduction not in ("sum", "mean"):
             raise ValueError(f"`reduction` must be 'sum' or 'mean', got {reduction!r}.")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
+        check_positive_int("chunk_size", chunk_size, allow_none=True)
         self.chunk_size = chunk_size
         self.model_kwargs = _check_common(ignore_index, model_kwargs)
         self.reduction, self.ignore_index, self.shift = reduction, ignore_index, shift
@@ -243,8 +244,9 @@ class SequenceClassificationTask(_TokenTask):
         inputs, labels = _token_batch(batch)
         if labels is None:
             raise TaskError(
-                f"A sequence-classification batch needs labels; got {_describe(batch)}. Put the "
-                "class of each sequence under 'labels' (shape [batch])."
+                "A sequence-classification batch needs labels; got "
+                f"{describe_structure(batch)}. Put the class of each sequence under 'labels' "
+                "(shape [batch])."
             )
         return inputs, labels
 

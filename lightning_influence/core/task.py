@@ -21,6 +21,7 @@ __all__ = [
     "Task",
     "TaskError",
     "ambiguous_task_error",
+    "describe_structure",
     "guess_task",
 ]
 
@@ -32,13 +33,20 @@ class TaskError(ValueError):
     """A batch or a loss that the task cannot turn into per-sample losses."""
 
 
-def _describe(obj: Any) -> str:
+def describe_structure(obj: Any) -> str:
+    """A short account of a batch or an output, for error messages.
+
+    Example:
+        >>> import torch
+        >>> describe_structure({"x": torch.zeros(2, 3), "y": [1, 2]})
+        'dict(x=Tensor(shape=(2, 3), dtype=torch.float32), y=list(int, int))'
+    """
     if isinstance(obj, Tensor):
         return f"Tensor(shape={tuple(obj.shape)}, dtype={obj.dtype})"
     if isinstance(obj, Mapping):
-        return "dict(" + ", ".join(f"{k}={_describe(v)}" for k, v in obj.items()) + ")"
+        return "dict(" + ", ".join(f"{k}={describe_structure(v)}" for k, v in obj.items()) + ")"
     if isinstance(obj, list | tuple):
-        inner = ", ".join(_describe(v) for v in obj)
+        inner = ", ".join(describe_structure(v) for v in obj)
         return f"{type(obj).__name__}({inner})"
     return type(obj).__name__
 
@@ -70,6 +78,9 @@ class Task:
         torch.Size([4])
     """
 
+    # examples differentiated at once in per-sample gradients (None: the whole batch)
+    chunk_size: int | None = None
+
     def unpack(self, batch: Any) -> tuple[Any, Any]:
         """Split a batch into ``(inputs, targets)``, each with a leading batch dimension."""
         if isinstance(batch, list | tuple) and len(batch) >= 2:
@@ -84,7 +95,7 @@ class Task:
                 f"expected one of {_INPUT_KEYS} and one of {_TARGET_KEYS}. {_HOW_TO}"
             )
         raise TaskError(
-            f"Cannot unpack a batch of type {_describe(batch)} into (inputs, targets). "
+            f"Cannot unpack a batch of type {describe_structure(batch)} into (inputs, targets). "
             f"The default task expects a tuple or list `(inputs, targets)` or a dict with "
             f"keys such as 'x'/'y' or 'input'/'target'. {_HOW_TO}"
         )
@@ -105,7 +116,9 @@ class Task:
         """Number of examples in ``inputs`` (the leading dimension of its first tensor)."""
         tensor = _first_tensor(inputs)
         if tensor is None or tensor.ndim == 0:
-            raise TaskError(f"Inputs {_describe(inputs)} have no batch dimension. {_HOW_TO}")
+            raise TaskError(
+                f"Inputs {describe_structure(inputs)} have no batch dimension. {_HOW_TO}"
+            )
         return int(tensor.shape[0])
 
 
@@ -195,8 +208,9 @@ def guess_task(outputs: Any, targets: Any) -> Task | None:
 def ambiguous_task_error(outputs: Any, targets: Any) -> TaskError:
     """The error for targets the default task cannot interpret on its own."""
     return TaskError(
-        f"The default task cannot tell how a model with outputs {_describe(outputs)} was trained "
-        f"on floating targets {_describe(targets)}: pass `task=RegressionTask()` for squared "
+        "The default task cannot tell how a model with outputs "
+        f"{describe_structure(outputs)} was trained on floating targets "
+        f"{describe_structure(targets)}: pass `task=RegressionTask()` for squared "
         "error, `task=ClassificationTask()` for cross-entropy with soft labels, or a `Task` "
         "subclass for anything else (e.g. binary cross-entropy for several labels)."
     )
