@@ -109,8 +109,7 @@ def example_pass(
             if val_inverse is not None:
                 parts["score"].append((-dots[:, :m]).cpu())
             if isinstance(inverse, LowRankInverse):
-                coords = dots[:, m:].square() @ inverse.weights.to(dots.dtype)
-                parts["self"].append((norms / inverse.damping + coords).cpu())
+                parts["self"].append(inverse.quadratic_from(norms, dots[:, m:]).cpu())
             idx_parts.append(idx)
             targets.append(_labels(tgt, size, model.dtype))
             preds.append(_labels(model.task.predict(outputs), size, model.dtype))
@@ -160,7 +159,7 @@ def _layerwise(
         return None
     rows = [] if val_inverse is None else [val_inverse]
     if inverse is not None:
-        if not isinstance(inverse, LowRankInverse) or 2 * inverse.rank >= model.n_params:
+        if not isinstance(inverse, LowRankInverse) or inverse.explicit_rest:
             return None
         rows.append(inverse.evecs)
     dtype = model.dtype

@@ -55,7 +55,8 @@ class LowRankInverse:
     def __init__(self, evecs: Tensor, evals: Tensor, damping: float) -> None:
         self.evecs, self.evals, self.damping = evecs, evals, damping
         self.weights = (1.0 / (evals + damping) - 1.0 / damping).to(evecs.dtype)
-        self._explicit_rest = 2 * evecs.shape[0] >= evecs.shape[1]
+        # Most of the space kept: the rest is formed explicitly (a difference of norms cancels).
+        self.explicit_rest = 2 * evecs.shape[0] >= evecs.shape[1]
 
     @property
     def rank(self) -> int:
@@ -65,7 +66,7 @@ class LowRankInverse:
     def __call__(self, vectors: Tensor) -> Tensor:
         v = vectors.to(dtype=self.evecs.dtype, device=self.evecs.device)
         coords = v @ self.evecs.T
-        if self._explicit_rest:
+        if self.explicit_rest:
             rest = v - coords @ self.evecs
             return rest / self.damping + (coords / (self.evals + self.damping)) @ self.evecs
         return v / self.damping + (coords * self.weights) @ self.evecs
@@ -74,11 +75,15 @@ class LowRankInverse:
         """``v^T (H + damping I)^-1 v`` for each row ``v`` of ``vectors``."""
         v = vectors.to(dtype=self.evecs.dtype, device=self.evecs.device)
         coords = v @ self.evecs.T
-        if self._explicit_rest:
+        if self.explicit_rest:
             rest = torch.linalg.vector_norm(v - coords @ self.evecs, dim=1).square()
             return rest / self.damping + coords.square() @ (1.0 / (self.evals + self.damping))
-        squared_norms = torch.linalg.vector_norm(v, dim=1).square()
-        return squared_norms / self.damping + coords.square_() @ self.weights
+        return self.quadratic_from(torch.linalg.vector_norm(v, dim=1).square(), coords)
+
+    def quadratic_from(self, squared_norms: Tensor, coords: Tensor) -> Tensor:
+        """:meth:`quadratic` from each row's squared norm and its coordinates ``U v`` (when the
+        rest is not formed explicitly, see ``explicit_rest``)."""
+        return squared_norms / self.damping + coords.square() @ self.weights.to(coords.dtype)
 
 
 @dataclass(frozen=True)
