@@ -49,11 +49,10 @@ def exponent(xs: list[float], ys: list[float]) -> float:
     return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
 
 
-def influence_args(n_train: int, n_val: int, hidden: int) -> list[str]:
-    return [
-        "influence", "--n-train", str(n_train), "--n-val", str(n_val), "--hidden", str(hidden),
-        "--scale", SCALE,
-    ]  # fmt: skip
+def influence_args(n_train: int, n_val: int, hidden: int, scale: str | None = SCALE) -> list[str]:
+    """``synthetic.py influence`` arguments; ``scale=None`` lets the solver estimate its own."""
+    args = ["influence", "--n-train", str(n_train), "--n-val", str(n_val), "--hidden", str(hidden)]
+    return [*args, "--scale", scale] if scale else args
 
 
 def sweep_train(sizes: list[int], reuse: bool) -> dict[str, Any]:
@@ -251,7 +250,7 @@ def ratio_1m(n_train: int, cap_s: float) -> dict[str, Any]:
     first_run = run_child("synthetic.py", epoch_args)
     first = first_run["wall_s"]
     runs: dict[str, dict[str, Any] | None] = {}
-    default_args = [*influence_args(n_train, 8, HIDDEN_1M)[:-2], "--solver", "default"]
+    default_args = [*influence_args(n_train, 8, HIDDEN_1M, scale=None), "--solver", "default"]
     for name, args in (
         ("LiSSA(depth=10)", influence_args(n_train, 8, HIDDEN_1M)),
         ("LiSSA()", default_args),

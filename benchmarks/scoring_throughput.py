@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from common import run_child
 from synthetic import SyntheticClassification, wide_mlp
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -113,14 +113,8 @@ def _cnn(results: dict[str, Any]) -> None:
 
 
 def _child(mode: str) -> dict[str, Any]:
-    args = [sys.executable, str(HERE / "synthetic.py"), mode, "--n-train", "10000"]
-    out = subprocess.run(
-        [*args, "--scale", "80"] if mode == "influence" else args,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    extra = ["--scale", "80"] if mode == "influence" else []
+    return run_child("synthetic.py", [mode, "--n-train", "10000", *extra])
 
 
 def main() -> None:
