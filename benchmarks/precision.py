@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 from common import agreement, setup, table, write_json
-from synthetic import SyntheticClassification, wide_mlp
+from synthetic import HIDDEN_1M, stacked, wide_mlp
 
 from lightning_influence import (
     ClassificationTask,
@@ -72,13 +72,8 @@ def _digits_cnn() -> tuple[nn.Module, TensorDataset, TensorDataset]:
 
 
 def _synthetic_mlp(n_train: int) -> tuple[nn.Module, TensorDataset, TensorDataset]:
-    def stacked(n: int, seed: int) -> TensorDataset:
-        data = SyntheticClassification(n, seed=seed)
-        xs, ys = zip(*(data[i] for i in range(n)), strict=True)
-        return TensorDataset(torch.stack(xs), torch.stack(ys))
-
     train, val = stacked(n_train, 0), stacked(8, 1)
-    model = wide_mlp(9000)
+    model = wide_mlp(HIDDEN_1M)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=1e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 from common import run_child
-from synthetic import SyntheticClassification, wide_mlp
+from synthetic import HIDDEN_1M, stacked, wide_mlp
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -48,13 +48,6 @@ from lightning_influence.core.scores import example_pass
 from lightning_influence.solvers.lowrank import LowRankInverse
 
 HERE = Path(__file__).resolve().parent
-HIDDEN_1M = 9000  # 999,010 parameters, as in scaling.py
-
-
-def _examples(n: int) -> TensorDataset:
-    data = SyntheticClassification(n, seed=0)
-    xs, ys = zip(*(data[i] for i in range(n)), strict=True)
-    return TensorDataset(torch.stack(xs), torch.stack(ys))
 
 
 def _timed_pass(
@@ -127,7 +120,7 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     fm = FunctionalModel(wide_mlp(HIDDEN_1M).eval(), ClassificationTask())
-    data = _examples(max(args.n_layerwise, args.n_vmap))
+    data = stacked(max(args.n_layerwise, args.n_vmap))
     val_inverse = torch.randn(8, fm.n_params) * 1e-3
     evecs = torch.linalg.qr(torch.randn(fm.n_params, 16))[0].T.contiguous()
     inverse = LowRankInverse(evecs, torch.linspace(10.0, 1.0, 16), damping=1e-3)

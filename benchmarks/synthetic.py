@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 IN_DIM = 100
 CLASSES = 10
@@ -48,6 +48,16 @@ class SyntheticClassification(Dataset[tuple[Tensor, Tensor]]):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
         x = torch.randn(self.dim, generator=gen)
         return x, (x @ self.teacher).argmax()
+
+
+HIDDEN_1M = 9000  # wide_mlp(HIDDEN_1M) has 999,010 parameters
+
+
+def stacked(n: int, seed: int = 0) -> TensorDataset:
+    """``SyntheticClassification(n, seed=seed)`` held as tensors (for in-process benchmarks)."""
+    data = SyntheticClassification(n, seed=seed)
+    xs, ys = zip(*(data[i] for i in range(n)), strict=True)
+    return TensorDataset(torch.stack(xs), torch.stack(ys))
 
 
 def wide_mlp(hidden: int, dim: int = IN_DIM) -> nn.Module:
