@@ -81,9 +81,11 @@ def gauss_newton_by_jacobians(
 def products_from_factors(jacobians: Tensor, hessians: Tensor, vectors: Tensor) -> Tensor:
     """``sum_b J_b^T H_b J_b v`` for each row ``v`` of ``vectors``, from stored factors."""
     n, k, p = jacobians.shape
-    jv = torch.matmul(jacobians, vectors.T)  # [n, k, m]
+    flat = jacobians.reshape(n * k, p)
+    jv = (flat @ vectors.T).reshape(n, k, -1)  # [n, k, m]
     hjv = torch.bmm(hessians, jv).reshape(n * k, -1)
-    return (jacobians.reshape(n * k, p).T @ hjv).T
+    # [m, n k] @ [n k, p]: a contiguous result, and faster than transposing the [n k, p] side
+    return hjv.T @ flat
 
 
 def flat_output(fm: FunctionalModel, theta: Tensor, example: Any) -> Tensor:
