@@ -157,6 +157,8 @@ def test_gauss_newton_products_of_a_convolution_equal_jacobian_reference(referen
     for n_vectors in (1, 30):
         v = torch.randn(n_vectors, len(expected))
         torch.testing.assert_close(curvature.matvec(v), v @ expected, rtol=1e-9, atol=1e-12)
+    assert curvature.factors() is not None  # the dense matrix is formed from them directly
+    torch.testing.assert_close(curvature.dense(chunk=16), expected, rtol=1e-9, atol=1e-12)
 
 
 def test_curvature_and_scores_of_logistic_regression_equal_the_closed_form(reference) -> None:

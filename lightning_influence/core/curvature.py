@@ -278,8 +278,18 @@ class Curvature:
         return Curvature(self.model, data, self.kind, self.reduce, directions)
 
     def dense(self, chunk: int = 256) -> Tensor:
-        """The whole ``[p, p]`` curvature matrix (exact products), from identity blocks."""
+        """The whole ``[p, p]`` curvature matrix (exact products), from identity blocks, or
+        ``sum_b J_b^T H_b J_b`` directly where per-example factors are stored."""
         p = self.n_params
+        factors = self.factors()
+        if factors is not None:
+            jacobians, hessians = factors
+            mat = torch.zeros(p, p, dtype=jacobians.dtype, device=jacobians.device)
+            for j, h in zip(jacobians.split(chunk), hessians.split(chunk), strict=True):
+                flat = j.reshape(-1, p)
+                mat.addmm_(torch.bmm(h, j).reshape(-1, p).T, flat)
+            mat = self.reduce(mat) / self.n_total
+            return (mat + mat.T) / 2
         eye = torch.eye(p, dtype=self.model.dtype, device=self.model.device)
         mat = torch.cat([self.matvec(eye[i : i + chunk], exact=True) for i in range(0, p, chunk)])
         return (mat + mat.T) / 2
