@@ -13,17 +13,25 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.func import grad, vmap
+from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.gradients import PerSampleGradients, one_example
 from lightning_influence.core.layerwise import LayerwiseDots
-from lightning_influence.core.model import FunctionalModel
+from lightning_influence.core.model import Batch, FunctionalModel
 from lightning_influence.core.precision import check_scoring_dtype, scoring_autocast
 from lightning_influence.solvers.base import InverseOperator
 from lightning_influence.solvers.lowrank import LowRankInverse
 
-__all__ = ["ExamplePass", "example_pass", "perturbation_influence", "quadratic_form"]
+__all__ = [
+    "ExamplePass",
+    "example_pass",
+    "pairs_per_chunk",
+    "perturbation_influence",
+    "perturbation_pairs",
+    "quadratic_form",
+]
 
 
 @dataclass
@@ -186,28 +194,115 @@ def quadratic_form(inverse: InverseOperator, g: Tensor) -> Tensor:
     return inverse.quadratic(g).to(g.dtype)
 
 
+# (example, vector) pairs differentiated at once in perturbation maps: each holds about one
+# per-example gradient (p values) and its input
+PAIR_CHUNK_BYTES = 32 * 2**20
+
+
+def pairs_per_chunk(model: FunctionalModel, input_numel: int, at_least: int = 1) -> int:
+    """How many (example, vector) pairs :func:`perturbation_pairs` differentiates at once: those
+    whose gradients and inputs fit in ``PAIR_CHUNK_BYTES``, and at least ``at_least`` (such as a
+    batch, whose gradients the training pass holds anyway); at most the task's ``chunk_size``.
+
+    Example:
+        >>> import torch
+        >>> from lightning_influence.core.task import ClassificationTask
+        >>> fm = FunctionalModel(torch.nn.Linear(4, 3), ClassificationTask())
+        >>> pairs_per_chunk(fm, input_numel=4)  # 32 MiB over (15 + 4) float32 values
+        441505
+    """
+    chunk = max(
+        at_least, PAIR_CHUNK_BYTES // (model.theta.element_size() * (model.n_params + input_numel))
+    )
+    limit = model.task.chunk_size
+    return max(1, chunk if limit is None else min(chunk, limit))
+
+
+def perturbation_pairs(
+    model: FunctionalModel,
+    batch: Any,
+    val_inverse: Tensor,
+    examples: Tensor,
+    vectors: Tensor,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``I_pert,loss`` for pairs: ``-s^T grad_x grad_theta L(z)`` for example ``examples[q]`` of
+    ``batch`` and row ``vectors[q]`` of ``val_inverse``, shaped ``[pairs, *input_shape]``.
+
+    The batch is unpacked and cast once, however many pairs use each example; the pairs are
+    differentiated ``chunk_size`` at a time (by default :func:`pairs_per_chunk`, at least the
+    batch). Needs floating-point tensor inputs.
+
+    Example:
+        >>> import torch
+        >>> from lightning_influence.core.task import ClassificationTask
+        >>> fm = FunctionalModel(torch.nn.Linear(4, 3), ClassificationTask())
+        >>> batch = (torch.randn(2, 4), torch.tensor([0, 2]))
+        >>> perturbation_pairs(fm, batch, torch.randn(3, 15), torch.tensor([0, 1, 1]),
+        ...                    torch.tensor([2, 0, 2])).shape
+        torch.Size([3, 4])
+    """
+    prepared = _float_inputs(model, batch)
+    return _pair_maps(model, prepared, val_inverse, examples, vectors, chunk_size)
+
+
 def perturbation_influence(model: FunctionalModel, batch: Any, val_inverse: Tensor) -> Tensor:
     """``I_pert,loss``: for each example of ``batch`` and each row ``s`` of ``val_inverse``,
     ``-s^T grad_x grad_theta L(z)``, shaped ``[batch, m, *input_shape]``.
 
     It is the direction in input space along which a small change of the training input most
-    raises the validation loss. Needs floating-point tensor inputs.
+    raises the validation loss. Needs floating-point tensor inputs. The ``batch x m`` pairs are
+    differentiated together, in chunks (see :func:`perturbation_pairs`).
+
+    Example:
+        >>> import torch
+        >>> from lightning_influence.core.task import ClassificationTask
+        >>> fm = FunctionalModel(torch.nn.Linear(4, 3), ClassificationTask())
+        >>> batch = (torch.randn(2, 4), torch.tensor([0, 2]))
+        >>> perturbation_influence(fm, batch, torch.randn(3, 15)).shape
+        torch.Size([2, 3, 4])
     """
+    prepared = _float_inputs(model, batch)
+    n, m = prepared.size, val_inverse.shape[0]
+    examples, vectors = torch.arange(n).repeat_interleave(m), torch.arange(m).repeat(n)
+    maps = _pair_maps(model, prepared, val_inverse, examples, vectors, None)
+    return maps.reshape(n, m, *maps.shape[1:])
+
+
+def _float_inputs(model: FunctionalModel, batch: Any) -> Batch:
     prepared = model.prepare(batch)
-    inputs, targets = prepared.inputs, prepared.targets
-    if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+    if not isinstance(prepared.inputs, Tensor) or not prepared.inputs.is_floating_point():
         raise TypeError(
             "Perturbation influence needs floating-point tensor inputs (an image or feature "
-            f"vector); got {type(inputs).__name__}."
+            f"vector); got {type(prepared.inputs).__name__}."
         )
-    s = val_inverse.to(model.dtype)
+    return prepared
 
-    def directional(x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+
+def _pair_maps(
+    model: FunctionalModel,
+    prepared: Batch,
+    val_inverse: Tensor,
+    examples: Tensor,
+    vectors: Tensor,
+    chunk_size: int | None,
+) -> Tensor:
+    inputs, targets = prepared.inputs, prepared.targets
+    s = val_inverse.to(device=model.device, dtype=model.dtype)
+    examples, vectors = examples.to(model.device), vectors.to(model.device)
+    chunk = chunk_size or pairs_per_chunk(model, inputs[0].numel(), prepared.size)
+
+    def directional(x: Tensor, y: Any, v: Tensor) -> Tensor:
         g = grad(lambda th: model.losses(th, one_example(x), one_example(y))[0])(model.theta)
         return -(g * v).sum()
 
-    def per_example(x: Tensor, y: Tensor) -> Tensor:
-        return vmap(lambda v: grad(directional)(x, y, v))(s)
-
+    maps = [inputs.new_zeros((0, *inputs.shape[1:]))]
     with torch.enable_grad():
-        return vmap(per_example)(inputs, targets).detach()
+        for start in range(0, examples.numel(), chunk):
+            rows, cols = examples[start : start + chunk], vectors[start : start + chunk]
+            maps.append(vmap(grad(directional))(inputs[rows], _take(targets, rows), s[cols]))
+    return torch.cat(maps).detach()
+
+
+def _take(tree: Any, rows: Tensor) -> Any:
+    return tree_map(lambda t: t[rows] if isinstance(t, Tensor) else t, tree)
