@@ -21,7 +21,7 @@ from lightning_influence.core.curvature import Curvature
 from lightning_influence.core.data import IndexedData, as_indexed
 from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.precision import check_scoring_dtype
-from lightning_influence.core.scores import example_pass, perturbation_influence
+from lightning_influence.core.scores import example_pass, pairs_per_chunk, perturbation_pairs
 from lightning_influence.guards import (
     bad_examples_named,
     check_examples_everywhere,
@@ -304,16 +304,33 @@ def _perturbations(
     val_inverse: Tensor,
     k: int,
 ) -> tuple[Tensor, Tensor]:
-    """``I_pert,loss`` maps for each validation point's top-k helpful and harmful examples."""
+    """``I_pert,loss`` maps for each validation point's top-k helpful and harmful examples.
+
+    All (validation point, training example) pairs are differentiated together, in chunks of
+    :func:`pairs_per_chunk` (at least a training batch); the pairs are ordered by training
+    example, so that each chunk fetches each of its examples once.
+    """
     k = min(k, scores.shape[0])
     pick = torch.cat(
         [torch.topk(scores.T, k, largest=False).indices, torch.topk(scores.T, k).indices], dim=1
     )  # [n_val, 2k] positions into the training rows
-    maps = []
-    for j in range(pick.shape[0]):
-        batch = train.fetch(indices[pick[j]])
-        maps.append(perturbation_influence(fm, batch, val_inverse[j : j + 1])[:, 0].cpu())
-    return torch.stack(maps), indices[pick]
+    rows = pick.reshape(-1)
+    order = torch.argsort(rows, stable=True)
+    vectors = torch.arange(pick.shape[0]).repeat_interleave(pick.shape[1])
+    first = fm.prepare(train.fetch(indices[rows[order[:1]]])).inputs  # one input sizes the chunks
+    input_numel = first[0].numel() if isinstance(first, Tensor) else 0
+    chunk = pairs_per_chunk(fm, input_numel, train.batch_size)
+    maps: Tensor | None = None
+    for start in range(0, rows.numel(), chunk):
+        pairs = order[start : start + chunk]
+        examples, position = torch.unique(rows[pairs], return_inverse=True)
+        batch = train.fetch(indices[examples])
+        part = perturbation_pairs(fm, batch, val_inverse, position, vectors[pairs], chunk).cpu()
+        if maps is None:
+            maps = part.new_empty((rows.numel(), *part.shape[1:]))
+        maps[pairs] = part
+    assert maps is not None  # there is at least one pair
+    return maps.reshape(*pick.shape, *maps.shape[1:]), indices[pick]
 
 
 def influence_on_parameters(
