@@ -25,8 +25,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lightning_influence.report.drawing import write_png
 from lightning_influence.report.model import Example, Panel, Report
+from lightning_influence.report.raster import write_png
 
 __all__ = ["FORMAT", "INDEX", "VERSION", "write_dashboard"]
 
@@ -114,7 +114,8 @@ def write_dashboard(report: Report, out_dir: Path, stem: str) -> Path:
         "review": {"median": _number(median), "n_train": result.n_train, "rows": review},
     }
     path = folder / INDEX
-    path.write_text(json.dumps(index, indent=1, allow_nan=False) + "\n")
+    path.write_text(json.dumps(index, allow_nan=False) + "\n")  # one line: an indent would
+    # take json's pure-Python encoder, ten times slower
     return path
 
 

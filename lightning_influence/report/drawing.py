@@ -1,9 +1,10 @@
-"""Pictures: tiles with torch, annotated figures with matplotlib (Agg, imported when drawing).
+"""Pictures: tiles with torch, annotated figures composed as arrays and lettered with Pillow.
 
 Small images are upscaled with nearest-neighbour interpolation so that 8x8 digits stay legible.
-With matplotlib installed (the ``[examples]`` extra) figures carry the dataset index, label,
-prediction and score above each tile; without it they are plain grids framed by colour (blue: the
-validation example, green: helpful, red: harmful), and the text lives in the tables beside them.
+With matplotlib installed (the ``[examples]`` extra: its DejaVu Sans font, see :mod:`.raster`)
+figures carry the dataset index, label, prediction and score above each tile; without it they are
+plain grids framed by colour (blue: the validation example, green: helpful, red: harmful), and the
+text lives in the tables beside them.
 """
 
 from __future__ import annotations
@@ -11,36 +12,25 @@ from __future__ import annotations
 import math
 import textwrap
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_influence.report.raster import Lettering, font, to_uint8
+
 if TYPE_CHECKING:
     from lightning_influence.report.model import Example, Panel
 
-__all__ = [
-    "histogram_figure",
-    "image_tile",
-    "outliers_figure",
-    "panel_figure",
-    "saliency_tile",
-    "to_uint8",
-    "write_png",
-]
+__all__ = ["image_tile", "outliers_figure", "panel_figure", "saliency_tile"]
 
 _Color = tuple[float, ...]
 _HELPFUL: _Color = (0.13, 0.55, 0.13)
 _HARMFUL: _Color = (0.84, 0.15, 0.16)
 _VALIDATION: _Color = (0.12, 0.47, 0.71)
 _NEUTRAL: _Color = (0.6, 0.6, 0.6)
-_HISTOGRAM_AXES = {
-    "scores": "score of a (training, validation) pair: < 0 helped, > 0 hurt",
-    "log10_self_influence": "log10 of self-influence (how much an example shapes its own loss)",
-}
 
 
 def _upscale(img: Tensor, size: int) -> Tensor:
@@ -147,41 +137,43 @@ def outliers_figure(outliers: list[Example], median: float, ncols: int = 8) -> T
     return _figure(rows, [], title)
 
 
+_SCALE = 1.5  # figure pixels per canvas pixel: text of a few points beside legible tiles
+_DPI = 150  # the figures' pixels per inch, which sets the size of their text
+
+
 def _figure(rows: list[list[_Cell]], labels: list[tuple[str, _Color]], title: str) -> Tensor:
-    """Tiles on one canvas built with torch; matplotlib (when importable) adds the captions,
-    row labels and title. Without it the canvas is returned as is: colours, no text."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
+    """Tiles on one canvas built with torch, enlarged ``_SCALE`` times (nearest), under a title,
+    with captions and row labels, when a font is installed (:mod:`.raster`). Without one the
+    canvas is returned as is: colours, no text."""
+    caption_font, label_font, title_font = (font(p, _DPI) for p in (5.2, 6.0, 5.5))
+    if caption_font is None or label_font is None or title_font is None:
         return _grid(rows, top=0, left=0)[0]
-    top, left, dpi = 26, 18 if labels else 0, 150
+    top, left = 26, 18 if labels else 0
     canvas, spots, starts = _grid(rows, top=top, left=left)
     title = textwrap.fill(title, width=max(20, int(canvas.shape[2] / 5.0)))
     head = 10 + 10 * (title.count("\n") + 1)
-    height, width = canvas.shape[1] + head, canvas.shape[2]
-    fig = Figure(figsize=(width / 100, height / 100), dpi=dpi)
-    agg = FigureCanvasAgg(fig)
-    ax = fig.add_axes((0.0, 0.0, 1.0, canvas.shape[1] / height))
-    ax.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest", aspect="auto")
-    ax.set_axis_off()
+    pixels = _enlarge(to_uint8(canvas), head)
+    board = Lettering(pixels)
     for (x, y), cell in spots:
         if cell.caption:
-            ax.text(
-                x, y - 2, cell.caption, ha="center", va="bottom", fontsize=5.2, linespacing=1.05
-            )
+            board.text(x * _SCALE, (head + y - 2) * _SCALE, cell.caption, caption_font, anchor="md")
     for r, (label, color) in enumerate(labels):
-        y = (starts[r] + starts[r + 1]) / 2
-        ax.text(left / 2, y, label, ha="center", va="center", rotation=90, fontsize=6, color=color)
-    fig.text(0.5, 1 - 0.5 * head / height, title, ha="center", va="center", fontsize=5.5)
-    return _draw(agg)
+        y = (head + (starts[r] + starts[r + 1]) / 2) * _SCALE
+        board.text(left / 2 * _SCALE, y, label, label_font, color, rotate=True)
+    board.text(pixels.shape[1] / 2, head / 2 * _SCALE, title, title_font)
+    return torch.from_numpy(board.pixels.copy()).permute(2, 0, 1).float() / 255.0
 
 
-def _draw(agg: Any) -> Tensor:
-    """Render a matplotlib Agg canvas to ``[3, H, W]`` in [0, 1]."""
-    agg.draw()
-    rgba = np.asarray(agg.buffer_rgba())
-    return torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1).float() / 255.0
+def _enlarge(rgb: np.ndarray, head: int) -> np.ndarray:
+    """``rgb`` enlarged ``_SCALE`` times (nearest, sampled at pixel centres) below ``head``
+    white canvas pixels."""
+    height, width = rgb.shape[:2]
+    out_h, out_w, out_head = (round(n * _SCALE) for n in (height + head, width, head))
+    ys = np.minimum(((np.arange(out_h - out_head) + 0.5) / _SCALE).astype(int), height - 1)
+    xs = np.minimum(((np.arange(out_w) + 0.5) / _SCALE).astype(int), width - 1)
+    out = np.full((out_h, out_w, 3), 255, np.uint8)
+    out[out_head:] = rgb.take(ys, axis=0).take(xs, axis=1)
+    return out
 
 
 def _grid(
@@ -211,40 +203,3 @@ def _grid(
             canvas[:, y : y + th, x : x + tw] = cell.tile
             spots.append(((x + tw / 2, float(y - frame)), cell))
     return canvas, spots, starts
-
-
-def histogram_figure(histograms: dict[str, Tensor]) -> Tensor | None:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    if not histograms:
-        return None
-    fig = Figure(figsize=(4.0 * len(histograms), 3.0), dpi=100)
-    agg = FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(histograms), squeeze=False)[0]
-    for ax, (name, values) in zip(axes, histograms.items(), strict=True):
-        ax.hist(values.numpy(), bins=50, color=_VALIDATION)
-        ax.set_yscale("log")
-        ax.set_title(name.replace("_", "-"), fontsize=9)
-        ax.set_xlabel(_HISTOGRAM_AXES.get(name, name), fontsize=8)
-        ax.set_ylabel(
-            "examples (log scale)" if name != "scores" else "pairs (log scale)", fontsize=8
-        )
-        ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    return _draw(agg)
-
-
-def write_png(img: Tensor, path: Path) -> Path:
-    """Save ``[3, H, W]`` in [0, 1] as a PNG file."""
-    from PIL import Image  # pillow ships with tensorboard
-
-    Image.fromarray(to_uint8(img)).save(path)
-    return path
-
-
-def to_uint8(img: Tensor) -> np.ndarray:
-    """``[3, H, W]`` in [0, 1] -> ``[H, W, 3]`` uint8."""
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()

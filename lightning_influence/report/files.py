@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lightning_influence.report.drawing import histogram_figure, write_png
+from lightning_influence.report.histogram import histogram_figure
 from lightning_influence.report.model import Report
+from lightning_influence.report.raster import write_png
 from lightning_influence.report.tables import (
     INPUT,
     OUTLIERS,

@@ -12,8 +12,8 @@ import numpy as np
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
-from lightning_influence.report.drawing import to_uint8
 from lightning_influence.report.model import Report, Row
+from lightning_influence.report.raster import to_uint8
 from lightning_influence.report.tables import OUTLIERS, RANKINGS, VALIDATION, Column
 
 __all__ = ["write_wandb"]
