@@ -230,6 +230,7 @@ class _ExampleSource:
         self.predictions: Tensor | None = None
         self.inputs: dict[int, Any] = {}
         self.tiles: dict[int, Tensor] = {}
+        self.texts: dict[int, tuple[str, tuple[tuple[str, str], ...]]] = {}
         self.kind = "image" if settings.kind == "auto" else settings.kind
 
     def labels(self, targets: Tensor | None, predictions: Tensor | None) -> None:
@@ -259,17 +260,25 @@ class _ExampleSource:
             return "-"
         return _format_label(labels[pos], self.settings.class_names)
 
+    def _text(self, index: int) -> tuple[str, tuple[tuple[str, str], ...]]:
+        """The text and fields of an input, made once per index."""
+        if index not in self.texts:
+            x, describe = self.inputs[index], self._describe
+            fields = _fields(x, self.settings.feature_names) if self.kind == "table" else ()
+            text = ", ".join(f"{n}={v}" for n, v in fields) if fields else None
+            text = describe(x) if describe else text or _default_describe(x)
+            self.texts[index] = (text, fields)
+        return self.texts[index]
+
     def example(self, index: int, score: float, saliency: Tensor | None = None) -> Example:
-        x = self.inputs[index]
         size = self.settings.image_size
-        fields = _fields(x, self.settings.feature_names) if self.kind == "table" else ()
-        text = ", ".join(f"{n}={v}" for n, v in fields) if fields else _default_describe(x)
+        text, fields = self._text(index)
         return Example(
             index=index,
             label=self._label(self.targets, index),
             prediction=self._label(self.predictions, index),
             score=score,
-            text=self._describe(x) if self._describe else text,
+            text=text,
             image=self.tiles.get(index),
             saliency=None if saliency is None else drawing.saliency_tile(saliency, size),
             fields=fields,
