@@ -24,7 +24,7 @@ from lightning_influence.report.raster import Lettering, font, to_uint8
 if TYPE_CHECKING:
     from lightning_influence.report.model import Example, Panel
 
-__all__ = ["image_tile", "outliers_figure", "panel_figure", "saliency_tile"]
+__all__ = ["image_tile", "outliers_figure", "panel_figure", "saliency_tile", "saliency_tiles"]
 
 _Color = tuple[float, ...]
 _HELPFUL: _Color = (0.13, 0.55, 0.13)
@@ -34,8 +34,8 @@ _NEUTRAL: _Color = (0.6, 0.6, 0.6)
 
 
 def _upscale(img: Tensor, size: int) -> Tensor:
-    """Nearest-neighbour upscaling of ``[C, h, w]`` so that its longer side is at least ``size``;
-    larger images are shrunk (area) to ``4 * size`` at most."""
+    """Nearest-neighbour upscaling of uint8 ``[C, h, w]`` (or ``[N, C, h, w]``) so that its longer
+    side is at least ``size``; larger images are shrunk (area) to ``4 * size`` at most."""
     longest = max(img.shape[-2:])
     if longest < size:
         factor = math.ceil(size / longest)
@@ -43,12 +43,19 @@ def _upscale(img: Tensor, size: int) -> Tensor:
     if longest > 4 * size:
         scale = 4 * size / longest
         hw = [max(1, round(s * scale)) for s in img.shape[-2:]]
-        return F.interpolate(img[None], size=hw, mode="area")[0]
+        batch = img if img.ndim == 4 else img[None]
+        out = F.interpolate(batch.float(), size=hw, mode="area").round().to(torch.uint8)
+        return out if img.ndim == 4 else out[0]
     return img
 
 
+def _quantize(img: Tensor) -> Tensor:
+    """[0, 1] -> uint8, rounded: tiles are drawn small, then enlarged as bytes."""
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def image_tile(x: Tensor, size: int) -> Tensor:
-    """One input ``[C, H, W]`` or ``[H, W]`` as an RGB tile ``[3, h, w]`` in [0, 1]."""
+    """One input ``[C, H, W]`` or ``[H, W]`` as an RGB tile ``[3, h, w]``, uint8."""
     img = x.detach().cpu().float()
     if x.dtype == torch.uint8:
         img = img / 255.0
@@ -61,19 +68,30 @@ def image_tile(x: Tensor, size: int) -> Tensor:
     lo, hi = img.min(), img.max()
     if lo < 0 or hi > 1:  # standardised data: stretch each image to [0, 1]
         img = (img - lo) / (hi - lo).clamp_min(1e-12)
-    return _upscale(img.expand(3, -1, -1).contiguous(), size)
+    return _upscale(_quantize(img).expand(3, -1, -1).contiguous(), size)
 
 
 def saliency_tile(m: Tensor, size: int) -> Tensor:
     """A signed map, summed over channels, as a red (raises the validation loss) / white / blue
-    (lowers it) tile, scaled by its largest magnitude."""
-    sal = m.detach().cpu().float()
-    if sal.ndim == 3:
-        sal = sal.sum(0)
-    sal = sal / sal.abs().max().clamp_min(1e-30)
+    (lowers it) tile ``[3, h, w]``, uint8, scaled by its largest magnitude."""
+    return saliency_tiles(m[None], size)[0]
+
+
+def saliency_tiles(maps: Tensor, size: int) -> Tensor:
+    """:func:`saliency_tile` of each map of ``maps`` (``[N, C, H, W]`` or ``[N, H, W]``), at once:
+    ``[N, 3, h, w]``.
+
+    Example:
+        >>> saliency_tiles(torch.tensor([[[1.0, -0.5]]]), 4)[0, :, 0].tolist()
+        [[255, 255, 128, 128], [0, 0, 128, 128], [0, 0, 255, 255]]
+    """
+    sal = maps.detach().cpu().float()
+    if sal.ndim == 4:
+        sal = sal.sum(1)
+    sal = sal / sal.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
     pos, neg = sal.clamp_min(0), (-sal).clamp_min(0)
-    rgb = torch.stack([1 - neg, 1 - pos - neg, 1 - pos]).clamp(0, 1)
-    return _upscale(rgb, size)
+    rgb = torch.stack([1 - neg, 1 - pos - neg, 1 - pos], dim=1)
+    return _upscale(_quantize(rgb), size)
 
 
 @dataclass
@@ -143,8 +161,8 @@ _DPI = 150  # the figures' pixels per inch, which sets the size of their text
 
 def _figure(rows: list[list[_Cell]], labels: list[tuple[str, _Color]], title: str) -> Tensor:
     """Tiles on one canvas built with torch, enlarged ``_SCALE`` times (nearest), under a title,
-    with captions and row labels, when a font is installed (:mod:`.raster`). Without one the
-    canvas is returned as is: colours, no text."""
+    with captions and row labels, when a font is installed (:mod:`.raster`), as ``[3, H, W]``
+    uint8. Without a font the canvas is returned as is: colours, no text."""
     caption_font, label_font, title_font = (font(p, _DPI) for p in (5.2, 6.0, 5.5))
     if caption_font is None or label_font is None or title_font is None:
         return _grid(rows, top=0, left=0)[0]
@@ -161,7 +179,7 @@ def _figure(rows: list[list[_Cell]], labels: list[tuple[str, _Color]], title: st
         y = (head + (starts[r] + starts[r + 1]) / 2) * _SCALE
         board.text(left / 2 * _SCALE, y, label, label_font, color, rotate=True)
     board.text(pixels.shape[1] / 2, head / 2 * _SCALE, title, title_font)
-    return torch.from_numpy(board.pixels.copy()).permute(2, 0, 1).float() / 255.0
+    return torch.from_numpy(board.pixels.copy()).permute(2, 0, 1)
 
 
 def _enlarge(rgb: np.ndarray, head: int) -> np.ndarray:
@@ -179,9 +197,9 @@ def _enlarge(rgb: np.ndarray, head: int) -> np.ndarray:
 def _grid(
     rows: list[list[_Cell]], top: int, left: int, pad: int = 6
 ) -> tuple[Tensor, list[tuple[tuple[float, float], _Cell]], list[int]]:
-    """A white canvas with each tile framed in its colour, ``top`` pixels above each tile for a
-    caption (rows with captions only) and a ``left`` strip for row labels; returns it with each
-    cell's caption anchor and the first pixel row of each row (and the end)."""
+    """A white uint8 canvas with each tile framed in its colour, ``top`` pixels above each tile
+    for a caption (rows with captions only) and a ``left`` strip for row labels; returns it with
+    each cell's caption anchor and the first pixel row of each row (and the end)."""
     tiles = [c.tile for row in rows for c in row if c.tile is not None]
     h = max((t.shape[1] for t in tiles), default=8)
     w = max((t.shape[2] for t in tiles), default=8)
@@ -189,7 +207,7 @@ def _grid(
     tops = [top if any(c.caption for c in row) else 0 for row in rows]
     starts = [sum(tops[:r]) + r * (h + 2 * pad) for r in range(len(rows) + 1)]
     ncols = max((len(row) for row in rows), default=1)
-    canvas = torch.ones(3, starts[-1], left + cw * ncols)
+    canvas = torch.full((3, starts[-1], left + cw * ncols), 255, dtype=torch.uint8)
     frame = pad // 2
     spots: list[tuple[tuple[float, float], _Cell]] = []
     for r, row in enumerate(rows):
@@ -198,7 +216,8 @@ def _grid(
                 continue
             y, x = starts[r] + tops[r] + pad, left + c * cw + pad
             th, tw = cell.tile.shape[1:]
-            color = torch.tensor(cell.color)[:, None, None]
+            color = torch.tensor([round(c * 255) for c in cell.color], dtype=torch.uint8)
+            color = color[:, None, None]
             canvas[:, y - frame : y + th + frame, x - frame : x + tw + frame] = color
             canvas[:, y : y + th, x : x + tw] = cell.tile
             spots.append(((x + tw / 2, float(y - frame)), cell))

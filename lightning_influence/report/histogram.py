@@ -37,7 +37,7 @@ _SUPERSCRIPT = str.maketrans(
 
 def histogram_figure(histograms: dict[str, Tensor], bins: int = 50) -> Tensor | None:
     """One panel per ``name: values`` (``bins`` bars, counts on a log scale) side by side, as
-    ``[3, H, W]`` in [0, 1]; ``None`` when there is nothing to show or no font to label it.
+    ``[3, H, W]`` uint8; ``None`` when there is nothing to show or no font to label it.
 
     Example:
         >>> fig = histogram_figure({"scores": torch.randn(1000)})
@@ -66,7 +66,7 @@ def histogram_figure(histograms: dict[str, Tensor], bins: int = 50) -> Tensor | 
         ylabel = "pairs (log scale)" if name == "scores" else "examples (log scale)"
         middle = (_TOP + y1) / 2
         board.text(x0 - _TICK - 2 * _PAD - widest, middle, ylabel, label, anchor="rm", rotate=True)
-    return torch.from_numpy(board.pixels.copy()).permute(2, 0, 1).float() / 255.0
+    return torch.from_numpy(board.pixels.copy()).permute(2, 0, 1)
 
 
 def _bars(

@@ -39,8 +39,8 @@ class Example:
     prediction: str
     score: float
     text: str
-    image: Tensor | None = None  # [3, h, w] in [0, 1], upscaled
-    saliency: Tensor | None = None  # [3, h, w] in [0, 1], red raises the validation loss
+    image: Tensor | None = None  # [3, h, w] uint8, upscaled
+    saliency: Tensor | None = None  # [3, h, w] uint8, red raises the validation loss
     fields: tuple[tuple[str, str], ...] = ()  # (feature name, value) of a tabular input
     removal_effect: float | None = None  # change of the validation loss if removed from training
 
@@ -65,7 +65,7 @@ class Panel:
     helpful: list[Example]
     harmful: list[Example]
     spread: float = math.nan  # standard deviation of its scores over the training set
-    figure: Tensor | None = None  # [3, H, W]
+    figure: Tensor | None = None  # [3, H, W] uint8
 
     @property
     def correct(self) -> bool | None:
@@ -96,7 +96,7 @@ class Report:
     dashboard: list[Panel]
     review: list[Example]  # score = self-influence, highest first
     outliers: list[Example]
-    outliers_figure: Tensor | None = None
+    outliers_figure: Tensor | None = None  # [3, H, W] uint8
     histograms: dict[str, Tensor] = field(default_factory=dict)
     scalars: dict[str, float] = field(default_factory=dict)
     median_self_influence: float = math.nan
@@ -148,13 +148,14 @@ def build_report(
 
     losses = result.val_losses
     spread = result.scores.float().std(dim=0) if result.n_train > 1 else None
+    maps = _saliency_tiles(result, at, settings.image_size) if images else None
     panels = []
-    for j in columns:
+    for n, j in enumerate(columns):
         lists = []
         for half, ranking in enumerate((helpful, harmful)):
             pairs = zip(ranking.indices[j].tolist(), ranking.scores[j].tolist(), strict=True)
             lists.append(
-                [train.example(i, s, _saliency(result, j, i, half, images)) for i, s in pairs]
+                [train.example(i, s, _saliency(result, maps, n, j, i, half)) for i, s in pairs]
             )
             for e in lists[-1]:  # as ``result.removal_effect``: first order, -score / n
                 e.removal_effect = -e.score / result.n_train
@@ -271,7 +272,7 @@ class _ExampleSource:
         return self.texts[index]
 
     def example(self, index: int, score: float, saliency: Tensor | None = None) -> Example:
-        size = self.settings.image_size
+        """The example of dataset index ``index``, with ``score`` and a saliency tile, if any."""
         text, fields = self._text(index)
         return Example(
             index=index,
@@ -280,25 +281,42 @@ class _ExampleSource:
             score=score,
             text=text,
             image=self.tiles.get(index),
-            saliency=None if saliency is None else drawing.saliency_tile(saliency, size),
+            saliency=saliency,
             fields=fields,
         )
 
 
+def _saliency_tiles(result: InfluenceResult, columns: Tensor, size: int) -> Tensor | None:
+    """The tiles of the ``I_pert,loss`` maps of validation columns ``columns``, drawn at once:
+    ``[len(columns), 2 k, 3, h, w]``, if computed."""
+    maps = result.perturbation
+    if maps is None or result.perturbation_indices is None or maps.shape[1] == 0:
+        return None
+    chosen = maps[columns]
+    tiles = drawing.saliency_tiles(chosen.reshape(-1, *chosen.shape[2:]), size)
+    return tiles.reshape(*chosen.shape[:2], *tiles.shape[1:])
+
+
 def _saliency(
-    result: InfluenceResult, column: int, train_index: int, half: int, images: bool
+    result: InfluenceResult,
+    tiles: Tensor | None,
+    position: int,
+    column: int,
+    train_index: int,
+    half: int,
 ) -> Tensor | None:
-    """The ``I_pert,loss`` map of ``train_index`` for validation column ``column``, if computed.
+    """The tile of the ``I_pert,loss`` map of ``train_index`` for validation column ``column``
+    (``position`` in ``tiles``), if computed.
 
     ``half`` 0 searches the helpful columns of ``result.perturbation``, 1 the harmful ones.
     """
-    maps, indices = result.perturbation, result.perturbation_indices
-    if not images or maps is None or indices is None:
+    indices = result.perturbation_indices
+    if tiles is None or indices is None:
         return None
     k = indices.shape[1] // 2
     row = indices[column, half * k : (half + 1) * k]
     hits = (row == train_index).nonzero().flatten()
-    return None if hits.numel() == 0 else maps[column, half * k + int(hits[0])]
+    return None if hits.numel() == 0 else tiles[position, half * k + int(hits[0])]
 
 
 def _nth(inputs: Any, n: int) -> Any:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -27,13 +28,14 @@ Color = tuple[float, ...]
 
 
 def to_uint8(img: Tensor) -> np.ndarray:
-    """``[3, H, W]`` in [0, 1] -> ``[H, W, 3]`` uint8.
+    """``[3, H, W]`` in [0, 1] (or uint8, kept as it is) -> ``[H, W, 3]`` uint8.
 
     Example:
-        >>> import torch
         >>> to_uint8(torch.tensor([[[0.0, 0.5]], [[1.0, 1.0]], [[0.2, 2.0]]])).tolist()
         [[[0, 255, 51], [128, 255, 255]]]
     """
+    if img.dtype == torch.uint8:
+        return np.ascontiguousarray(img.detach().cpu().numpy().transpose(1, 2, 0))
     scaled = np.clip(img.detach().cpu().float().numpy(), 0, 1) * 255  # as torch: float32
     return np.ascontiguousarray(np.rint(scaled).astype(np.uint8).transpose(1, 2, 0))
 
@@ -67,7 +69,7 @@ def encode_png(rgb: np.ndarray, level: int = 1) -> bytes:
 
 
 def write_png(img: Tensor | np.ndarray, path: Path) -> Path:
-    """Save ``[3, H, W]`` in [0, 1] (or ``[H, W, 3]`` uint8) as a PNG file."""
+    """Save ``[3, H, W]`` (in [0, 1], or uint8) or ``[H, W, 3]`` uint8 as a PNG file."""
     rgb = to_uint8(img) if isinstance(img, Tensor) else img
     path.write_bytes(encode_png(rgb))
     return path
