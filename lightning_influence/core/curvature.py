@@ -95,6 +95,8 @@ class Curvature:
         self._uniform_share: float | None = None
         # Forward multiply-adds per example and parameter (weight reuse), counted on first use.
         self.flops_per_parameter: float | None = None
+        # Bytes a forward pass keeps for its backward, per example, measured on first use.
+        self.activation_bytes: int | None = None
         # Every local example's Jacobian and output Hessian, once worth keeping (see `factors`).
         self._factors: tuple[Tensor, Tensor] | None = None
         self._factors_decided = False
@@ -138,11 +140,12 @@ class Curvature:
         inputs, targets = prepared.inputs, prepared.targets
         vectors = vectors.to(dtype=fm.dtype, device=fm.device)
         with torch.enable_grad():
+            chunk = self._vectors_per_pass(inputs, prepared.size)
             if self.kind == "hessian":
-                return hessian_products(fm, inputs, targets, vectors)
+                return hessian_products(fm, inputs, targets, vectors, chunk)
             out = detach(fm.outputs(fm.theta, inputs))
             if not isinstance(out, Tensor) or out.ndim == 0:
-                return gauss_newton_products(fm, inputs, targets, out, vectors)
+                return gauss_newton_products(fm, inputs, targets, out, vectors, chunk)
             directions = None if exact else self._truncated_directions(out)
             if directions is not None:
                 rows, kept, total = gauss_newton_rows(fm, inputs, targets, out, directions)
@@ -154,7 +157,16 @@ class Curvature:
             if self.flops_per_parameter is None:
                 self.flops_per_parameter = _flops_per_parameter(fm, inputs)
             method = gauss_newton_method(out, vectors, self.flops_per_parameter)
+            if method is gauss_newton_products:
+                return gauss_newton_products(fm, inputs, targets, out, vectors, chunk)
             return method(fm, inputs, targets, out, vectors)
+
+    def _vectors_per_pass(self, inputs: Any, batch_size: int) -> int:
+        """Vectors per forward-mode pass over a batch: their tangents hold about ``vectors x
+        batch`` activations, kept within 512 MiB (wide layers on large batches)."""
+        if self.activation_bytes is None:
+            self.activation_bytes = _activation_bytes(self.model, inputs)
+        return max(1, _TANGENT_BYTES // max(1, batch_size * self.activation_bytes))
 
     @property
     def output_trace_uniform(self) -> float | None:
@@ -272,6 +284,7 @@ class Curvature:
             child._factor_order = torch.empty_like(by_position)
             child._factor_order[by_position] = torch.arange(max_examples)
             child.flops_per_parameter = self.flops_per_parameter
+            child.activation_bytes = self.activation_bytes
             return child
         pos = torch.randperm(len(data), generator=generator)[:max_examples]
         data = data.subset(data.indices[pos.sort().values])
@@ -297,6 +310,8 @@ class Curvature:
 
 # Per-example Jacobians of a batch hold ``batch x outputs x p`` numbers: never more than this.
 _JACOBIAN_BYTES = 256 * 2**20
+# Forward-mode tangents of one pass hold about ``vectors x batch`` activations: at most this.
+_TANGENT_BYTES = 512 * 2**20
 GaussNewtonMethod = Callable[[FunctionalModel, Any, Any, Any, Tensor], Tensor]
 
 
@@ -331,3 +346,24 @@ def _flops_per_parameter(fm: FunctionalModel, inputs: Any) -> float:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         fm.outputs(fm.theta, example)
     return max(1.0, counter.get_total_flops() / 2 / fm.n_params)
+
+
+def _activation_bytes(fm: FunctionalModel, inputs: Any) -> int:
+    """Bytes the forward pass saves for its backward, per example: two examples' minus one's
+    (what does not grow with the batch, such as the weights, cancels)."""
+
+    def saved(n: int) -> int:
+        total = 0
+
+        def count(t: Tensor) -> Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        head = tree_map(lambda t: t[:n] if isinstance(t, Tensor) and t.ndim else t, inputs)
+        theta = fm.theta.detach().requires_grad_()
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            fm.outputs(theta, head)
+        return total
+
+    return max(0, saved(2) - saved(1))

@@ -33,20 +33,31 @@ __all__ = [
 ]
 
 
-def hessian_products(fm: FunctionalModel, inputs: Any, targets: Any, vectors: Tensor) -> Tensor:
+def hessian_products(
+    fm: FunctionalModel, inputs: Any, targets: Any, vectors: Tensor, chunk: int | None = None
+) -> Tensor:
+    """``H v`` for each row of ``vectors`` (forward over reverse), ``chunk`` rows at a time."""
+
     def total(th: Tensor) -> Tensor:
         return fm.losses(th, inputs, targets).sum()
 
     def hv(v: Tensor) -> Tensor:
         return jvp(grad(total), (fm.theta,), (v,))[1]
 
-    return vmap(hv)(vectors)
+    return _by_chunks(vmap(hv), vectors, chunk)
 
 
 def gauss_newton_products(
-    fm: FunctionalModel, inputs: Any, targets: Any, out: Any, vectors: Tensor
+    fm: FunctionalModel,
+    inputs: Any,
+    targets: Any,
+    out: Any,
+    vectors: Tensor,
+    chunk: int | None = None,
 ) -> Tensor:
-    """``J^T H_out J v``: forward mode for ``J v``, reverse mode for ``J^T``, vmapped over ``v``."""
+    """``J^T H_out J v``: forward mode for ``J v``, reverse mode for ``J^T``, vmapped over ``v``
+    ``chunk`` rows at a time (the tangents of a pass hold ``chunk x batch`` activations); one
+    reverse-mode graph serves every chunk."""
 
     def outputs(th: Tensor) -> Any:
         return fm.outputs(th, inputs)
@@ -61,7 +72,13 @@ def gauss_newton_products(
         hjv = jvp(grad(loss_of_outputs), (out,), (jv,))[1]
         return pullback(hjv)[0]
 
-    return vmap(gnv)(vectors)
+    return _by_chunks(vmap(gnv), vectors, chunk)
+
+
+def _by_chunks(products: Callable[[Tensor], Tensor], vectors: Tensor, chunk: int | None) -> Tensor:
+    if chunk is None or chunk >= vectors.shape[0]:
+        return products(vectors)
+    return torch.cat([products(rows) for rows in vectors.split(chunk)])
 
 
 def gauss_newton_by_jacobians(
