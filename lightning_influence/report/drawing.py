@@ -1,7 +1,7 @@
 """Pictures: tiles with torch, annotated figures composed as arrays and lettered with Pillow.
 
 Small images are upscaled with nearest-neighbour interpolation so that 8x8 digits stay legible.
-With matplotlib installed (the ``[examples]`` extra: its DejaVu Sans font, see :mod:`.raster`)
+With matplotlib installed (the ``[examples]`` extra: its DejaVu Sans font, see :mod:`.lettering`)
 figures carry the dataset index, label, prediction and score above each tile; without it they are
 plain grids framed by colour (blue: the validation example, green: helpful, red: harmful), and the
 text lives in the tables beside them.
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_influence.report.raster import Lettering, font, to_uint8
+from lightning_influence.report.lettering import Lettering, font
 
 if TYPE_CHECKING:
     from lightning_influence.report.model import Example, Panel
@@ -34,19 +34,22 @@ _NEUTRAL: _Color = (0.6, 0.6, 0.6)
 
 
 def _upscale(img: Tensor, size: int) -> Tensor:
-    """Nearest-neighbour upscaling of uint8 ``[C, h, w]`` (or ``[N, C, h, w]``) so that its longer
+    """Nearest-neighbour upscaling of uint8 ``[h, w, 3]`` (or ``[N, h, w, 3]``) so that its longer
     side is at least ``size``; larger images are shrunk (area) to ``4 * size`` at most."""
-    longest = max(img.shape[-2:])
-    if longest < size:
-        factor = math.ceil(size / longest)
-        return img.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
-    if longest > 4 * size:
-        scale = 4 * size / longest
-        hw = [max(1, round(s * scale)) for s in img.shape[-2:]]
-        batch = img if img.ndim == 4 else img[None]
-        out = F.interpolate(batch.float(), size=hw, mode="area").round().to(torch.uint8)
+    h, w = img.shape[-3:-1]
+    if max(h, w) < size:
+        factor = math.ceil(size / max(h, w))
+        lead = img.shape[:-3]
+        blocks = img.unsqueeze(-3).unsqueeze(-2).expand(*lead, h, factor, w, factor, 3)
+        return blocks.reshape(*lead, h * factor, w * factor, 3)
+    if max(h, w) > 4 * size:
+        scale = 4 * size / max(h, w)
+        hw = [max(1, round(s * scale)) for s in (h, w)]
+        batch = (img if img.ndim == 4 else img[None]).permute(0, 3, 1, 2).float()
+        out = F.interpolate(batch, size=hw, mode="area").round().to(torch.uint8)
+        out = out.permute(0, 2, 3, 1).contiguous()
         return out if img.ndim == 4 else out[0]
-    return img
+    return img.contiguous()
 
 
 def _quantize(img: Tensor) -> Tensor:
@@ -55,7 +58,8 @@ def _quantize(img: Tensor) -> Tensor:
 
 
 def image_tile(x: Tensor, size: int) -> Tensor:
-    """One input ``[C, H, W]`` or ``[H, W]`` as an RGB tile ``[3, h, w]``, uint8."""
+    """One input ``[C, H, W]`` or ``[H, W]`` as an RGB tile ``[3, h, w]``, uint8 (its bytes laid
+    out ``[h, w, 3]``, as image files and figures take them)."""
     img = x.detach().cpu().float()
     if x.dtype == torch.uint8:
         img = img / 255.0
@@ -68,7 +72,7 @@ def image_tile(x: Tensor, size: int) -> Tensor:
     lo, hi = img.min(), img.max()
     if lo < 0 or hi > 1:  # standardised data: stretch each image to [0, 1]
         img = (img - lo) / (hi - lo).clamp_min(1e-12)
-    return _upscale(_quantize(img).expand(3, -1, -1).contiguous(), size)
+    return _upscale(_quantize(img).expand(3, -1, -1).permute(1, 2, 0), size).permute(2, 0, 1)
 
 
 def saliency_tile(m: Tensor, size: int) -> Tensor:
@@ -79,7 +83,7 @@ def saliency_tile(m: Tensor, size: int) -> Tensor:
 
 def saliency_tiles(maps: Tensor, size: int) -> Tensor:
     """:func:`saliency_tile` of each map of ``maps`` (``[N, C, H, W]`` or ``[N, H, W]``), at once:
-    ``[N, 3, h, w]``.
+    ``[N, 3, h, w]`` (laid out ``[N, h, w, 3]``, as :func:`image_tile`).
 
     Example:
         >>> saliency_tiles(torch.tensor([[[1.0, -0.5]]]), 4)[0, :, 0].tolist()
@@ -90,8 +94,8 @@ def saliency_tiles(maps: Tensor, size: int) -> Tensor:
         sal = sal.sum(1)
     sal = sal / sal.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
     pos, neg = sal.clamp_min(0), (-sal).clamp_min(0)
-    rgb = torch.stack([1 - neg, 1 - pos - neg, 1 - pos], dim=1)
-    return _upscale(_quantize(rgb), size)
+    rgb = torch.stack([1 - neg, 1 - pos - neg, 1 - pos], dim=-1)
+    return _upscale(_quantize(rgb), size).permute(0, 3, 1, 2)
 
 
 @dataclass
@@ -161,16 +165,16 @@ _DPI = 150  # the figures' pixels per inch, which sets the size of their text
 
 def _figure(rows: list[list[_Cell]], labels: list[tuple[str, _Color]], title: str) -> Tensor:
     """Tiles on one canvas built with torch, enlarged ``_SCALE`` times (nearest), under a title,
-    with captions and row labels, when a font is installed (:mod:`.raster`), as ``[3, H, W]``
+    with captions and row labels, when a font is installed (:mod:`.lettering`), as ``[3, H, W]``
     uint8. Without a font the canvas is returned as is: colours, no text."""
     caption_font, label_font, title_font = (font(p, _DPI) for p in (5.2, 6.0, 5.5))
     if caption_font is None or label_font is None or title_font is None:
-        return _grid(rows, top=0, left=0)[0]
+        return _grid(rows, top=0, left=0)[0].permute(2, 0, 1)
     top, left = 26, 18 if labels else 0
     canvas, spots, starts = _grid(rows, top=top, left=left)
-    title = textwrap.fill(title, width=max(20, int(canvas.shape[2] / 5.0)))
+    title = textwrap.fill(title, width=max(20, int(canvas.shape[1] / 5.0)))
     head = 10 + 10 * (title.count("\n") + 1)
-    pixels = _enlarge(to_uint8(canvas), head)
+    pixels = _enlarge(canvas.numpy(), head)
     board = Lettering(pixels)
     for (x, y), cell in spots:
         if cell.caption:
@@ -179,7 +183,7 @@ def _figure(rows: list[list[_Cell]], labels: list[tuple[str, _Color]], title: st
         y = (head + (starts[r] + starts[r + 1]) / 2) * _SCALE
         board.text(left / 2 * _SCALE, y, label, label_font, color, rotate=True)
     board.text(pixels.shape[1] / 2, head / 2 * _SCALE, title, title_font)
-    return torch.from_numpy(board.pixels.copy()).permute(2, 0, 1)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def _enlarge(rgb: np.ndarray, head: int) -> np.ndarray:
@@ -197,9 +201,10 @@ def _enlarge(rgb: np.ndarray, head: int) -> np.ndarray:
 def _grid(
     rows: list[list[_Cell]], top: int, left: int, pad: int = 6
 ) -> tuple[Tensor, list[tuple[tuple[float, float], _Cell]], list[int]]:
-    """A white uint8 canvas with each tile framed in its colour, ``top`` pixels above each tile
-    for a caption (rows with captions only) and a ``left`` strip for row labels; returns it with
-    each cell's caption anchor and the first pixel row of each row (and the end)."""
+    """A white uint8 canvas ``[H, W, 3]`` with each tile framed in its colour, ``top`` pixels
+    above each tile for a caption (rows with captions only) and a ``left`` strip for row labels;
+    returns it with each cell's caption anchor and the first pixel row of each row (and the
+    end)."""
     tiles = [c.tile for row in rows for c in row if c.tile is not None]
     h = max((t.shape[1] for t in tiles), default=8)
     w = max((t.shape[2] for t in tiles), default=8)
@@ -207,7 +212,7 @@ def _grid(
     tops = [top if any(c.caption for c in row) else 0 for row in rows]
     starts = [sum(tops[:r]) + r * (h + 2 * pad) for r in range(len(rows) + 1)]
     ncols = max((len(row) for row in rows), default=1)
-    canvas = torch.full((3, starts[-1], left + cw * ncols), 255, dtype=torch.uint8)
+    canvas = torch.full((starts[-1], left + cw * ncols, 3), 255, dtype=torch.uint8)
     frame = pad // 2
     spots: list[tuple[tuple[float, float], _Cell]] = []
     for r, row in enumerate(rows):
@@ -217,8 +222,7 @@ def _grid(
             y, x = starts[r] + tops[r] + pad, left + c * cw + pad
             th, tw = cell.tile.shape[1:]
             color = torch.tensor([round(c * 255) for c in cell.color], dtype=torch.uint8)
-            color = color[:, None, None]
-            canvas[:, y - frame : y + th + frame, x - frame : x + tw + frame] = color
-            canvas[:, y : y + th, x : x + tw] = cell.tile
+            canvas[y - frame : y + th + frame, x - frame : x + tw + frame] = color
+            canvas[y : y + th, x : x + tw] = cell.tile.permute(1, 2, 0)
             spots.append(((x + tw / 2, float(y - frame)), cell))
     return canvas, spots, starts

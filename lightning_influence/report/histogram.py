@@ -1,7 +1,7 @@
 """Histograms as one picture: a panel per distribution, counts on a log scale, drawn with numpy.
 
 Bars, axes and ticks are array slices; titles, labels and tick labels are lettered by
-:mod:`.raster`. Without its font (matplotlib not installed) there is no picture: the loggers keep
+:mod:`.lettering`. Without its font (matplotlib not installed) there is no picture: the loggers keep
 their own histograms of the same values.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_influence.report.raster import Lettering, font
+from lightning_influence.report.lettering import Lettering, font
 
 if TYPE_CHECKING:
     from PIL.ImageFont import FreeTypeFont
@@ -61,12 +61,12 @@ def histogram_figure(histograms: dict[str, Tensor], bins: int = 50) -> Tensor | 
         for y, text in yticks:
             board.text(x0 - _TICK - _PAD, y, text, tick, anchor="rm")
             widest = max(widest, board.width(text, tick))
-        xlabel = _wrap(_AXES.get(name, name), board, label, _WIDTH - 2 * max(_LEFT, _RIGHT) + 40)
+        xlabel = _wrap(_AXES.get(name, name), board, label, _WIDTH - _LEFT + _RIGHT - 4)
         board.text((x0 + x1) / 2, y1 + _TICK + _PAD + 16, xlabel, label, anchor="ma")
         ylabel = "pairs (log scale)" if name == "scores" else "examples (log scale)"
         middle = (_TOP + y1) / 2
         board.text(x0 - _TICK - 2 * _PAD - widest, middle, ylabel, label, anchor="rm", rotate=True)
-    return torch.from_numpy(board.pixels.copy()).permute(2, 0, 1)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def _bars(

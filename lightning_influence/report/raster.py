@@ -1,30 +1,18 @@
-"""Pixels without a plotting library: PNG files written with zlib, text drawn with Pillow.
-
-Figures are composed as arrays and lettered in DejaVu Sans, the font matplotlib installs (the
-``[examples]`` extra), found without importing matplotlib; without it there is no font, and the
-figures carry no text. Drawing text this way costs microseconds where a plotting library's layout
-costs milliseconds.
-"""
+"""Pictures as bytes: ``[3, H, W]`` tensors to ``[H, W, 3]`` uint8, and PNG files written with
+zlib (one call per picture: hundreds of small tiles take milliseconds, not an image library's
+per-file overhead)."""
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import struct
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from PIL import Image, ImageFont
-
-__all__ = ["Lettering", "encode_png", "font", "to_uint8", "write_png"]
-
-Color = tuple[float, ...]
+__all__ = ["encode_png", "to_uint8", "write_png"]
 
 
 def to_uint8(img: Tensor) -> np.ndarray:
@@ -73,101 +61,3 @@ def write_png(img: Tensor | np.ndarray, path: Path) -> Path:
     rgb = to_uint8(img) if isinstance(img, Tensor) else img
     path.write_bytes(encode_png(rgb))
     return path
-
-
-def _font_file() -> Path | None:
-    """DejaVu Sans as matplotlib installs it, or ``None`` (matplotlib missing or unimportable).
-    Looked up on each call (a few microseconds): whether matplotlib is there may change."""
-    try:
-        spec = importlib.util.find_spec("matplotlib")
-    except (ImportError, ValueError):
-        return None
-    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
-        path = Path(folder) / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
-        if path.is_file():
-            return path
-    return None
-
-
-@functools.cache
-def _load(path: Path, size: float) -> ImageFont.FreeTypeFont | None:
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.truetype(str(path), size, layout_engine=ImageFont.Layout.BASIC)
-    except OSError:  # Pillow built without FreeType
-        return None
-
-
-def font(points: float, dpi: float) -> ImageFont.FreeTypeFont | None:
-    """DejaVu Sans at ``points`` for ``dpi`` pixels per inch, or ``None`` when not installed.
-
-    Example:
-        >>> f = font(10, 72)
-        >>> f is None or f.size == 10
-        True
-    """
-    path = _font_file()
-    return None if path is None else _load(path, round(points * dpi / 72, 2))
-
-
-class Lettering:
-    """Text on an ``[H, W, 3]`` uint8 image, anchored as matplotlib anchors it; ``pixels`` holds
-    the result (one copy in, one out).
-
-    Example:
-        >>> board = Lettering(np.full((20, 60, 3), 255, np.uint8))
-        >>> f = font(8, 100)
-        >>> _ = f is None or board.text(30, 10, "12", f)
-        >>> board.pixels.shape
-        (20, 60, 3)
-    """
-
-    def __init__(self, pixels: np.ndarray) -> None:
-        from PIL import Image, ImageDraw
-
-        self.image: Image.Image = Image.fromarray(pixels)
-        self._draw = ImageDraw.Draw(self.image)
-
-    def text(
-        self,
-        x: float,
-        y: float,
-        text: str,
-        face: ImageFont.FreeTypeFont,
-        color: Color = (0.0, 0.0, 0.0),
-        anchor: str = "mm",
-        rotate: bool = False,
-        spacing: float = 1.0,
-    ) -> None:
-        """``text`` at ``(x, y)``: ``anchor`` is horizontal ``l``/``m``/``r`` then vertical
-        ``a`` (top) / ``m`` / ``d`` (bottom); lines centred on each other; ``rotate`` turns it a
-        quarter counter-clockwise (then ``anchor`` applies to the turned box)."""
-        fill = tuple(round(c * 255) for c in color)
-        if not rotate:
-            self._draw.multiline_text(
-                (x, y), text, fill=fill, font=face, anchor=anchor, spacing=spacing, align="center"
-            )
-            return
-        from PIL import Image, ImageDraw
-
-        left, top, right, bottom = self._draw.multiline_textbbox(
-            (0, 0), text, font=face, anchor="la", spacing=spacing
-        )
-        mask = Image.new("L", (int(right - left) + 2, int(bottom - top) + 2))
-        ImageDraw.Draw(mask).multiline_text(
-            (1 - left, 1 - top), text, fill=255, font=face, spacing=spacing, align="center"
-        )
-        mask = mask.transpose(Image.Transpose.ROTATE_90)
-        w, h = mask.size
-        dx = {"l": 0.0, "m": w / 2, "r": float(w)}[anchor[0]]
-        dy = {"a": 0.0, "m": h / 2, "d": float(h)}[anchor[1]]
-        self.image.paste(fill, (round(x - dx), round(y - dy)), mask)
-
-    def width(self, text: str, face: ImageFont.FreeTypeFont) -> float:
-        """Width in pixels of ``text`` (its longest line)."""
-        return max(face.getlength(line) for line in text.split("\n"))
-
-    @property
-    def pixels(self) -> np.ndarray:
-        return np.asarray(self.image)
