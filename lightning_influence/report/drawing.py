@@ -1,4 +1,4 @@
-"""Pictures: tiles with torch, annotated figures composed as arrays and lettered with Pillow.
+"""Pictures: tiles with torch, annotated figures composed as arrays, lettered by :mod:`.lettering`.
 
 Small images are upscaled with nearest-neighbour interpolation so that 8x8 digits stay legible.
 With matplotlib installed (the ``[examples]`` extra: its DejaVu Sans font, see :mod:`.lettering`)
@@ -164,17 +164,17 @@ _DPI = 150  # the figures' pixels per inch, which sets the size of their text
 
 
 def _figure(rows: list[list[_Cell]], labels: list[tuple[str, _Color]], title: str) -> Tensor:
-    """Tiles on one canvas built with torch, enlarged ``_SCALE`` times (nearest), under a title,
+    """Tiles on one canvas, enlarged ``_SCALE`` times (nearest), under a title,
     with captions and row labels, when a font is installed (:mod:`.lettering`), as ``[3, H, W]``
     uint8. Without a font the canvas is returned as is: colours, no text."""
     caption_font, label_font, title_font = (font(p, _DPI) for p in (5.2, 6.0, 5.5))
     if caption_font is None or label_font is None or title_font is None:
-        return _grid(rows, top=0, left=0)[0].permute(2, 0, 1)
+        return torch.from_numpy(_grid(rows, top=0, left=0)[0]).permute(2, 0, 1)
     top, left = 26, 18 if labels else 0
     canvas, spots, starts = _grid(rows, top=top, left=left)
     title = textwrap.fill(title, width=max(20, int(canvas.shape[1] / 5.0)))
     head = 10 + 10 * (title.count("\n") + 1)
-    pixels = _enlarge(canvas.numpy(), head)
+    pixels = _enlarge(canvas, head)
     board = Lettering(pixels)
     for (x, y), cell in spots:
         if cell.caption:
@@ -200,7 +200,7 @@ def _enlarge(rgb: np.ndarray, head: int) -> np.ndarray:
 
 def _grid(
     rows: list[list[_Cell]], top: int, left: int, pad: int = 6
-) -> tuple[Tensor, list[tuple[tuple[float, float], _Cell]], list[int]]:
+) -> tuple[np.ndarray, list[tuple[tuple[float, float], _Cell]], list[int]]:
     """A white uint8 canvas ``[H, W, 3]`` with each tile framed in its colour, ``top`` pixels
     above each tile for a caption (rows with captions only) and a ``left`` strip for row labels;
     returns it with each cell's caption anchor and the first pixel row of each row (and the
@@ -212,7 +212,7 @@ def _grid(
     tops = [top if any(c.caption for c in row) else 0 for row in rows]
     starts = [sum(tops[:r]) + r * (h + 2 * pad) for r in range(len(rows) + 1)]
     ncols = max((len(row) for row in rows), default=1)
-    canvas = torch.full((starts[-1], left + cw * ncols, 3), 255, dtype=torch.uint8)
+    canvas = np.full((starts[-1], left + cw * ncols, 3), 255, np.uint8)
     frame = pad // 2
     spots: list[tuple[tuple[float, float], _Cell]] = []
     for r, row in enumerate(rows):
@@ -221,8 +221,8 @@ def _grid(
                 continue
             y, x = starts[r] + tops[r] + pad, left + c * cw + pad
             th, tw = cell.tile.shape[1:]
-            color = torch.tensor([round(c * 255) for c in cell.color], dtype=torch.uint8)
+            color = [round(c * 255) for c in cell.color]
             canvas[y - frame : y + th + frame, x - frame : x + tw + frame] = color
-            canvas[y : y + th, x : x + tw] = cell.tile.permute(1, 2, 0)
+            canvas[y : y + th, x : x + tw] = cell.tile.permute(1, 2, 0).numpy()
             spots.append(((x + tw / 2, float(y - frame)), cell))
     return canvas, spots, starts

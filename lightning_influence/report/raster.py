@@ -30,15 +30,21 @@ def to_uint8(img: Tensor) -> np.ndarray:
 
 def encode_png(rgb: np.ndarray, level: int = 1) -> bytes:
     """``[H, W, 3]`` uint8 as the bytes of an 8-bit RGB PNG, deflated at ``level`` (1: fast;
-    images of upscaled pixels and white space shrink well even so).
+    images of upscaled pixels and white space shrink well even so). Rows of images larger than a
+    tile are stored as their difference to the row above (PNG's "Up" filter): in figures most
+    rows repeat the one above, and long runs of zeros deflate faster and smaller.
 
     Example:
         >>> encode_png(np.zeros((2, 3, 3), np.uint8))[:8]
         b'\\x89PNG\\r\\n\\x1a\\n'
     """
     height, width = rgb.shape[:2]
+    pixels = np.ascontiguousarray(rgb, np.uint8).reshape(height, -1)
     rows = np.zeros((height, 1 + 3 * width), np.uint8)  # a leading 0 per row: no filter
-    rows[:, 1:] = np.ascontiguousarray(rgb, np.uint8).reshape(height, -1)
+    rows[:, 1:] = pixels
+    if height * width > 128 * 128:
+        rows[1:, 0] = 2  # "Up"
+        np.subtract(pixels[1:], pixels[:-1], out=rows[1:, 1:])  # modulo 256, as PNG wants
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (
