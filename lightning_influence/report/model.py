@@ -149,13 +149,14 @@ def build_report(
     losses = result.val_losses
     spread = result.scores.float().std(dim=0) if result.n_train > 1 else None
     maps = _saliency_tiles(result, at, settings.image_size) if images else None
+    where = _map_positions(result, columns) if maps is not None else {}
     panels = []
     for n, j in enumerate(columns):
         lists = []
         for half, ranking in enumerate((helpful, harmful)):
             pairs = zip(ranking.indices[j].tolist(), ranking.scores[j].tolist(), strict=True)
             lists.append(
-                [train.example(i, s, _saliency(result, maps, n, j, i, half)) for i, s in pairs]
+                [train.example(i, s, _saliency(maps, where, n, (j, half, i))) for i, s in pairs]
             )
             for e in lists[-1]:  # as ``result.removal_effect``: first order, -score / n
                 e.removal_effect = -e.score / result.n_train
@@ -297,26 +298,30 @@ def _saliency_tiles(result: InfluenceResult, columns: Tensor, size: int) -> Tens
     return tiles.reshape(*chosen.shape[:2], *tiles.shape[1:])
 
 
-def _saliency(
-    result: InfluenceResult,
-    tiles: Tensor | None,
-    position: int,
-    column: int,
-    train_index: int,
-    half: int,
-) -> Tensor | None:
-    """The tile of the ``I_pert,loss`` map of ``train_index`` for validation column ``column``
-    (``position`` in ``tiles``), if computed.
-
-    ``half`` 0 searches the helpful columns of ``result.perturbation``, 1 the harmful ones.
-    """
+def _map_positions(result: InfluenceResult, columns: list[int]) -> dict[tuple[int, int, int], int]:
+    """Where ``result.perturbation`` holds the map of each (validation column, half, training
+    index): half 0 is the helpful columns of a row, 1 the harmful ones."""
     indices = result.perturbation_indices
-    if tiles is None or indices is None:
-        return None
+    if indices is None or indices.shape[1] < 2:
+        return {}
     k = indices.shape[1] // 2
-    row = indices[column, half * k : (half + 1) * k]
-    hits = (row == train_index).nonzero().flatten()
-    return None if hits.numel() == 0 else tiles[position, half * k + int(hits[0])]
+    where: dict[tuple[int, int, int], int] = {}
+    for j in columns:
+        for c, i in enumerate(indices[j].tolist()):
+            where.setdefault((j, c // k, i), c)
+    return where
+
+
+def _saliency(
+    tiles: Tensor | None,
+    where: dict[tuple[int, int, int], int],
+    position: int,
+    key: tuple[int, int, int],
+) -> Tensor | None:
+    """The tile of the map of ``key`` (validation column, half, training index) in row
+    ``position`` of ``tiles``, if computed."""
+    c = where.get(key)
+    return None if tiles is None or c is None else tiles[position, c]
 
 
 def _nth(inputs: Any, n: int) -> Any:
