@@ -24,7 +24,14 @@ from lightning_influence.report.lettering import Lettering, font
 if TYPE_CHECKING:
     from lightning_influence.report.model import Example, Panel
 
-__all__ = ["image_tile", "outliers_figure", "panel_figure", "saliency_tile", "saliency_tiles"]
+__all__ = [
+    "image_tile",
+    "image_tiles",
+    "outliers_figure",
+    "panel_figure",
+    "saliency_tile",
+    "saliency_tiles",
+]
 
 _Color = tuple[float, ...]
 _HELPFUL: _Color = (0.13, 0.55, 0.13)
@@ -60,19 +67,32 @@ def _quantize(img: Tensor) -> Tensor:
 def image_tile(x: Tensor, size: int) -> Tensor:
     """One input ``[C, H, W]`` or ``[H, W]`` as an RGB tile ``[3, h, w]``, uint8 (its bytes laid
     out ``[h, w, 3]``, as image files and figures take them)."""
-    img = x.detach().cpu().float()
-    if x.dtype == torch.uint8:
+    return image_tiles(x[None], size)[0]
+
+
+def image_tiles(inputs: Tensor, size: int) -> Tensor:
+    """:func:`image_tile` of each input of a batch ``[N, C, H, W]`` or ``[N, H, W]``, at once:
+    ``[N, 3, h, w]``; standardised images (values outside [0, 1]) are stretched to [0, 1] each.
+
+    Example:
+        >>> image_tiles(torch.tensor([[[0.0, 1.0]], [[-1.0, 3.0]]]), 4)[:, 0, 0].tolist()
+        [[0, 0, 255, 255], [0, 0, 255, 255]]
+    """
+    img = inputs.detach().cpu().float()
+    if inputs.dtype == torch.uint8:
         img = img / 255.0
-    if img.ndim == 2:
-        img = img[None]
-    if img.shape[0] == 4:
-        img = img[:3]
-    elif img.shape[0] == 2:
-        img = img.mean(0, keepdim=True)
-    lo, hi = img.min(), img.max()
-    if lo < 0 or hi > 1:  # standardised data: stretch each image to [0, 1]
-        img = (img - lo) / (hi - lo).clamp_min(1e-12)
-    return _upscale(_quantize(img).expand(3, -1, -1).permute(1, 2, 0), size).permute(2, 0, 1)
+    if img.ndim == 3:
+        img = img[:, None]
+    if img.shape[1] == 4:
+        img = img[:, :3]
+    elif img.shape[1] == 2:
+        img = img.mean(1, keepdim=True)
+    lo = img.amin(dim=(1, 2, 3), keepdim=True)
+    hi = img.amax(dim=(1, 2, 3), keepdim=True)
+    stretch = (lo < 0) | (hi > 1)  # standardised data: stretch each image to [0, 1]
+    img = torch.where(stretch, (img - lo) / (hi - lo).clamp_min(1e-12), img)
+    rgb = _quantize(img).expand(-1, 3, -1, -1).permute(0, 2, 3, 1)
+    return _upscale(rgb, size).permute(0, 3, 1, 2)
 
 
 def saliency_tile(m: Tensor, size: int) -> Tensor:

@@ -247,9 +247,15 @@ class _ExampleSource:
             self.inputs[index] = _nth(inputs, n)
         if self.settings.kind == "auto":
             self.kind = "image" if all(_is_image(x) for x in self.inputs.values()) else "text"
-        if self.kind == "image":
-            for index, x in self.inputs.items():
-                self.tiles[index] = drawing.image_tile(x, self.settings.image_size)
+        if self.kind != "image":
+            return
+        size = self.settings.image_size
+        if isinstance(inputs, Tensor) and inputs.ndim in (3, 4):  # one batch: drawn at once
+            tiles = drawing.image_tiles(inputs, size)
+            self.tiles.update(zip(unique.tolist(), tiles, strict=True))
+            return
+        for index, x in self.inputs.items():
+            self.tiles[index] = drawing.image_tile(x, size)
 
     @property
     def _describe(self) -> Callable[[Any], str] | None:
