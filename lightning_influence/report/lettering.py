@@ -101,7 +101,7 @@ class Lettering:
 
     def width(self, text: str, face: FreeTypeFont) -> float:
         """Width in pixels of ``text`` (its longest line)."""
-        return max(sum(_glyph(face, c)[3] for c in line) for line in text.split("\n"))
+        return max(_line(face, line)[1] for line in text.split("\n"))
 
     def text(
         self,
@@ -141,21 +141,32 @@ def _block(text: str, face: FreeTypeFont, spacing: int) -> tuple[np.ndarray, flo
     """The coverage of ``text`` (lines centred), ``_MARGIN`` pixels around its box, and the
     box's width and height (from the first line's ascender to the last one's descender)."""
     ascent, descent, pitch = _metrics(face)
-    lines = text.split("\n")
-    widths = [sum(_glyph(face, c)[3] for c in line) for line in lines]
-    width = max(widths)
+    lines = [_line(face, line) for line in text.split("\n")]
+    width = max(w for _, w in lines)
     height = (len(lines) - 1) * (pitch + spacing) + ascent + descent
     alpha = np.zeros((height + 2 * _MARGIN, math.ceil(width) + 2 * _MARGIN), np.float32)
-    for n, line in enumerate(lines):
-        pen = _MARGIN + (width - widths[n]) / 2
-        base = _MARGIN + ascent + n * (pitch + spacing)
-        for char in line:
-            mask, left, top, advance = _glyph(face, char)
-            if mask.size:
-                x, y = round(pen) + left, base + top
-                x0, y0 = max(x, 0), max(y, 0)
-                region = alpha[y0 : y + mask.shape[0], x0 : x + mask.shape[1]]
-                piece = mask[y0 - y : y0 - y + region.shape[0], x0 - x : x0 - x + region.shape[1]]
-                np.maximum(region, piece, out=region)
-            pen += advance
+    for n, (line, w) in enumerate(lines):
+        x, y = round((width - w) / 2), n * (pitch + spacing)
+        region = alpha[y : y + line.shape[0], x : x + line.shape[1]]
+        np.maximum(region, line[: region.shape[0], : region.shape[1]], out=region)
     return alpha, width, height
+
+
+@functools.lru_cache(maxsize=4096)  # captions repeat lines: "label 3 pred 3"
+def _line(face: FreeTypeFont, text: str) -> tuple[np.ndarray, float]:
+    """The coverage of one line, ``_MARGIN`` pixels around its box (top: the ascender), and its
+    width."""
+    ascent, descent, _ = _metrics(face)
+    width = sum(_glyph(face, c)[3] for c in text)
+    alpha = np.zeros((ascent + descent + 2 * _MARGIN, math.ceil(width) + 2 * _MARGIN), np.float32)
+    pen = float(_MARGIN)
+    for char in text:
+        mask, left, top, advance = _glyph(face, char)
+        if mask.size:
+            x, y = round(pen) + left, _MARGIN + ascent + top
+            x0, y0 = max(x, 0), max(y, 0)
+            region = alpha[y0 : y + mask.shape[0], x0 : x + mask.shape[1]]
+            piece = mask[y0 - y : y0 - y + region.shape[0], x0 - x : x0 - x + region.shape[1]]
+            np.maximum(region, piece, out=region)
+        pen += advance
+    return alpha, width
