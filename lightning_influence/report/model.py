@@ -232,7 +232,7 @@ class _ExampleSource:
         self.predictions: Tensor | None = None
         self.inputs: dict[int, Any] = {}
         self.tiles: dict[int, Tensor] = {}
-        self.texts: dict[int, tuple[str, tuple[tuple[str, str], ...]]] = {}
+        self.shown: dict[int, tuple[str, str, str, tuple[tuple[str, str], ...]]] = {}
         self.kind = "image" if settings.kind == "auto" else settings.kind
 
     def labels(self, targets: Tensor | None, predictions: Tensor | None) -> None:
@@ -268,23 +268,27 @@ class _ExampleSource:
             return "-"
         return _format_label(labels[pos], self.settings.class_names)
 
-    def _text(self, index: int) -> tuple[str, tuple[tuple[str, str], ...]]:
-        """The text and fields of an input, made once per index."""
-        if index not in self.texts:
+    def _shown(self, index: int) -> tuple[str, str, str, tuple[tuple[str, str], ...]]:
+        """The label, prediction, text and fields of an input, made once per index."""
+        if index not in self.shown:
             x, describe = self.inputs[index], self._describe
             fields = _fields(x, self.settings.feature_names) if self.kind == "table" else ()
             text = ", ".join(f"{n}={v}" for n, v in fields) if fields else None
             text = describe(x) if describe else text or _default_describe(x)
-            self.texts[index] = (text, fields)
-        return self.texts[index]
+            label, prediction = (
+                self._label(self.targets, index),
+                self._label(self.predictions, index),
+            )
+            self.shown[index] = (label, prediction, text, fields)
+        return self.shown[index]
 
     def example(self, index: int, score: float, saliency: Tensor | None = None) -> Example:
         """The example of dataset index ``index``, with ``score`` and a saliency tile, if any."""
-        text, fields = self._text(index)
+        label, prediction, text, fields = self._shown(index)
         return Example(
             index=index,
-            label=self._label(self.targets, index),
-            prediction=self._label(self.predictions, index),
+            label=label,
+            prediction=prediction,
             score=score,
             text=text,
             image=self.tiles.get(index),
