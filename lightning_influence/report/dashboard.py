@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from torch import Tensor
 
 from lightning_influence.report.model import Example, Panel, Report
 from lightning_influence.report.raster import write_png
@@ -35,8 +38,11 @@ VERSION = 1
 INDEX = "index.json"
 
 
-def write_dashboard(report: Report, out_dir: Path, stem: str) -> Path:
-    """Write the folder ``<out_dir>/<stem>_dashboard`` and return the path of its index."""
+def write_dashboard(
+    report: Report, out_dir: Path, stem: str, save: Callable[[Tensor, Path], Path] = write_png
+) -> Path:
+    """Write the folder ``<out_dir>/<stem>_dashboard`` and return the path of its index;
+    ``save`` writes each picture (:meth:`.raster.PngWriter.write` in the background)."""
     folder = out_dir / f"{stem}_dashboard"
     folder.mkdir(parents=True, exist_ok=True)
     result = report.result
@@ -46,7 +52,7 @@ def write_dashboard(report: Report, out_dir: Path, stem: str) -> Path:
         if tile is None:
             return None
         if name not in pictures:
-            pictures[name] = write_png(tile, folder / name)
+            pictures[name] = save(tile, folder / name)
         return name
 
     def entry(e: Example, name: str, **extra: Any) -> dict[str, Any]:

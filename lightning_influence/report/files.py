@@ -5,7 +5,10 @@ for every logger; the rest when a logger has no panels of its own (or there is n
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+
+from torch import Tensor
 
 from lightning_influence.report.histogram import histogram_figure
 from lightning_influence.report.model import Report
@@ -37,28 +40,31 @@ def write_tables(report: Report, out_dir: Path, stem: str) -> list[Path]:
     return [f for f in files if f is not None]
 
 
-def write_files(report: Report, out_dir: Path, stem: str) -> list[Path]:
-    """PNG images, a markdown report with the tables, and the diagnostics as JSON."""
+def write_files(
+    report: Report, out_dir: Path, stem: str, save: Callable[[Tensor, Path], Path] = write_png
+) -> list[Path]:
+    """PNG images (each written by ``save``), a markdown report with the tables, and the
+    diagnostics as JSON."""
     files: list[Path] = []
     text_inputs = not report.images
     sections = [f"# Influence report\n\n{summary_markdown(report.result)}"]
     for panel in report.panels:
         section = panel_markdown(panel, text_inputs)
         if panel.figure is not None:
-            png = write_png(panel.figure, out_dir / f"{stem}_val_{panel.val.index}.png")
+            png = save(panel.figure, out_dir / f"{stem}_val_{panel.val.index}.png")
             files.append(png)
             section = f"![validation example {panel.val.index}]({png.name})\n\n{section}"
         sections.append(f"## Validation example {panel.val.index}\n\n{section}")
     if report.outliers:
         section = outliers_markdown(report)
         if report.outliers_figure is not None:
-            png = write_png(report.outliers_figure, out_dir / f"{stem}_outliers.png")
+            png = save(report.outliers_figure, out_dir / f"{stem}_outliers.png")
             files.append(png)
             section = f"![outliers]({png.name})\n\n{section}"
         sections.append(f"## Self-influence outliers\n\n{section}")
     hist = histogram_figure(report.histograms)
     if hist is not None:
-        png = write_png(hist, out_dir / f"{stem}_histograms.png")
+        png = save(hist, out_dir / f"{stem}_histograms.png")
         files.append(png)
         sections.append(f"## Histograms\n\n![histograms]({png.name})")
     md = out_dir / f"{stem}.md"

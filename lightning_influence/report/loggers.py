@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_influence.core.task import Task
 from lightning_influence.report.dashboard import write_dashboard
 from lightning_influence.report.files import write_files, write_tables
-from lightning_influence.report.model import Report, build_report
+from lightning_influence.report.model import Report, build_report, draw_figures
+from lightning_influence.report.raster import PngWriter
 from lightning_influence.report.settings import LogSettings
 from lightning_influence.report.tensorboard import write_tensorboard
 from lightning_influence.report.wandb import write_wandb
@@ -85,20 +86,25 @@ def log_influence(
     report = build_report(result, train_data, val_data, task, settings)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", settings.prefix)
 
-    files = [*write_tables(report, out_dir, stem), write_dashboard(report, out_dir, stem)]
-    plain = not loggers
-    for logger in loggers:
-        writer = _writer(logger)
-        if writer is not None:
-            writer(logger, report, settings.prefix, step, result_path)
-        else:
-            plain = True
-            logger.log_metrics(
-                {f"{settings.prefix}/{k}": v for k, v in report.scalars.items()}, step=step
-            )
-            logger.save()
-    if plain:
-        files += write_files(report, out_dir, stem)
+    with PngWriter() as pngs:  # the dashboard's pictures are written while the figures are drawn
+        files = [
+            *write_tables(report, out_dir, stem),
+            write_dashboard(report, out_dir, stem, pngs.write),
+        ]
+        draw_figures(report)
+        plain = not loggers
+        for logger in loggers:
+            writer = _writer(logger)
+            if writer is not None:
+                writer(logger, report, settings.prefix, step, result_path)
+            else:
+                plain = True
+                logger.log_metrics(
+                    {f"{settings.prefix}/{k}": v for k, v in report.scalars.items()}, step=step
+                )
+                logger.save()
+        if plain:
+            files += write_files(report, out_dir, stem, pngs.write)
     return files
 
 

@@ -27,7 +27,7 @@ from lightning_influence.report.settings import LogSettings
 if TYPE_CHECKING:
     from lightning_influence.result import InfluenceResult
 
-__all__ = ["Example", "Panel", "Report", "Row", "build_report"]
+__all__ = ["Example", "Panel", "Report", "Row", "build_report", "draw_figures"]
 
 
 @dataclass
@@ -125,7 +125,8 @@ def build_report(
     task: Task,
     settings: LogSettings,
 ) -> Report:
-    """Fetch, label and render what ``settings`` asks to show of ``result``."""
+    """Fetch, label and render as tiles what ``settings`` asks to show of ``result``; the
+    figures that gather the tiles come from :func:`draw_figures`."""
     train = _ExampleSource(train_data, task, settings, result.train_indices)
     val = _ExampleSource(val_data, task, settings, result.val_indices)
     train.labels(result.train_targets, result.train_predictions)
@@ -164,9 +165,6 @@ def build_report(
         panel = Panel(val.example(int(result.val_indices[j]), loss), lists[0], lists[1])
         panel.spread = math.nan if spread is None else float(spread[j])
         panels.append(panel)
-    for panel in panels[: len(shown)] if images else []:
-        panel.figure = drawing.panel_figure(panel)
-
     review = []
     if ranked is not None:
         pairs = zip(ranked.indices.tolist(), ranked.scores.tolist(), strict=True)
@@ -185,11 +183,23 @@ def build_report(
         dashboard=panels,
         review=review,
         outliers=outliers,
-        outliers_figure=drawing.outliers_figure(outliers, median) if images and outliers else None,
         histograms={name: values for name, values in histograms.items() if values.numel()},
         scalars={**{k: float(v) for k, v in result.diagnostics.items()}, "damping": result.damping},
         median_self_influence=median,
     )
+
+
+def draw_figures(report: Report) -> None:
+    """Draw the figures of image examples: a panel figure per shown validation example, and
+    the review list's."""
+    if not report.images:
+        return
+    for panel in report.panels:
+        panel.figure = drawing.panel_figure(panel)
+    if report.outliers:
+        report.outliers_figure = drawing.outliers_figure(
+            report.outliers, report.median_self_influence
+        )
 
 
 def _finite(values: Tensor) -> Tensor:
