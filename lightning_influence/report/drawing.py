@@ -184,65 +184,74 @@ _DPI = 150  # the figures' pixels per inch, which sets the size of their text
 
 
 def _figure(rows: list[list[_Cell]], labels: list[tuple[str, _Color]], title: str) -> Tensor:
-    """Tiles on one canvas, enlarged ``_SCALE`` times (nearest), under a title,
-    with captions and row labels, when a font is installed (:mod:`.lettering`), as ``[3, H, W]``
-    uint8. Without a font the canvas is returned as is: colours, no text."""
+    """Tiles framed in their colours, enlarged ``_SCALE`` times (nearest), under a title, with
+    captions and row labels, when a font is installed (:mod:`.lettering`), as ``[3, H, W]``
+    uint8. Without a font the grid is returned at its own scale: colours, no text."""
     caption_font, label_font, title_font = (font(p, _DPI) for p in (5.2, 6.0, 5.5))
     if caption_font is None or label_font is None or title_font is None:
-        return torch.from_numpy(_grid(rows, top=0, left=0)[0]).permute(2, 0, 1)
+        return torch.from_numpy(_paint(_Grid(rows, top=0, left=0), 1.0, 0)).permute(2, 0, 1)
     top, left = 26, 18 if labels else 0
-    canvas, spots, starts = _grid(rows, top=top, left=left)
-    title = textwrap.fill(title, width=max(20, int(canvas.shape[1] / 5.0)))
+    grid = _Grid(rows, top=top, left=left)
+    title = textwrap.fill(title, width=max(20, int(grid.width / 5.0)))
     head = 10 + 10 * (title.count("\n") + 1)
-    pixels = _enlarge(canvas, head)
+    pixels = _paint(grid, _SCALE, head)
     board = Lettering(pixels)
-    for (x, y), cell in spots:
+    for y, x, tile, cell in grid.cells:
         if cell.caption:
-            board.text(x * _SCALE, (head + y - 2) * _SCALE, cell.caption, caption_font, anchor="md")
+            at = ((x + tile.shape[2] / 2) * _SCALE, (head + y - grid.frame - 2) * _SCALE)
+            board.text(*at, cell.caption, caption_font, anchor="md")
+    starts = grid.starts
     for r, (label, color) in enumerate(labels):
-        y = (head + (starts[r] + starts[r + 1]) / 2) * _SCALE
-        board.text(left / 2 * _SCALE, y, label, label_font, color, rotate=True)
+        middle = (head + (starts[r] + starts[r + 1]) / 2) * _SCALE
+        board.text(left / 2 * _SCALE, middle, label, label_font, color, rotate=True)
     board.text(pixels.shape[1] / 2, head / 2 * _SCALE, title, title_font)
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
-def _enlarge(rgb: np.ndarray, head: int) -> np.ndarray:
-    """``rgb`` enlarged ``_SCALE`` times (nearest, sampled at pixel centres) below ``head``
-    white canvas pixels."""
-    height, width = rgb.shape[:2]
-    out_h, out_w, out_head = (round(n * _SCALE) for n in (height + head, width, head))
-    ys = np.minimum(((np.arange(out_h - out_head) + 0.5) / _SCALE).astype(int), height - 1)
-    xs = np.minimum(((np.arange(out_w) + 0.5) / _SCALE).astype(int), width - 1)
+class _Grid:
+    """Where each tile goes on a canvas of ``height`` x ``width`` pixels: cells of the tallest
+    and widest tile plus ``pad`` on each side, ``top`` pixels above each tile for a caption (rows
+    with captions only) and a ``left`` strip for row labels. ``cells`` holds each tile's top left
+    corner; ``starts`` the first pixel row of each row (and the end)."""
+
+    def __init__(self, rows: list[list[_Cell]], top: int, left: int, pad: int = 6) -> None:
+        tiles = [c.tile for row in rows for c in row if c.tile is not None]
+        h = max((t.shape[1] for t in tiles), default=8)
+        w = max((t.shape[2] for t in tiles), default=8)
+        tops = [top if any(c.caption for c in row) else 0 for row in rows]
+        self.starts = [sum(tops[:r]) + r * (h + 2 * pad) for r in range(len(rows) + 1)]
+        ncols = max((len(row) for row in rows), default=1)
+        self.height, self.width = self.starts[-1], left + (w + 2 * pad) * ncols
+        self.frame = pad // 2
+        self.cells = [
+            (self.starts[r] + tops[r] + pad, left + c * (w + 2 * pad) + pad, tile, cell)
+            for r, row in enumerate(rows)
+            for c, cell in enumerate(row)
+            if (tile := cell.tile) is not None
+        ]
+
+
+def _paint(grid: _Grid, scale: float, head: int) -> np.ndarray:
+    """The grid's frames and tiles on white ``[H, W, 3]`` uint8, enlarged ``scale`` times
+    (nearest: each pixel shows the grid pixel under its centre), below ``head`` white grid rows.
+    Only the tiles are resampled: the frames and the white around them are filled."""
+    out_head = round(head * scale)
+    out_h, out_w = round((grid.height + head) * scale), round(grid.width * scale)
     out = np.full((out_h, out_w, 3), 255, np.uint8)
-    out[out_head:] = rgb.take(ys, axis=0).take(xs, axis=1)
+
+    def span(a: int, b: int) -> tuple[int, int]:  # the pixels whose centres fall in [a, b)
+        return math.ceil(a * scale - 0.5), math.ceil(b * scale - 0.5)
+
+    for y, x, chw, cell in grid.cells:
+        tile = chw.permute(1, 2, 0).numpy()
+        th, tw = tile.shape[:2]
+        (y0, y1), (x0, x1) = (
+            span(y - grid.frame, y + th + grid.frame),
+            span(x - grid.frame, x + tw + grid.frame),
+        )
+        out[out_head + y0 : out_head + y1, x0:x1] = [round(c * 255) for c in cell.color]
+        (y0, y1), (x0, x1) = span(y, y + th), span(x, x + tw)
+        rows = ((np.arange(y0, y1) + 0.5) / scale).astype(int) - y
+        cols = ((np.arange(x0, x1) + 0.5) / scale).astype(int) - x
+        out[out_head + y0 : out_head + y1, x0:x1] = tile.take(rows, axis=0).take(cols, axis=1)
     return out
-
-
-def _grid(
-    rows: list[list[_Cell]], top: int, left: int, pad: int = 6
-) -> tuple[np.ndarray, list[tuple[tuple[float, float], _Cell]], list[int]]:
-    """A white uint8 canvas ``[H, W, 3]`` with each tile framed in its colour, ``top`` pixels
-    above each tile for a caption (rows with captions only) and a ``left`` strip for row labels;
-    returns it with each cell's caption anchor and the first pixel row of each row (and the
-    end)."""
-    tiles = [c.tile for row in rows for c in row if c.tile is not None]
-    h = max((t.shape[1] for t in tiles), default=8)
-    w = max((t.shape[2] for t in tiles), default=8)
-    cw = w + 2 * pad
-    tops = [top if any(c.caption for c in row) else 0 for row in rows]
-    starts = [sum(tops[:r]) + r * (h + 2 * pad) for r in range(len(rows) + 1)]
-    ncols = max((len(row) for row in rows), default=1)
-    canvas = np.full((starts[-1], left + cw * ncols, 3), 255, np.uint8)
-    frame = pad // 2
-    spots: list[tuple[tuple[float, float], _Cell]] = []
-    for r, row in enumerate(rows):
-        for c, cell in enumerate(row):
-            if cell.tile is None:
-                continue
-            y, x = starts[r] + tops[r] + pad, left + c * cw + pad
-            th, tw = cell.tile.shape[1:]
-            color = [round(c * 255) for c in cell.color]
-            canvas[y - frame : y + th + frame, x - frame : x + tw + frame] = color
-            canvas[y : y + th, x : x + tw] = cell.tile.permute(1, 2, 0).numpy()
-            spots.append(((x + tw / 2, float(y - frame)), cell))
-    return canvas, spots, starts
