@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,8 +27,15 @@ _MARGIN = 2  # pixels around a block of text, for glyphs that reach past their a
 
 
 def _font_file() -> Path | None:
-    """DejaVu Sans as matplotlib installs it, or ``None`` (matplotlib missing or unimportable).
-    Looked up on each call: whether matplotlib is there may change."""
+    """DejaVu Sans as matplotlib installs it, or ``None`` (matplotlib missing, or its import
+    blocked by a ``None`` in ``sys.modules``, which is checked on each call)."""
+    if "matplotlib" in sys.modules and sys.modules["matplotlib"] is None:
+        return None
+    return _installed_font()
+
+
+@functools.cache
+def _installed_font() -> Path | None:
     try:
         spec = importlib.util.find_spec("matplotlib")
     except (ImportError, ValueError):
