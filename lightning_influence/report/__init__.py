@@ -1,7 +1,8 @@
 """Show an :class:`~lightning_influence.InfluenceResult` where users look.
 
 :func:`log_influence` builds the report once (:mod:`.model`: examples, panels, the review list;
-:mod:`.drawing`: pictures; :mod:`.tables`: markdown and CSV) and hands it to one writer per logger
+:mod:`.drawing` and :mod:`.histogram`: pictures, lettered by :mod:`.lettering` and saved as PNG by
+:mod:`.raster`; :mod:`.tables`: markdown and CSV) and hands it to one writer per logger
 type: :mod:`.tensorboard`, :mod:`.wandb`; every other logger gets the diagnostics through
 ``log_metrics`` and the plain files of :mod:`.files`. The CSV tables and the folder the Influence
 tab of TensorBoard reads (:mod:`.dashboard`, shown by :mod:`.plugin`) are always written. What is
