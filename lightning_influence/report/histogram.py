@@ -98,10 +98,14 @@ def _bars(
     panel[y0 : y1 + 1, [x0, x1]] = 0  # the frame
     panel[[y0, y1], x0 : x1 + 1] = 0
     xticks = []
-    for v in _ticks(lo, hi):
+    ticks, target = _ticks(lo, hi), 8
+    while target > 2 and sum(7 * len(t) + 8 for _, t in ticks) > x1 - x0:  # labels would touch
+        target //= 2
+        ticks = _ticks(lo, hi, target)
+    for v, text in ticks:
         x = int(px(v))
         panel[y1 : y1 + _TICK + 1, x] = 0
-        xticks.append((x, _number(v)))
+        xticks.append((x, text))
     yticks = []
     for decade in range(math.floor(bottom), math.ceil(top) + 1):
         for sub in range(1, 10):
@@ -115,30 +119,27 @@ def _bars(
     return xticks, yticks
 
 
-def _ticks(lo: float, hi: float, target: int = 8) -> list[float]:
+def _ticks(lo: float, hi: float, target: int = 8) -> list[tuple[float, str]]:
     """Round values between ``lo`` and ``hi``, about ``target`` of them, 1, 2, 2.5 or 5 apart
-    (times a power of ten).
+    (times a power of ten), with their labels: as many digits as the step needs, and a true
+    minus sign, as matplotlib writes them.
 
     Example:
-        >>> _ticks(-950.0, 420.0)
-        [-800.0, -600.0, -400.0, -200.0, 0.0, 200.0, 400.0]
+        >>> [text for _, text in _ticks(-950.0, 420.0)]
+        ['\u2212800', '\u2212600', '\u2212400', '\u2212200', '0', '200', '400']
+        >>> [text for _, text in _ticks(12344.1, 12344.9)][:3], _ticks(0.0, 1e-6)[1][1]
+        (['12344.1', '12344.2', '12344.3'], '2e-07')
     """
     raw = (hi - lo) / target
     power = 10.0 ** math.floor(math.log10(raw))
     step = next(s * power for s in (1, 2, 2.5, 5, 10) if s * power >= raw)
-    first = math.ceil(lo / step)
-    return [round(k * step, 12) for k in range(first, math.floor(hi / step) + 1)]
-
-
-def _number(v: float) -> str:
-    """A tick label, as matplotlib writes it (a true minus sign).
-
-    Example:
-        >>> _number(-200.0), _number(0.25), _number(3e-05)
-        ('\u2212200', '0.25', '3e-05')
-    """
-    text = f"{v:.6g}"
-    return text.replace("-", "\u2212", 1) if text.startswith("-") else text
+    largest = math.floor(math.log10(max(abs(lo), abs(hi))))
+    digits = max(largest - math.floor(math.log10(step)) + 2, largest + 1, 1)
+    ticks = []
+    for k in range(math.ceil(lo / step), math.floor(hi / step) + 1):
+        text = f"{k * step:.{digits}g}" if k else "0"
+        ticks.append((k * step, text.replace("-", "\u2212", 1) if k < 0 else text))
+    return ticks
 
 
 def _wrap(text: str, board: Lettering, face: FreeTypeFont, width: float) -> str:
