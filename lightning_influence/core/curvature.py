@@ -163,7 +163,7 @@ class Curvature:
 
     def _vectors_per_pass(self, inputs: Any, batch_size: int) -> int:
         """Vectors per forward-mode pass over a batch: their tangents hold about ``vectors x
-        batch`` activations, kept within 512 MiB (wide layers on large batches)."""
+        batch`` activations, kept within 1 GiB (wide layers on large batches)."""
         if self.activation_bytes is None:
             self.activation_bytes = _activation_bytes(self.model, inputs)
         return max(1, _TANGENT_BYTES // max(1, batch_size * self.activation_bytes))
@@ -311,7 +311,7 @@ class Curvature:
 # Per-example Jacobians of a batch hold ``batch x outputs x p`` numbers: never more than this.
 _JACOBIAN_BYTES = 256 * 2**20
 # Forward-mode tangents of one pass hold about ``vectors x batch`` activations: at most this.
-_TANGENT_BYTES = 512 * 2**20
+_TANGENT_BYTES = 2**30
 GaussNewtonMethod = Callable[[FunctionalModel, Any, Any, Any, Tensor], Tensor]
 
 

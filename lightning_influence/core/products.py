@@ -76,9 +76,13 @@ def gauss_newton_products(
 
 
 def _by_chunks(products: Callable[[Tensor], Tensor], vectors: Tensor, chunk: int | None) -> Tensor:
-    if chunk is None or chunk >= vectors.shape[0]:
+    """``products`` of at most ``chunk`` rows at a time, in chunks of equal size (a last chunk of
+    one row would cost nearly a whole pass)."""
+    m = vectors.shape[0]
+    if chunk is None or chunk >= m:
         return products(vectors)
-    return torch.cat([products(rows) for rows in vectors.split(chunk)])
+    passes = -(-m // chunk)
+    return torch.cat([products(rows) for rows in vectors.split(-(-m // passes))])
 
 
 def gauss_newton_by_jacobians(
