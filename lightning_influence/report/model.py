@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_influence.core.data import as_indexed
 from lightning_influence.core.task import Task
 from lightning_influence.report import drawing
+from lightning_influence.report.describe import describe_input, format_label, input_fields
 from lightning_influence.report.settings import LogSettings
 
 if TYPE_CHECKING:
@@ -276,15 +277,15 @@ class _ExampleSource:
         pos = self.position.get(index)
         if labels is None or pos is None:
             return "-"
-        return _format_label(labels[pos], self.settings.class_names)
+        return format_label(labels[pos], self.settings.class_names)
 
     def _shown(self, index: int) -> tuple[str, str, str, tuple[tuple[str, str], ...]]:
         """The label, prediction, text and fields of an input, made once per index."""
         if index not in self.shown:
             x, describe = self.inputs[index], self._describe
-            fields = _fields(x, self.settings.feature_names) if self.kind == "table" else ()
+            fields = input_fields(x, self.settings.feature_names) if self.kind == "table" else ()
             text = ", ".join(f"{n}={v}" for n, v in fields) if fields else None
-            text = describe(x) if describe else text or _default_describe(x)
+            text = describe(x) if describe else text or describe_input(x)
             label, prediction = (
                 self._label(self.targets, index),
                 self._label(self.predictions, index),
@@ -359,61 +360,3 @@ def _is_image(x: Any) -> bool:
     if x.ndim == 3:
         return 1 <= x.shape[0] <= 4 and min(x.shape[1:]) >= 2
     return x.ndim == 2 and min(x.shape) >= 2
-
-
-def _fields(x: Any, names: tuple[str, ...] | None) -> tuple[tuple[str, str], ...]:
-    """(name, value) of each feature of one tabular input (a mapping or a flat sequence).
-
-    Example:
-        >>> _fields(torch.tensor([0.5, 12.0]), ("age", "income"))
-        (('age', '0.5'), ('income', '12'))
-    """
-    if isinstance(x, Mapping):
-        return tuple((str(k), _default_describe(v)) for k, v in x.items())
-    values = x.detach().reshape(-1).tolist() if isinstance(x, Tensor) else list(x)
-    names = names or tuple(f"x{n}" for n in range(len(values)))
-    if len(names) != len(values):
-        raise ValueError(
-            f"`feature_names` names {len(names)} features but an input holds {len(values)}; "
-            "give one name per feature."
-        )
-    return tuple(
-        (n, f"{v:.4g}" if isinstance(v, float) else str(v))
-        for n, v in zip(names, values, strict=True)
-    )
-
-
-def _default_describe(x: Any) -> str:
-    """A short text for one input: values of small tensors, shape and range of larger ones.
-
-    Example:
-        >>> _default_describe(torch.tensor([1.0, 2.5]))
-        '[1, 2.5]'
-    """
-    if isinstance(x, Tensor):
-        flat = x.detach().float().reshape(-1)
-        if flat.numel() <= 6:
-            return "[" + ", ".join(f"{v:.3g}" for v in flat.tolist()) + "]"
-        return (
-            f"tensor{list(x.shape)} [{', '.join(f'{v:.3g}' for v in flat[:4].tolist())}, ...] "
-            f"min {flat.min():.3g} max {flat.max():.3g}"
-        )
-    if isinstance(x, Mapping):
-        return ", ".join(f"{k}: {_default_describe(v)}" for k, v in x.items())
-    text = str(x).replace("\n", " ")
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _format_label(value: Tensor, names: tuple[str, ...] | None = None) -> str:
-    """A label or prediction as text: its class name when ``names`` has one.
-
-    Example:
-        >>> _format_label(torch.tensor(1), ("cat", "dog")), _format_label(torch.tensor(0.25))
-        ('dog', '0.25')
-    """
-    if value.numel() != 1:
-        return str([round(v, 3) for v in value.reshape(-1).tolist()][:4])
-    item = value.item()
-    if isinstance(item, int) and names is not None and 0 <= item < len(names):
-        return names[item]
-    return str(item) if isinstance(item, int | bool) else f"{item:.3g}"
