@@ -58,8 +58,9 @@ def compare(
         extra = ""
         if "solver_preconditioner_rank" in d:
             extra = (f" rank {d['solver_preconditioner_rank']:.0f}, condition "
-                     f"{d['solver_preconditioned_condition_number']:.3g}, final minibatch "
-                     f"{d['solver_final_batch_size']:.0f}")  # fmt: skip
+                     f"{d.get('solver_preconditioned_condition_number', float('nan')):.3g}, "
+                     f"final minibatch {d['solver_final_batch_size']:.0f}, conjugate-gradient "
+                     f"steps {d.get('solver_conjugate_gradient_steps', 0):.0f}")  # fmt: skip
         print(f"  {solver.name:6s} pearson {a['pearson']:.4f} spearman {a['spearman']:.4f} "
               f"{wall:7.2f} s = {wall / exact_s:.2f}x exact, steps {d.get('solver_steps', 0):.0f}"
               f"{extra}")  # fmt: skip

@@ -46,8 +46,10 @@ class LiSSA(Solver):
     variate (no minibatch noise floor). A window that gains less than half what the condition
     number allows doubles the minibatch (noise); once minibatch windows gain, or by one
     minibatch's error along the start direction would gain, less per pass over the data than
-    full-data steps, the solve uses full-data products (small training sets), in windows just
-    long enough to reach ``tol``.
+    full-data steps, the solve goes on with all the data (small training sets: from the start),
+    where the system is deterministic and it finishes with preconditioned conjugate gradients
+    (fewer products than heavy ball at the same rate bound, and no scale to estimate), each row
+    on its own, checked against a full residual at the end.
 
     **Plain** (``preconditioner=None``): Koh & Liang's recursion ``h_0 = v``,
     ``h_t = v + h_{t-1} - (H_B + damping I) h_{t-1} / scale``, result ``h_T / scale``, with the
@@ -198,7 +200,9 @@ class LiSSA(Solver):
             _preconditioned(self, curvature, block, damping, progress, *factorization)
             for block in vectors.split(rows)
         ]
-        info = {k: max(c[1][k] for c in chunks) for k in chunks[0][1]}
+        # chunks may take different paths (minibatches or not): every diagnostic any one reports
+        keys = dict.fromkeys(k for c in chunks for k in c[1])
+        info = {k: max(c[1][k] for c in chunks if k in c[1]) for k in keys}
         return torch.cat([c[0] for c in chunks]), {**info, "chunks": float(len(chunks))}
 
     def _plain(
@@ -275,7 +279,8 @@ def _preconditioned(
     inverse: LowRankInverse,
     factor_info: Diagnostics,
 ) -> tuple[Tensor, Diagnostics]:
-    """The preconditioned recursion with momentum, window averages and residual checks."""
+    """The preconditioned recursion with momentum, window averages and residual checks on
+    minibatches; preconditioned conjugate gradients once all the data is used."""
     evecs, evals = inverse.evecs, inverse.evals
     full_rank = evecs.shape[0] >= curvature.n_params
     floor = float(evals[-1]) + damping  # P^-1 on the rest of the space is 1 / floor
@@ -297,8 +302,8 @@ def _preconditioned(
             "which is positive semi-definite."
         )
     generator = torch.Generator().manual_seed(lissa.seed)
-
     top_direction: Tensor | None = None  # the last power iteration's, to start the next one from
+    tuning: Diagnostics = {}  # the minibatches' scale, condition number and momentum
 
     def tuned(batch_size: int) -> tuple[float, float, float, float]:
         """``scale``, the condition number, the momentum and the step for this batch size."""
@@ -312,12 +317,14 @@ def _preconditioned(
         kappa = scale / (smallest / floor)  # condition number of the preconditioned system
         if lissa.momentum in ("auto", None):
             root = math.sqrt(1 / kappa)
-            return scale, kappa, ((1 - root) / (1 + root)) ** 2, 4 / (1 + root) ** 2
-        return scale, kappa, float(lissa.momentum), 1.0 + float(lissa.momentum)
+            beta, step = ((1 - root) / (1 + root)) ** 2, 4 / (1 + root) ** 2
+        else:
+            beta, step = float(lissa.momentum), 1.0 + float(lissa.momentum)
+        tuning.update(scale=scale, preconditioned_condition_number=kappa, momentum=beta)
+        return scale, kappa, beta, step
 
     n_total = curvature.n_total
     batch_size = min(lissa.batch_size, n_total)
-    scale, kappa, beta, step = tuned(batch_size)
     v = vectors.to(dtype=curvature.dtype, device=curvature.device)
     target = precondition(v).norm(dim=1).clamp_min(1e-30)
 
@@ -335,7 +342,7 @@ def _preconditioned(
     x, r = alpha * start_dir, v - alpha * image
     rel = precondition(r).norm(dim=1) / target
     depth = lissa.depth or 1000
-    start_rel, steps, checks = float(rel.max()), 0, 1
+    start_rel, steps, checks, cg_steps = float(rel.max()), 0, 1, 0
 
     def window_length(batch_size: int) -> int:
         """Steps per residual check: ``check_every``, and at least a pass over the data in
@@ -350,12 +357,14 @@ def _preconditioned(
 
     def minibatches_pay(gain: float) -> bool:
         """Whether a minibatch window's log-contraction ``gain`` is more per pass over the data
-        (its products plus the residual after it) than full-data steps would gain."""
+        (its products plus the residual after it) than full-data steps would gain (at heavy
+        ball's rate; conjugate gradients do at least as well)."""
         passes = window * batch_size / n_total + 1
         return gain / passes >= expected_contraction(window) / (window + 1)
 
-    window, carried = window_length(batch_size), None
     if batch_size < n_total:
+        scale, kappa, beta, step = tuned(batch_size)
+        window = window_length(batch_size)
         # What one minibatch gets wrong about the curvature along the start direction bounds
         # what a minibatch window can gain; when full-data steps would gain more per pass over
         # the data (small training sets), start with them.
@@ -364,27 +373,20 @@ def _preconditioned(
         noise = float((precondition(sample).norm(dim=1) / precondition(image).norm(dim=1)).max())
         if not minibatches_pay(min(expected_contraction(window), -math.log(max(noise, 1e-12)))):
             batch_size = n_total
-            scale, kappa, beta, step = tuned(batch_size)
-            window = window_length(batch_size)
         del sample
     del start_dir, image
     bar = tqdm(total=depth, desc="LiSSA", disable=not progress, leave=False)
-    best_x, best_rel = x, rel
-    while float(best_rel.max()) > lissa.tol and steps < depth:
+    while float(rel.max()) > lissa.tol and steps < depth and batch_size < n_total:
         window = min(window, depth - steps)
-        full = batch_size >= n_total  # deterministic: the last iterate, no averaging
-        # Working blocks updated in place: h, prev, diff, the window average (minibatches only)
-        # and two for each step's products, beside v, x and r.
-        h, diff = x.clone(), torch.empty_like(x)
-        # full data: heavy ball goes on from the last window's previous iterate
-        prev = carried if carried is not None else x.clone()
-        avg, n_avg = (None if full else torch.zeros_like(v)), 0
+        # Working blocks updated in place: h, prev, diff and the window average, and two for
+        # each step's products, beside v, x and r.
+        h, diff, prev, avg = x.clone(), torch.empty_like(x), x.clone(), torch.zeros_like(v)
+        n_avg = 0
         for t in range(window):
             # The residual at h, from the full one at x and the minibatch curvature on h - x: its
             # noise shrinks with h - x, so the recursion has no noise floor (a control variate).
             torch.sub(h, x, out=diff)
-            products = curvature.matvec if full else curvature.minibatch(batch_size, generator)
-            update = products(diff)
+            update = curvature.minibatch(batch_size, generator)(diff)
             update.add_(diff, alpha=damping).neg_().add_(r)
             update = precondition(update).mul_(step / scale)
             if beta:
@@ -392,14 +394,13 @@ def _preconditioned(
             prev.copy_(h)
             h.add_(update)
             del update
-            if avg is not None and 2 * t >= window - 1:
+            if 2 * t >= window - 1:
                 avg += h
                 n_avg += 1
         steps += window
         bar.update(window)
-        new_x = h if avg is None else avg.div_(n_avg)
-        carried = prev if full else None
-        del h, prev, diff, avg
+        new_x = avg.div_(n_avg)
+        del h, prev, diff
         check_finite(new_x, "LiSSA", damping, scale)
         new_r, new_rel = residual(new_x)
         checks += 1
@@ -407,30 +408,32 @@ def _preconditioned(
             raise_diverged("LiSSA", damping, scale, "grew without bound")
         # measured log-contraction of the residual per full-data pass of products
         contraction = math.log(float(rel.max()) / max(float(new_rel.max()), 1e-30))
-        if full:
-            # next window just long enough to reach `tol` at the measured rate
-            rate = contraction / window
-            needed = math.log(float(new_rel.max()) / lissa.tol) / max(rate, 1e-12)
-            window = max(1, min(lissa.check_every, math.ceil(needed) + 1))
-        else:
-            # Minibatches pay off while they gain more per pass over the data than full-data
-            # steps would at this condition number (else: full data from now on). A window that
-            # gains less than half what the condition number allows is held back by minibatch
-            # noise (else: by the condition number, which larger minibatches do not change).
-            if not minibatches_pay(contraction):
-                batch_size = n_total
+        # Minibatches pay off while they gain more per pass over the data than full-data steps
+        # would at this condition number (else: all the data from now on). A window that gains
+        # less than half what the condition number allows is held back by minibatch noise
+        # (else: by the condition number, which larger minibatches do not change).
+        if not minibatches_pay(contraction):
+            batch_size = n_total
+        elif contraction < expected_contraction(window) / 2:
+            batch_size = min(2 * batch_size, n_total)
+            if batch_size < n_total:
                 scale, kappa, beta, step = tuned(batch_size)
-            elif contraction < expected_contraction(window) / 2:
-                batch_size = min(2 * batch_size, n_total)
-                scale, kappa, beta, step = tuned(batch_size)
-            window = window_length(batch_size)
-        if full or float(new_rel.max()) < float(rel.max()):
-            # on all the data the recursion is deterministic: it goes on from where it is
+        window = window_length(batch_size)
+        if float(new_rel.max()) < float(rel.max()):
             x, r, rel = new_x, new_r, new_rel
-        if float(new_rel.max()) < float(best_rel.max()):
-            best_x, best_rel = new_x, new_rel
+    # All the data: the system is deterministic, and conjugate gradients need neither a scale
+    # nor momentum; their recurred residual is checked against a full one at the end.
+    while float(rel.max()) > lissa.tol and steps < depth:
+        x, cg_rel, n = _conjugate_gradients(
+            curvature, damping, precondition, x, r, target, lissa.tol, depth - steps, bar
+        )
+        steps, cg_steps = steps + n, cg_steps + n
+        check_finite(x, "LiSSA", damping, None)
+        r, rel = residual(x)
+        checks += 1
+        if n == 0 or float(rel.max()) > 2 * max(float(cg_rel.max()), lissa.tol):
+            break  # no progress, or rounding holds the true residual above the recurred one
     bar.close()
-    x, rel = best_x, best_rel
     if float(rel.max()) > lissa.tol:
         warnings.warn(
             f"LiSSA stopped after {steps} steps with a relative residual of "
@@ -439,16 +442,61 @@ def _preconditioned(
             stacklevel=3,
         )
     info: Diagnostics = {
-        "scale": scale,
+        **tuning,
         "steps": float(steps),
+        "conjugate_gradient_steps": float(cg_steps),
         "residual_checks": float(checks),
         "relative_residual": float(rel.max()),
-        "momentum": beta,
         "final_batch_size": float(batch_size),
-        "preconditioned_condition_number": kappa,
         **{f"preconditioner_{k}": val for k, val in factor_info.items()},
     }
     return x, info
+
+
+def _conjugate_gradients(
+    curvature: CurvatureOperator,
+    damping: float,
+    precondition: Callable[[Tensor], Tensor],
+    x: Tensor,
+    r: Tensor,
+    target: Tensor,
+    tol: float,
+    max_steps: int,
+    bar: tqdm,
+) -> tuple[Tensor, Tensor, int]:
+    """Preconditioned conjugate gradients on full-data products from ``x`` (residual ``r``),
+    each row its own system, until every relative preconditioned residual ``|P^-1 r| /
+    target`` is below ``tol``; returns ``x``, those residuals (recurred) and the steps."""
+    z = precondition(r)
+    rel = z.norm(dim=1) / target
+    p, rz = z, (r * z).sum(1)
+    steps = 0
+    while steps < max_steps:
+        active = rel > tol
+        if not bool(active.any()):
+            break
+        ap = curvature.matvec(p).add_(p, alpha=damping)
+        curv = (p * ap).sum(1)
+        if bool((curv[active] <= 0).any()):
+            raise ValueError(
+                "H + damping I is not positive definite along a conjugate-gradient direction "
+                "(the preconditioner's estimate of its most negative eigenvalue was too high). "
+                "Raise `damping`, or use curvature='gauss_newton', which is positive "
+                "semi-definite."
+            )
+        alpha = torch.where(active, rz / curv.where(active, torch.ones_like(curv)), 0.0)
+        x = x + alpha[:, None] * p
+        r = r - alpha[:, None] * ap
+        del ap
+        z = precondition(r)
+        rel = z.norm(dim=1) / target
+        rz_new = (r * z).sum(1)
+        beta = torch.where(active, rz_new / rz.clamp_min(torch.finfo(rz.dtype).tiny), 0.0)
+        p = z + beta[:, None] * p
+        rz = rz_new
+        steps += 1
+        bar.update()
+    return x, rel, steps
 
 
 _FULL_DATA_MARGIN = 1.1
