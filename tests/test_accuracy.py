@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import agreement
 import pytest
 import torch
 from torch import Tensor, nn
@@ -12,11 +13,6 @@ pytestmark = pytest.mark.slow
 
 WEIGHT_DECAY = 0.01
 N_VAL = 24
-
-
-def _pearson(a: Tensor, b: Tensor) -> float:
-    stacked = torch.stack([a.flatten().double(), b.flatten().double()])
-    return float(torch.corrcoef(stacked)[0, 1])
 
 
 def _top10_overlap(a: Tensor, b: Tensor) -> float:
@@ -64,7 +60,8 @@ def exact(problem: dict) -> dict[str, InfluenceResult]:
 def test_lissa_defaults_match_exact_on_logistic_regression(problem, exact) -> None:
     lissa = _influence(problem, "logistic", LiSSA(), torch.float32)
     reference = exact["logistic"].scores
-    pearson, overlap = _pearson(lissa.scores, reference), _top10_overlap(lissa.scores, reference)
+    pearson = agreement.pearson(lissa.scores, reference)
+    overlap = _top10_overlap(lissa.scores, reference)
     print(f"logistic LiSSA vs Exact: pearson {pearson:.4f}, top-10 overlap {overlap:.3f}")
     assert pearson >= 0.99
     assert overlap >= 0.8
@@ -72,14 +69,14 @@ def test_lissa_defaults_match_exact_on_logistic_regression(problem, exact) -> No
 
 def test_cg_matches_exact_on_logistic_regression(problem, exact) -> None:
     cg = _influence(problem, "logistic", CG(), torch.float32)
-    pearson = _pearson(cg.scores, exact["logistic"].scores)
+    pearson = agreement.pearson(cg.scores, exact["logistic"].scores)
     print(f"logistic CG vs Exact: pearson {pearson:.6f}")
     assert pearson >= 0.999
 
 
 def test_lissa_defaults_match_exact_on_the_mlp(problem, exact) -> None:
     lissa = _influence(problem, "mlp", LiSSA(), torch.float32)
-    pearson = _pearson(lissa.scores, exact["mlp"].scores)
+    pearson = agreement.pearson(lissa.scores, exact["mlp"].scores)
     print(f"MLP LiSSA vs Exact: pearson {pearson:.4f}")
     assert pearson >= 0.95
 
@@ -105,6 +102,6 @@ def test_predicted_leave_one_out_matches_retraining(problem, exact, refit_withou
         [val_loss(refit_without(model, x, y, int(i), WEIGHT_DECAY)) - base for i in chosen]
     )
     predicted = result.removal_effect[chosen, j]
-    pearson = _pearson(predicted, actual)
+    pearson = agreement.pearson(predicted, actual)
     print(f"leave-one-out, {len(chosen)} retrainings: pearson {pearson:.4f}")
     assert pearson >= 0.95

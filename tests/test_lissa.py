@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+import agreement
 import pytest
 import torch
 from torch import nn
@@ -144,11 +145,6 @@ def _closed_form(model: nn.Linear, data: torch.utils.data.TensorDataset, damping
     return -grads @ inverse @ grads.T, torch.einsum("np,pq,nq->n", grads, inverse, grads)
 
 
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ranks = torch.stack([a.flatten().argsort().argsort(), b.flatten().argsort().argsort()])
-    return float(torch.corrcoef(ranks.double())[0, 1])
-
-
 def test_lowrank_on_a_four_output_regression_is_accurate_or_warns() -> None:
     from lightning_influence import RegressionTask
 
@@ -166,7 +162,7 @@ def test_lowrank_on_a_four_output_regression_is_accurate_or_warns() -> None:
         torch.corrcoef(torch.stack([result.scores.flatten(), scores[:, :20].flatten()]))[0, 1]
         > 0.99
     )
-    assert _spearman(result.self_influence, self_influence) > 0.99
+    assert agreement.spearman(result.self_influence, self_influence) > 0.99
 
 
 def test_a_block_above_the_memory_budget_is_solved_in_chunks(

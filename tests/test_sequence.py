@@ -7,6 +7,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import agreement
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,18 +33,6 @@ from lightning_influence.core.products import gauss_newton_products
 from lightning_influence.core.sequence import pad_sequences
 
 VOCAB, LENGTH = 8, 6
-
-
-def _ranks(x: Tensor) -> Tensor:
-    return torch.argsort(torch.argsort(x.flatten())).double()
-
-
-def _pearson(a: Tensor, b: Tensor) -> float:
-    return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
-
-
-def _spearman(a: Tensor, b: Tensor) -> float:
-    return _pearson(_ranks(a), _ranks(b))
 
 
 def _tiny_lm(seed: int = 0) -> nn.Module:
@@ -266,8 +255,8 @@ def test_default_solver_matches_exact_on_a_tiny_transformer() -> None:
     exact = compute_influence(model, train, queries, solver=Exact(), **common)  # type: ignore[arg-type]
     default = compute_influence(model, train, queries, solver=LiSSA(), **common)  # type: ignore[arg-type]
     pearson, spearman = (
-        _pearson(exact.scores, default.scores),
-        _spearman(exact.scores, default.scores),
+        agreement.pearson(exact.scores, default.scores),
+        agreement.spearman(exact.scores, default.scores),
     )
     print(
         f"default solver vs Exact on a tiny transformer: Pearson {pearson:.4f}, "
