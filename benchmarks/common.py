@@ -262,7 +262,7 @@ def run_child(
     script: str,
     args: Sequence[str],
     env: dict[str, str] | None = None,
-    timeout: float = 3600,
+    timeout: float | None = 3600,
     reuse: bool = False,
 ) -> dict[str, Any]:
     """Run ``python benchmarks/<script> <args>`` in a fresh process; return the JSON object it

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +27,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
-from common import MALLOC_ENV, agreement, fitted_digits, float32, table
+from common import MALLOC_ENV, agreement, fitted_digits, float32, run_child, table
 
 from lightning_influence import CG, Exact, LiSSA, Solver, compute_influence
 
@@ -111,9 +109,9 @@ LARGE_DAMPING = 1e-3
 def large_model(n_train: int) -> tuple[torch.nn.Module, Any]:
     """``synthetic.py``'s ``100 -> 9000 -> 10`` ReLU MLP (999,010 parameters) and its training
     set, before training."""
-    from synthetic import SyntheticClassification, wide_mlp
+    from synthetic import HIDDEN_1M, SyntheticClassification, wide_mlp
 
-    return wide_mlp(9000), SyntheticClassification(n_train, seed=0)
+    return wide_mlp(HIDDEN_1M), SyntheticClassification(n_train, seed=0)
 
 
 def large(args: argparse.Namespace) -> None:
@@ -131,30 +129,23 @@ def large(args: argparse.Namespace) -> None:
     2,000). ``score_error`` is ``|s - s_ref| / |s_ref|`` over the training points' scores, the
     largest over validation points: what a ranking sees of the solved vectors' error.
     """
+    from synthetic import sgd_epoch
     from torch.utils.data import DataLoader
 
     model, train = large_model(args.n_train)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=LARGE_DAMPING)
     loader = DataLoader(train, batch_size=64, shuffle=True,
                         generator=torch.Generator().manual_seed(0))  # fmt: skip
-    t0 = time.perf_counter()
-    for x, y in loader:
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    print(f"trained one epoch on {args.n_train:,} points in {time.perf_counter() - t0:.1f} s")
+    wall, _ = sgd_epoch(model, loader, opt)
+    print(f"trained one epoch on {args.n_train:,} points in {wall:.1f} s")
     rows, solved = [], {}
     with tempfile.TemporaryDirectory() as workdir:
         torch.save(model.state_dict(), Path(workdir) / "model.pt")
         for name in ("kernel", "cg", "lissa"):
-            command = [sys.executable, __file__, "--child", name, "--workdir", workdir,
-                       "--n-train", str(args.n_train), "--n-val", str(args.n_val), "--cg-tol",
-                       str(args.cg_tol), "--cg-max-iter", str(args.cg_max_iter)]  # fmt: skip
-            proc = subprocess.run(command, stdout=subprocess.PIPE, text=True,
-                                  env={**os.environ, **MALLOC_ENV})  # fmt: skip
-            if proc.returncode != 0:
-                raise RuntimeError(f"the {name} child failed (its error is printed above)")
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            child_args = ["--child", name, "--workdir", workdir, "--n-train", str(args.n_train),
+                          "--n-val", str(args.n_val), "--cg-tol", str(args.cg_tol),
+                          "--cg-max-iter", str(args.cg_max_iter)]  # fmt: skip
+            row = run_child("lissa.py", child_args, MALLOC_ENV, timeout=None)
             print(name, json.dumps(row), flush=True)
             rows.append(row)
             solved[name] = torch.load(Path(workdir) / f"{name}.pt").double()

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 from common import agreement, setup, table, write_json
-from synthetic import HIDDEN_1M, stacked, wide_mlp
+from synthetic import HIDDEN_1M, sgd_epoch, stacked, wide_mlp
 
 from lightning_influence import (
     ClassificationTask,
@@ -77,10 +77,7 @@ def _synthetic_mlp(n_train: int) -> tuple[nn.Module, TensorDataset, TensorDatase
     opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=1e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
-        for x, y in DataLoader(train, batch_size=64, shuffle=True, generator=gen):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
+        sgd_epoch(model, DataLoader(train, batch_size=64, shuffle=True, generator=gen), opt)
     return model.eval(), train, val
 
 
