@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_influence.solvers.base import CurvatureOperator, Diagnostics, Solver, check_finite
+from lightning_influence.solvers.base import (
+    CurvatureOperator,
+    Diagnostics,
+    Solver,
+    check_finite,
+    raise_diverged,
+)
 
-__all__ = ["CG"]
+__all__ = ["CG", "conjugate_gradients"]
 
 
 @dataclass(frozen=True)
@@ -35,29 +42,70 @@ class CG(Solver):
     ) -> tuple[Tensor, Diagnostics]:
         """Run CG on every row at once."""
         b = vectors.to(curvature.dtype)
-        x = torch.zeros_like(b)
-        r = b.clone()
-        p = r.clone()
-        rs = (r * r).sum(1)
-        bnorm = b.norm(dim=1).clamp_min(1e-30)
-        steps = 0
         bar = tqdm(total=self.max_iter, desc="CG", disable=not progress, leave=False)
-        for steps in range(1, self.max_iter + 1):  # noqa: B007
-            ap = curvature.matvec(p) + damping * p
-            denom = (p * ap).sum(1)
-            active = rs.sqrt() > self.tol * bnorm
-            alpha = torch.where(active, rs / denom.where(active, torch.ones_like(denom)), 0.0)
-            check_finite(alpha, "CG", damping, None)
-            x += alpha[:, None] * p
-            r -= alpha[:, None] * ap
-            rs_new = (r * r).sum(1)
-            bar.update()
-            if bool((rs_new.sqrt() <= self.tol * bnorm).all()):
-                rs = rs_new
-                break
-            beta = torch.where(active, rs_new / rs.clamp_min(1e-300), 0.0)
-            p = r + beta[:, None] * p
-            rs = rs_new
+        x, rel, steps = conjugate_gradients(
+            curvature, damping, torch.zeros_like(b), b.clone(), b.norm(dim=1).clamp_min(1e-30),
+            self.tol, self.max_iter, bar, name="CG",
+        )  # fmt: skip
         bar.close()
-        rel = float((rs.sqrt() / bnorm).max())
-        return x, {"steps": float(steps), "relative_residual": rel}
+        return x, {"steps": float(steps), "relative_residual": float(rel.max())}
+
+
+def conjugate_gradients(
+    curvature: CurvatureOperator,
+    damping: float,
+    x: Tensor,
+    r: Tensor,
+    target: Tensor,
+    tol: float,
+    max_steps: int,
+    bar: tqdm,
+    precondition: Callable[[Tensor], Tensor] | None = None,
+    name: str = "CG",
+) -> tuple[Tensor, Tensor, int]:
+    """Conjugate gradients on ``(H + damping I) x = b`` from ``x`` with residual ``r``, each row
+    its own system, preconditioned by ``precondition`` when given, until every relative
+    residual ``|P^-1 r| / target`` is below ``tol`` (``P = I`` without one); returns ``x``,
+    those residuals (recurred, not recomputed) and the steps (full-data products).
+
+    Example:
+        >>> from lightning_influence.core.curvature import Curvature
+        >>> from lightning_influence.core.data import as_indexed
+        >>> from lightning_influence.core.model import FunctionalModel
+        >>> from lightning_influence.core.task import ClassificationTask
+        >>> from torch.utils.data import TensorDataset
+        >>> fm = FunctionalModel(torch.nn.Linear(4, 3), ClassificationTask())
+        >>> data = as_indexed(TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,))))
+        >>> b = torch.randn(2, 15)
+        >>> quiet = tqdm(disable=True)
+        >>> x, rel, steps = conjugate_gradients(Curvature(fm, data), 0.1, torch.zeros_like(b),
+        ...                                     b.clone(), b.norm(dim=1), 1e-6, 100, quiet)
+        >>> bool(rel.max() <= 1e-6), steps <= 15
+        (True, True)
+    """
+    z = r if precondition is None else precondition(r)
+    rel = z.norm(dim=1) / target
+    p, rz = z, (r * z).sum(1)
+    steps = 0
+    while steps < max_steps:
+        active = rel > tol
+        if not bool(active.any()):
+            break
+        ap = curvature.matvec(p).add_(p, alpha=damping)
+        curv = (p * ap).sum(1)
+        if bool((curv[active] <= 0).any()):
+            raise_diverged(name, damping, None, "met a direction of non-positive curvature")
+        alpha = torch.where(active, rz / curv.where(active, torch.ones_like(curv)), 0.0)
+        check_finite(alpha, name, damping, None)
+        x = x + alpha[:, None] * p
+        r = r - alpha[:, None] * ap
+        del ap
+        z = r if precondition is None else precondition(r)
+        rel = z.norm(dim=1) / target
+        rz_new = (r * z).sum(1)
+        beta = torch.where(active, rz_new / rz.clamp_min(torch.finfo(rz.dtype).tiny), 0.0)
+        p = z + beta[:, None] * p
+        rz = rz_new
+        steps += 1
+        bar.update()
+    return x, rel, steps

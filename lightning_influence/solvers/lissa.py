@@ -19,6 +19,7 @@ from lightning_influence.solvers.base import (
     check_finite,
     raise_diverged,
 )
+from lightning_influence.solvers.cg import conjugate_gradients
 from lightning_influence.solvers.lowrank import LowRank, LowRankInverse
 from lightning_influence.validation import check_positive_int
 
@@ -424,8 +425,8 @@ def _preconditioned(
     # All the data: the system is deterministic, and conjugate gradients need neither a scale
     # nor momentum; their recurred residual is checked against a full one at the end.
     while float(rel.max()) > lissa.tol and steps < depth:
-        x, cg_rel, n = _conjugate_gradients(
-            curvature, damping, precondition, x, r, target, lissa.tol, depth - steps, bar
+        x, cg_rel, n = conjugate_gradients(
+            curvature, damping, x, r, target, lissa.tol, depth - steps, bar, precondition, "LiSSA"
         )
         steps, cg_steps = steps + n, cg_steps + n
         check_finite(x, "LiSSA", damping, None)
@@ -451,52 +452,6 @@ def _preconditioned(
         **{f"preconditioner_{k}": val for k, val in factor_info.items()},
     }
     return x, info
-
-
-def _conjugate_gradients(
-    curvature: CurvatureOperator,
-    damping: float,
-    precondition: Callable[[Tensor], Tensor],
-    x: Tensor,
-    r: Tensor,
-    target: Tensor,
-    tol: float,
-    max_steps: int,
-    bar: tqdm,
-) -> tuple[Tensor, Tensor, int]:
-    """Preconditioned conjugate gradients on full-data products from ``x`` (residual ``r``),
-    each row its own system, until every relative preconditioned residual ``|P^-1 r| /
-    target`` is below ``tol``; returns ``x``, those residuals (recurred) and the steps."""
-    z = precondition(r)
-    rel = z.norm(dim=1) / target
-    p, rz = z, (r * z).sum(1)
-    steps = 0
-    while steps < max_steps:
-        active = rel > tol
-        if not bool(active.any()):
-            break
-        ap = curvature.matvec(p).add_(p, alpha=damping)
-        curv = (p * ap).sum(1)
-        if bool((curv[active] <= 0).any()):
-            raise ValueError(
-                "H + damping I is not positive definite along a conjugate-gradient direction "
-                "(the preconditioner's estimate of its most negative eigenvalue was too high). "
-                "Raise `damping`, or use curvature='gauss_newton', which is positive "
-                "semi-definite."
-            )
-        alpha = torch.where(active, rz / curv.where(active, torch.ones_like(curv)), 0.0)
-        x = x + alpha[:, None] * p
-        r = r - alpha[:, None] * ap
-        del ap
-        z = precondition(r)
-        rel = z.norm(dim=1) / target
-        rz_new = (r * z).sum(1)
-        beta = torch.where(active, rz_new / rz.clamp_min(torch.finfo(rz.dtype).tiny), 0.0)
-        p = z + beta[:, None] * p
-        rz = rz_new
-        steps += 1
-        bar.update()
-    return x, rel, steps
 
 
 _FULL_DATA_MARGIN = 1.1
