@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_influence.report.lettering import Lettering, font
+from lightning_influence.report.raster import quantize
 
 if TYPE_CHECKING:
     from lightning_influence.report.model import Example, Panel
@@ -59,11 +60,6 @@ def _upscale(img: Tensor, size: int) -> Tensor:
     return img.contiguous()
 
 
-def _quantize(img: Tensor) -> Tensor:
-    """[0, 1] -> uint8, rounded: tiles are drawn small, then enlarged as bytes."""
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
 def image_tile(x: Tensor, size: int) -> Tensor:
     """One input ``[C, H, W]`` or ``[H, W]`` as an RGB tile ``[3, h, w]``, uint8 (its bytes laid
     out ``[h, w, 3]``, as image files and figures take them)."""
@@ -91,7 +87,7 @@ def image_tiles(inputs: Tensor, size: int) -> Tensor:
     hi = img.amax(dim=(1, 2, 3), keepdim=True)
     stretch = (lo < 0) | (hi > 1)  # standardised data: stretch each image to [0, 1]
     img = torch.where(stretch, (img - lo) / (hi - lo).clamp_min(1e-12), img)
-    rgb = _quantize(img).expand(-1, 3, -1, -1).permute(0, 2, 3, 1)
+    rgb = quantize(img).expand(-1, 3, -1, -1).permute(0, 2, 3, 1)  # enlarged as bytes
     return _upscale(rgb, size).permute(0, 3, 1, 2)
 
 
@@ -115,7 +111,7 @@ def saliency_tiles(maps: Tensor, size: int) -> Tensor:
     sal = sal / sal.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
     pos, neg = sal.clamp_min(0), (-sal).clamp_min(0)
     rgb = torch.stack([1 - neg, 1 - pos - neg, 1 - pos], dim=-1)
-    return _upscale(_quantize(rgb), size).permute(0, 3, 1, 2)
+    return _upscale(quantize(rgb), size).permute(0, 3, 1, 2)
 
 
 @dataclass

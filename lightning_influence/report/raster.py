@@ -15,7 +15,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["PngWriter", "encode_png", "to_uint8", "write_png"]
+__all__ = ["PngWriter", "encode_png", "quantize", "to_uint8", "write_png"]
+
+
+def quantize(img: Tensor) -> Tensor:
+    """Values in [0, 1] (clipped) as uint8, rounded, in float32; uint8 is kept as it is.
+
+    Example:
+        >>> quantize(torch.tensor([0.0, 0.2, 0.5, 2.0])).tolist()
+        [0, 51, 128, 255]
+    """
+    if img.dtype == torch.uint8:
+        return img
+    return (img.float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def to_uint8(img: Tensor) -> np.ndarray:
@@ -25,10 +37,7 @@ def to_uint8(img: Tensor) -> np.ndarray:
         >>> to_uint8(torch.tensor([[[0.0, 0.5]], [[1.0, 1.0]], [[0.2, 2.0]]])).tolist()
         [[[0, 255, 51], [128, 255, 255]]]
     """
-    if img.dtype == torch.uint8:
-        return np.ascontiguousarray(img.detach().cpu().numpy().transpose(1, 2, 0))
-    scaled = np.clip(img.detach().cpu().float().numpy(), 0, 1) * 255  # as torch: float32
-    return np.ascontiguousarray(np.rint(scaled).astype(np.uint8).transpose(1, 2, 0))
+    return np.ascontiguousarray(quantize(img.detach().cpu()).numpy().transpose(1, 2, 0))
 
 
 def encode_png(rgb: np.ndarray, level: int = 1) -> bytes:
