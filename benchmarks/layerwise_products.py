@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
 
 import torch
-from common import setup
+from common import setup, timed
 from synthetic import HIDDEN_1M, stacked, wide_mlp
 from torch import Tensor, nn
 
@@ -58,16 +57,6 @@ def by_hand(model: nn.Sequential, x: Tensor, vectors: Tensor) -> Tensor:
     )
 
 
-def best_cpu(fn: Callable[[], Tensor], repeat: int) -> tuple[float, Tensor]:
-    """Least CPU time of ``repeat`` calls, and the last result."""
-    times, out = [], torch.empty(0)
-    for _ in range(repeat):
-        start = time.process_time()
-        out = fn()
-        times.append(time.process_time() - start)
-    return min(times), out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vectors", type=int, nargs="+", default=[8, 32])
@@ -75,6 +64,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
     setup(threads=1)
+    cpu = time.process_time
     model = wide_mlp(HIDDEN_1M)
     fm = FunctionalModel(model, ClassificationTask())
     data = as_indexed(stacked(args.batch))
@@ -85,12 +75,12 @@ def main() -> None:
     print(f"1M-parameter MLP ({fm.n_params:,} parameters), {args.batch} examples, one thread")
     for m in args.vectors:
         vectors = torch.randn(m, fm.n_params)
-        ours_s, ours = best_cpu(lambda v=vectors: curvature.batch_matvec(batch, v), args.repeat)
-        hand_s, hand = best_cpu(lambda v=vectors: by_hand(model, x, v), args.repeat)
-        error = float((hand - ours).norm() / ours.norm())
+        ours = timed(lambda v=vectors: curvature.batch_matvec(batch, v), args.repeat, clock=cpu)
+        hand = timed(lambda v=vectors: by_hand(model, x, v), args.repeat, clock=cpu)
+        error = float((hand.value - ours.value).norm() / ours.value.norm())
         print(
-            f"  {m:3d} vectors: torch.func {ours_s:6.2f} s, by hand {hand_s:6.2f} s = "
-            f"{ours_s / hand_s:.2f}x faster by hand (relative difference {error:.1e})"
+            f"  {m:3d} vectors: torch.func {ours.best:6.2f} s, by hand {hand.best:6.2f} s = "
+            f"{ours.best / hand.best:.2f}x faster by hand (relative difference {error:.1e})"
         )
 
 
