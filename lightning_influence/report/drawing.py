@@ -30,7 +30,6 @@ __all__ = [
     "image_tiles",
     "outliers_figure",
     "panel_figure",
-    "saliency_tile",
     "saliency_tiles",
 ]
 
@@ -42,21 +41,18 @@ _NEUTRAL: _Color = (0.6, 0.6, 0.6)
 
 
 def _upscale(img: Tensor, size: int) -> Tensor:
-    """Nearest-neighbour upscaling of uint8 ``[h, w, 3]`` (or ``[N, h, w, 3]``) so that its longer
-    side is at least ``size``; larger images are shrunk (area) to ``4 * size`` at most."""
-    h, w = img.shape[-3:-1]
+    """Nearest-neighbour upscaling of uint8 ``[N, h, w, 3]`` so that the longer side is at least
+    ``size``; larger images are shrunk (area) to ``4 * size`` at most."""
+    n, h, w = img.shape[:3]
     if max(h, w) < size:
         factor = math.ceil(size / max(h, w))
-        lead = img.shape[:-3]
-        blocks = img.unsqueeze(-3).unsqueeze(-2).expand(*lead, h, factor, w, factor, 3)
-        return blocks.reshape(*lead, h * factor, w * factor, 3)
+        blocks = img[:, :, None, :, None].expand(n, h, factor, w, factor, 3)
+        return blocks.reshape(n, h * factor, w * factor, 3)
     if max(h, w) > 4 * size:
         scale = 4 * size / max(h, w)
         hw = [max(1, round(s * scale)) for s in (h, w)]
-        batch = (img if img.ndim == 4 else img[None]).permute(0, 3, 1, 2).float()
-        out = F.interpolate(batch, size=hw, mode="area").round().to(torch.uint8)
-        out = out.permute(0, 2, 3, 1).contiguous()
-        return out if img.ndim == 4 else out[0]
+        out = F.interpolate(img.permute(0, 3, 1, 2).float(), size=hw, mode="area")
+        return out.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     return img.contiguous()
 
 
@@ -91,15 +87,10 @@ def image_tiles(inputs: Tensor, size: int) -> Tensor:
     return _upscale(rgb, size).permute(0, 3, 1, 2)
 
 
-def saliency_tile(m: Tensor, size: int) -> Tensor:
-    """A signed map, summed over channels, as a red (raises the validation loss) / white / blue
-    (lowers it) tile ``[3, h, w]``, uint8, scaled by its largest magnitude."""
-    return saliency_tiles(m[None], size)[0]
-
-
 def saliency_tiles(maps: Tensor, size: int) -> Tensor:
-    """:func:`saliency_tile` of each map of ``maps`` (``[N, C, H, W]`` or ``[N, H, W]``), at once:
-    ``[N, 3, h, w]`` (laid out ``[N, h, w, 3]``, as :func:`image_tile`).
+    """Signed maps ``[N, C, H, W]`` (summed over channels) or ``[N, H, W]`` as red (raises the
+    validation loss) / white / blue (lowers it) tiles ``[N, 3, h, w]``, uint8, each scaled by its
+    largest magnitude (laid out ``[N, h, w, 3]``, as :func:`image_tile`).
 
     Example:
         >>> saliency_tiles(torch.tensor([[[1.0, -0.5]]]), 4)[0, :, 0].tolist()
