@@ -17,10 +17,10 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_influence.core.data import IndexedData
+from lightning_influence.core.gradients import rows_of
 from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.products import (
     detach,
@@ -342,7 +342,7 @@ def gauss_newton_method(
 
 def _flops_per_parameter(fm: FunctionalModel, inputs: Any) -> float:
     """Forward multiply-adds of one example per chosen parameter (1 for a dense layer)."""
-    example = tree_map(lambda t: t[:1] if isinstance(t, Tensor) and t.ndim else t, inputs)
+    example = rows_of(inputs, slice(0, 1))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         fm.outputs(fm.theta, example)
     return max(1.0, counter.get_total_flops() / 2 / fm.n_params)
@@ -360,7 +360,7 @@ def _activation_bytes(fm: FunctionalModel, inputs: Any) -> int:
             total += t.numel() * t.element_size()
             return t
 
-        head = tree_map(lambda t: t[:n] if isinstance(t, Tensor) and t.ndim else t, inputs)
+        head = rows_of(inputs, slice(0, n))
         theta = fm.theta.detach().requires_grad_()
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
             fm.outputs(theta, head)

@@ -18,14 +18,27 @@ from torch.utils._pytree import tree_map
 from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.task import TaskError
 
-__all__ = ["PerSampleGradients", "one_example", "per_sample_gradients"]
+__all__ = ["PerSampleGradients", "one_example", "per_sample_gradients", "rows_of"]
+
+
+def rows_of(tree: Any, index: int | slice | Tensor) -> Any:
+    """``t[index]`` for every tensor of a batch ``tree`` (other leaves and 0-d tensors as they
+    are): one example, a range of them, or those at a tensor of positions.
+
+    Example:
+        >>> import torch
+        >>> rows_of({"x": torch.arange(6).view(3, 2), "k": 4}, slice(1, 3))
+        {'x': tensor([[2, 3],
+                [4, 5]]), 'k': 4}
+    """
+    return tree_map(lambda t: t[index] if isinstance(t, Tensor) and t.ndim else t, tree)
 
 
 def one_example(tree: Any, i: int | None = None) -> Any:
     """Example ``i`` of a batch (or, with no ``i``, one unbatched example) as a batch of one."""
     if i is None:
         return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, tree)
-    return tree_map(lambda t: t[i : i + 1] if isinstance(t, Tensor) else t, tree)
+    return rows_of(tree, slice(i, i + 1))
 
 
 class PerSampleGradients:

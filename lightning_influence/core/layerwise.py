@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lightning_influence.core.gradients import PerSampleGradients
+from lightning_influence.core.gradients import PerSampleGradients, rows_of
 from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.precision import scoring_autocast
 from lightning_influence.core.products import detach
@@ -169,7 +169,7 @@ class LayerwiseDots:
             return self._chunk(inputs, targets, size)
         parts = []
         for i in range(0, size, chunk):
-            x, y = _rows((inputs, targets), i, i + chunk)
+            x, y = rows_of((inputs, targets), slice(i, i + chunk))
             parts.append(self._chunk(x, y, min(chunk, size - i)))
         flat = [tree_flatten(part[0]) for part in parts]
         columns = zip(*(leaves for leaves, _ in flat), strict=True)
@@ -224,7 +224,7 @@ class LayerwiseDots:
         this batch (a layer used outside its ``forward``, or examples that share a loss, would
         not); warns when they do not. Both run in the working precision."""
         n = min(_CHECKED_EXAMPLES, self.model.task.batch_size(inputs))
-        x, y = _rows((inputs, targets), 0, n)
+        x, y = rows_of((inputs, targets), slice(0, n))
         exact = self if self.scoring_dtype is None else LayerwiseDots(self.model, self._rows)
         try:
             _, dots, _ = exact(x, y)
@@ -286,11 +286,6 @@ def _block_scales(
             peaks[module_name] = torch.maximum(peaks.get(module_name, peak), peak)
     tiny = torch.finfo(pieces[0].dtype).tiny
     return {k: torch.exp2(torch.ceil(torch.log2(v.clamp_min(tiny)))) for k, v in peaks.items()}
-
-
-def _rows(tree: Any, start: int, stop: int) -> Any:
-    """Examples ``start:stop`` of every tensor in ``tree``."""
-    return tree_map(lambda t: t[start:stop] if isinstance(t, Tensor) else t, tree)
 
 
 def _flat(t: Tensor, size: int) -> Tensor:

@@ -15,12 +15,11 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_leaves, tree_map
 
-from lightning_influence.core.gradients import one_example
+from lightning_influence.core.gradients import one_example, rows_of
 from lightning_influence.core.model import FunctionalModel
 
 __all__ = [
     "detach",
-    "example",
     "flat_output",
     "gauss_newton_by_jacobians",
     "gauss_newton_products",
@@ -157,12 +156,7 @@ def per_example(fn: Callable[..., Tensor], theta: Tensor, *batched: Any) -> Tens
         return vmap(fn, in_dims=(None, *([0] * len(batched))))(theta, *batched)
     except (RuntimeError, ValueError, NotImplementedError):
         leaves = [t for t in tree_leaves(batched) if isinstance(t, Tensor)]
-        return torch.stack([fn(theta, *example(batched, i)) for i in range(leaves[0].shape[0])])
-
-
-def example(tree: Any, i: int) -> Any:
-    """Example ``i`` of every tensor in ``tree``, without its batch dimension."""
-    return tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, tree)
+        return torch.stack([fn(theta, *rows_of(batched, i)) for i in range(leaves[0].shape[0])])
 
 
 def top_directions(h_out: Tensor, directions: int) -> tuple[Tensor, float, float]:

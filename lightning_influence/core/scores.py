@@ -13,11 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.func import grad, vmap
-from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from lightning_influence.core.data import IndexedData
-from lightning_influence.core.gradients import PerSampleGradients, one_example
+from lightning_influence.core.gradients import PerSampleGradients, one_example, rows_of
 from lightning_influence.core.layerwise import LayerwiseDots
 from lightning_influence.core.model import Batch, FunctionalModel
 from lightning_influence.core.precision import check_scoring_dtype, scoring_autocast
@@ -300,9 +299,5 @@ def _pair_maps(
     with torch.enable_grad():
         for start in range(0, examples.numel(), chunk):
             rows, cols = examples[start : start + chunk], vectors[start : start + chunk]
-            maps.append(vmap(grad(directional))(inputs[rows], _take(targets, rows), s[cols]))
+            maps.append(vmap(grad(directional))(inputs[rows], rows_of(targets, rows), s[cols]))
     return torch.cat(maps).detach()
-
-
-def _take(tree: Any, rows: Tensor) -> Any:
-    return tree_map(lambda t: t[rows] if isinstance(t, Tensor) else t, tree)
