@@ -108,6 +108,17 @@ def timed(
     return Timing(times, value)
 
 
+class Clock:
+    """Wall and process CPU seconds since creation. CPU time counts every thread of this process
+    and nothing of other processes, so it holds up on a machine shared with other jobs."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 # ----------------------------------------------------------------------------------- metrics
 def _np(t: Any) -> np.ndarray:
     if isinstance(t, torch.Tensor):

@@ -25,13 +25,13 @@ always ends with its tables.
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 from typing import Any
 
 import numpy as np
 import torch
-from common import setup, table, write_json
+from common import Clock, setup, table, write_json
+from synthetic import peak_rss_mb
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
@@ -126,7 +126,7 @@ def one_run(
         "train_ex_per_s": len(train) / d["time_scoring"],
         "solver_steps": d.get("solver_steps"),
         "gpu_peak_mb": mem,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "finite": bool(torch.isfinite(result.scores).all()),
     }
 
@@ -193,11 +193,12 @@ def cpu_run(args: argparse.Namespace) -> None:
     solver = SOLVERS[args.solver]
     if args.probe:
         product_time(model, train, args.n_val, device)
-    cpu = time.process_time()
+    clock = Clock()
     ep = epoch_time(model, train, device, 64)
-    ep_cpu, cpu = time.process_time() - cpu, time.process_time()
+    ep_cpu = clock.read()[1]
+    clock = Clock()
     row = one_run(model, train, args.n_val, device, 64, solver, None, args.self_influence)
-    inf_cpu = time.process_time() - cpu
+    inf_cpu = clock.read()[1]
     over = {"epoch_s": ep, "influence_s": row["total_s"], "ratio": row["total_s"] / ep}
     # CPU time drifts far less than wall time with the load of a shared machine
     over.update({"epoch_cpu_s": ep_cpu, "influence_cpu_s": inf_cpu, "cpu_ratio": inf_cpu / ep_cpu})

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from common import (
     WEIGHT_DECAY,
+    Clock,
     agreement,
     auroc,
     fitted_digits,
@@ -74,17 +75,6 @@ class Outcome:
     self_influence: Tensor | None = None
     time_self: float | None = None
     note: str = ""
-
-
-class Clock:
-    """Wall and process CPU seconds since creation. CPU time counts every thread of this process
-    and nothing of other processes, so it holds up on a machine shared with other jobs."""
-
-    def __init__(self) -> None:
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-    def read(self) -> tuple[float, float]:
-        return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
 def make_case(kind: str, n_val: int) -> Case:
