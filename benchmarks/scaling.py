@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 from common import MALLOC_ENV, ROOT, digits_cnn_epoch, run_child, setup, table, write_json
+from synthetic import HIDDEN_1M
 
-HIDDEN_1M = 9000
 HIDDEN_250K = 2250
 SCALE = "80"  # LiSSA scale, from one power-iteration estimate (82.7 incl. margin) on 1k points
 
