@@ -14,9 +14,11 @@ Usage::
     python benchmarks/gpu.py --device cpu --tiny   # a smoke test of the script itself
 
 With ``--n-train`` it times one SGD epoch (batch 64) and one ``compute_influence`` call with the
-package's default solver, ``LiSSA()`` (``--solver fixed``: the sweep's), on that many images and
-``--n-val`` validation images, and prints their ratio with the stage breakdown; it writes
-``benchmarks/results/gpu_<device>_<n>_<solver>.json``.
+package's default solver, ``LiSSA()`` (``--solver fixed``: the sweep's; ``--solver short``: ten
+plain steps, so that a CPU run ends), on that many images and ``--n-val`` validation images, and
+prints their ratio with the stage breakdown (``--probe``: one curvature product timed first;
+``--self-influence``: also self-influence); it writes
+``benchmarks/results/gpu_<device>_<n>_<solver>.json`` (``--tiny``: ``gpu_smoke.json``).
 
 A ``--budget-s`` guard (default 270 s) skips the remaining runs once it is spent, so the script
 always ends with its tables.
