@@ -248,7 +248,6 @@ def ratio_1m(n_train: int, cap_s: float) -> dict[str, Any]:
     of a shared machine drifts during a run), in wall time and in CPU time."""
     epoch_args = ["epoch", "--n-train", str(n_train), "--hidden", str(HIDDEN_1M)]
     first_run = run_child("synthetic.py", epoch_args)
-    first = first_run["wall_s"]
     runs: dict[str, dict[str, Any] | None] = {}
     default_args = [*influence_args(n_train, 8, HIDDEN_1M, scale=None), "--solver", "default"]
     for name, args in (
@@ -261,7 +260,7 @@ def ratio_1m(n_train: int, cap_s: float) -> dict[str, Any]:
             print(f"{name}: not finished after {cap_s:.0f} s", flush=True)
             runs[name] = None
     last_run = run_child("synthetic.py", epoch_args)
-    epoch = (first + last_run["wall_s"]) / 2
+    epoch = (first_run["wall_s"] + last_run["wall_s"]) / 2
     epoch_cpu = (first_run["cpu_s"] + last_run["cpu_s"]) / 2
     rows = []
     for name, r in runs.items():
@@ -290,7 +289,7 @@ def ratio_1m(n_train: int, cap_s: float) -> dict[str, Any]:
         f"Influence / one epoch, MLP (999,010 params), {n_train:,} train, 8 val",
     )
     print(
-        f"epochs: {first:.2f} s before, {last_run['wall_s']:.2f} s after (CPU time "
+        f"epochs: {first_run['wall_s']:.2f} s before, {last_run['wall_s']:.2f} s after (CPU time "
         f"{first_run['cpu_s']:.2f} s, {last_run['cpu_s']:.2f} s)",
         flush=True,
     )

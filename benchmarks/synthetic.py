@@ -215,7 +215,7 @@ def main() -> None:
     parser.add_argument("mode", choices=["influence", "epoch"])
     parser.add_argument("--n-train", type=int, default=10_000)
     parser.add_argument("--n-val", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=9000)
+    parser.add_argument("--hidden", type=int, default=HIDDEN_1M)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
         "--solver",
