@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_influence.report.lettering import Lettering, font
+from lightning_influence.report.lettering import Lettering, font, text_width
 
 if TYPE_CHECKING:
     from PIL.ImageFont import FreeTypeFont
@@ -60,8 +60,8 @@ def histogram_figure(histograms: dict[str, Tensor], bins: int = 50) -> Tensor | 
         widest = 0.0
         for y, text in yticks:
             board.text(x0 - _TICK - _PAD, y, text, tick, anchor="rm")
-            widest = max(widest, board.width(text, tick))
-        xlabel = _wrap(_AXES.get(name, name), board, label, _WIDTH - _LEFT + _RIGHT - 4)
+            widest = max(widest, text_width(text, tick))
+        xlabel = _wrap(_AXES.get(name, name), label, _WIDTH - _LEFT + _RIGHT - 4)
         board.text((x0 + x1) / 2, y1 + _TICK + _PAD + 16, xlabel, label, anchor="ma")
         ylabel = "pairs (log scale)" if name == "scores" else "examples (log scale)"
         middle = (_TOP + y1) / 2
@@ -142,10 +142,10 @@ def _ticks(lo: float, hi: float, target: int = 8) -> list[tuple[float, str]]:
     return ticks
 
 
-def _wrap(text: str, board: Lettering, face: FreeTypeFont, width: float) -> str:
+def _wrap(text: str, face: FreeTypeFont, width: float) -> str:
     """``text`` wrapped into lines no wider than ``width`` pixels."""
     for chars in range(len(text), 10, -4):
         wrapped = textwrap.fill(text, chars)
-        if board.width(wrapped, face) <= width:
+        if text_width(wrapped, face) <= width:
             return wrapped
     return textwrap.fill(text, 10)

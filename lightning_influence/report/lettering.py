@@ -20,7 +20,7 @@ import numpy as np
 if TYPE_CHECKING:
     from PIL.ImageFont import FreeTypeFont
 
-__all__ = ["Lettering", "font"]
+__all__ = ["Lettering", "font", "text_width"]
 
 Color = tuple[float, ...]
 _MARGIN = 2  # pixels around a block of text, for glyphs that reach past their advance
@@ -92,6 +92,17 @@ def _metrics(face: FreeTypeFont) -> tuple[int, int, int]:
     return ascent, descent, int(face.getbbox("A", anchor="la")[3])
 
 
+def text_width(text: str, face: FreeTypeFont) -> float:
+    """Width in pixels of ``text`` (its longest line) as :class:`Lettering` writes it.
+
+    Example:
+        >>> f = font(10, 72)
+        >>> f is None or text_width("ab\na", f) == text_width("ab", f) > text_width("a", f)
+        True
+    """
+    return max(_line(face, line)[1] for line in text.split("\n"))
+
+
 class Lettering:
     """Writes text into ``pixels`` (``[H, W, 3]`` uint8, changed in place), anchored as
     matplotlib anchors it.
@@ -106,10 +117,6 @@ class Lettering:
 
     def __init__(self, pixels: np.ndarray) -> None:
         self.pixels = pixels
-
-    def width(self, text: str, face: FreeTypeFont) -> float:
-        """Width in pixels of ``text`` (its longest line)."""
-        return max(_line(face, line)[1] for line in text.split("\n"))
 
     def text(
         self,
