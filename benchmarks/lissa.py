@@ -138,7 +138,7 @@ def large(args: argparse.Namespace) -> None:
                         generator=torch.Generator().manual_seed(0))  # fmt: skip
     wall, _ = sgd_epoch(model, loader, opt)
     print(f"trained one epoch on {args.n_train:,} points in {wall:.1f} s")
-    rows, solved = [], {}
+    rows, solved = {}, {}
     with tempfile.TemporaryDirectory() as workdir:
         torch.save(model.state_dict(), Path(workdir) / "model.pt")
         for name in ("kernel", "cg", "lissa"):
@@ -147,32 +147,32 @@ def large(args: argparse.Namespace) -> None:
                           "--cg-max-iter", str(args.cg_max_iter)]  # fmt: skip
             row = run_child("lissa.py", child_args, MALLOC_ENV, timeout=None)
             print(name, json.dumps(row), flush=True)
-            rows.append(row)
+            rows[name] = row
             solved[name] = torch.load(Path(workdir) / f"{name}.pt").double()
     ref = solved["kernel"]
     scores = large_scores(model, train, torch.cat(list(solved.values())))
     ref_scores = scores[:, : args.n_val]
-    for j, (row, x) in enumerate(zip(rows, solved.values(), strict=True)):
+    for j, (row, x) in enumerate(zip(rows.values(), solved.values(), strict=True)):
         est_scores = scores[:, j * args.n_val : (j + 1) * args.n_val]
         a = agreement(ref_scores, est_scores)
         score_error = (est_scores - ref_scores).norm(dim=0) / ref_scores.norm(dim=0)
         row.update(relative_error=float(((x - ref).norm(dim=1) / ref.norm(dim=1)).max()),
                    score_error=float(score_error.max()), pearson=f"{a['pearson']:.5f}",
                    spearman=f"{a['spearman']:.5f}",
-                   time_vs_cg=row["wall_s"] / rows[1]["wall_s"])  # fmt: skip
+                   time_vs_cg=row["wall_s"] / rows["cg"]["wall_s"])  # fmt: skip
     columns = ["solver", "relative_error", "score_error", "pearson", "spearman", "wall_s",
                "time_vs_cg", "steps",
                "relative_residual", "true_relative_residual", "rank", "condition_beyond_rank",
                "rank_limited_by_memory", "preconditioned_condition", "final_batch_size",
                "baseline_rss_mb", "peak_rss_mb"]  # fmt: skip
-    table(rows, columns, f"1M-parameter MLP, {args.n_train:,} training points, {args.n_val} "
-          f"validation points, damping {LARGE_DAMPING:g}, Gauss-Newton; errors against the "
-          "kernel solve")  # fmt: skip
-    top = rows[2]["diagnostics"].get("preconditioner_max_eigenvalue")
+    table(list(rows.values()), columns, f"1M-parameter MLP, {args.n_train:,} training points, "
+          f"{args.n_val} validation points, damping {LARGE_DAMPING:g}, Gauss-Newton; errors "
+          "against the kernel solve")  # fmt: skip
+    top = rows["lissa"]["diagnostics"].get("preconditioner_max_eigenvalue")
     if top is not None:  # LiSSA's sketch estimates the largest eigenvalue
         print(f"largest eigenvalue {top:.3g} (LiSSA's sketch): condition number "
               f"{(top + LARGE_DAMPING) / LARGE_DAMPING:.3g}")  # fmt: skip
-    for row in rows:
+    for row in rows.values():
         for message in row["warnings"]:
             print(f"{row['solver']} warned: {message}")
 
