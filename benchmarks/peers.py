@@ -520,10 +520,9 @@ def lissa_target(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def pydvl_lissa_sweep(case: Case, repeat: int) -> list[dict[str, Any]]:
     """pyDVL's LiSSA over ``maxiter`` and ``scale``: what its accuracy costs."""
-    rows = []
+    rows, run = [], pydvl("lissa")
     for scale in (10.0, 5.0, 3.0):
         for maxiter in (250, 500, 1000):
-            run = pydvl("lissa")
             name = f"pyDVL LiSSA scale={scale:g} maxiter={maxiter}"
             row: dict[str, Any] = {"model": case.name, "method": name, "family": "sweep"}
             cpus = []
