@@ -97,7 +97,7 @@ def text_width(text: str, face: FreeTypeFont) -> float:
 
     Example:
         >>> f = font(10, 72)
-        >>> f is None or text_width("ab\na", f) == text_width("ab", f) > text_width("a", f)
+        >>> f is None or text_width("ab\\na", f) == text_width("ab", f) > text_width("a", f)
         True
     """
     return max(_line(face, line)[1] for line in text.split("\n"))
