@@ -150,16 +150,13 @@ def build_report(
 
     losses = result.val_losses
     spread = result.scores.float().std(dim=0) if result.n_train > 1 else None
-    maps = _saliency_tiles(result, at, settings.image_size) if images else None
-    where = _map_positions(result, columns) if maps is not None else {}
+    maps = _saliency_tiles(result, columns, settings.image_size) if images else {}
     panels = []
-    for n, j in enumerate(columns):
+    for j in columns:
         lists = []
         for half, ranking in enumerate((helpful, harmful)):
             pairs = zip(ranking.indices[j].tolist(), ranking.scores[j].tolist(), strict=True)
-            lists.append(
-                [train.example(i, s, _saliency(maps, where, n, (j, half, i))) for i, s in pairs]
-            )
+            lists.append([train.example(i, s, maps.get((j, half, i))) for i, s in pairs])
             for e in lists[-1]:  # as ``result.removal_effect``: first order, -score / n
                 e.removal_effect = -e.score / result.n_train
         loss = float(losses[j]) if losses is not None else math.nan
@@ -308,41 +305,24 @@ class _ExampleSource:
         )
 
 
-def _saliency_tiles(result: InfluenceResult, columns: Tensor, size: int) -> Tensor | None:
-    """The tiles of the ``I_pert,loss`` maps of validation columns ``columns``, drawn at once:
-    ``[len(columns), 2 k, 3, h, w]``, if computed."""
-    maps = result.perturbation
-    if maps is None or result.perturbation_indices is None or maps.shape[1] == 0:
-        return None
+def _saliency_tiles(
+    result: InfluenceResult, columns: list[int], size: int
+) -> dict[tuple[int, int, int], Tensor]:
+    """The tiles of the ``I_pert,loss`` maps of validation columns ``columns``, drawn at once,
+    by (validation column, half, training index): half 0 is the helpful columns of a row of
+    ``result.perturbation``, 1 the harmful ones. Empty when the maps were not computed."""
+    maps, indices = result.perturbation, result.perturbation_indices
+    if maps is None or indices is None or indices.shape[1] < 2:
+        return {}
     chosen = maps[columns]
     tiles = drawing.saliency_tiles(chosen.reshape(-1, *chosen.shape[2:]), size)
-    return tiles.reshape(*chosen.shape[:2], *tiles.shape[1:])
-
-
-def _map_positions(result: InfluenceResult, columns: list[int]) -> dict[tuple[int, int, int], int]:
-    """Where ``result.perturbation`` holds the map of each (validation column, half, training
-    index): half 0 is the helpful columns of a row, 1 the harmful ones."""
-    indices = result.perturbation_indices
-    if indices is None or indices.shape[1] < 2:
-        return {}
+    tiles = tiles.reshape(*chosen.shape[:2], *tiles.shape[1:])
     k = indices.shape[1] // 2
-    where: dict[tuple[int, int, int], int] = {}
-    for j in columns:
+    where: dict[tuple[int, int, int], Tensor] = {}
+    for n, j in enumerate(columns):
         for c, i in enumerate(indices[j].tolist()):
-            where.setdefault((j, c // k, i), c)
+            where.setdefault((j, c // k, i), tiles[n, c])
     return where
-
-
-def _saliency(
-    tiles: Tensor | None,
-    where: dict[tuple[int, int, int], int],
-    position: int,
-    key: tuple[int, int, int],
-) -> Tensor | None:
-    """The tile of the map of ``key`` (validation column, half, training index) in row
-    ``position`` of ``tiles``, if computed."""
-    c = where.get(key)
-    return None if tiles is None or c is None else tiles[position, c]
 
 
 def _nth(inputs: Any, n: int) -> Any:
