@@ -48,11 +48,9 @@ def histogram_figure(histograms: dict[str, Tensor], bins: int = 50) -> Tensor | 
     if not histograms or title is None or label is None or tick is None:
         return None
     pixels = np.full((_HEIGHT, _WIDTH * len(histograms), 3), 255, np.uint8)
-    panels = []
-    for n, values in enumerate(histograms.values()):
-        panels.append(_bars(pixels[:, n * _WIDTH : (n + 1) * _WIDTH], values.numpy(), bins))
     board = Lettering(pixels)
-    for n, ((name, _), (xticks, yticks)) in enumerate(zip(histograms.items(), panels, strict=True)):
+    for n, (name, values) in enumerate(histograms.items()):
+        xticks, yticks = _bars(pixels[:, n * _WIDTH : (n + 1) * _WIDTH], values.numpy(), bins)
         x0, x1, y1 = n * _WIDTH + _LEFT, (n + 1) * _WIDTH - _RIGHT, _HEIGHT - _BOTTOM
         board.text((x0 + x1) / 2, _TOP - 7, name.replace("_", "-"), title, anchor="md")
         for x, text in xticks:
