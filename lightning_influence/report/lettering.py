@@ -24,6 +24,7 @@ __all__ = ["Lettering", "font", "text_width"]
 
 Color = tuple[float, ...]
 _MARGIN = 2  # pixels around a block of text, for glyphs that reach past their advance
+_SPACING = 1  # pixels between lines, beyond the distance between baselines
 
 
 def _font_file() -> Path | None:
@@ -127,12 +128,11 @@ class Lettering:
         color: Color = (0.0, 0.0, 0.0),
         anchor: str = "mm",
         rotate: bool = False,
-        spacing: int = 1,
     ) -> None:
         """``text`` at ``(x, y)``: ``anchor`` is horizontal ``l``/``m``/``r`` then vertical
         ``a`` (top) / ``m`` / ``d`` (bottom); lines centred on each other; ``rotate`` turns it a
         quarter counter-clockwise (then ``anchor`` applies to the turned box)."""
-        alpha, width, height = _block(text, face, spacing)
+        alpha, width, height = _block(text, face)
         if rotate:
             alpha, width, height = np.rot90(alpha), height, width
         left = x - {"l": 0.0, "m": width / 2, "r": width}[anchor[0]]
@@ -152,16 +152,16 @@ class Lettering:
         region[...] = np.rint(region * (1 - a) + ink * a)
 
 
-def _block(text: str, face: FreeTypeFont, spacing: int) -> tuple[np.ndarray, float, int]:
+def _block(text: str, face: FreeTypeFont) -> tuple[np.ndarray, float, int]:
     """The coverage of ``text`` (lines centred), ``_MARGIN`` pixels around its box, and the
     box's width and height (from the first line's ascender to the last one's descender)."""
     ascent, descent, pitch = _metrics(face)
     lines = [_line(face, line) for line in text.split("\n")]
     width = max(w for _, w in lines)
-    height = (len(lines) - 1) * (pitch + spacing) + ascent + descent
+    height = (len(lines) - 1) * (pitch + _SPACING) + ascent + descent
     alpha = np.zeros((height + 2 * _MARGIN, math.ceil(width) + 2 * _MARGIN), np.float32)
     for n, (line, w) in enumerate(lines):
-        x, y = round((width - w) / 2), n * (pitch + spacing)
+        x, y = round((width - w) / 2), n * (pitch + _SPACING)
         region = alpha[y : y + line.shape[0], x : x + line.shape[1]]
         np.maximum(region, line[: region.shape[0], : region.shape[1]], out=region)
     return alpha, width, height
