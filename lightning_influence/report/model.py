@@ -281,8 +281,12 @@ class _ExampleSource:
         if index not in self.shown:
             x, describe = self.inputs[index], self._describe
             fields = input_fields(x, self.settings.feature_names) if self.kind == "table" else ()
-            text = ", ".join(f"{n}={v}" for n, v in fields) if fields else None
-            text = describe(x) if describe else text or describe_input(x)
+            if describe is not None:
+                text = describe(x)
+            elif fields:
+                text = ", ".join(f"{n}={v}" for n, v in fields)
+            else:
+                text = describe_input(x)
             label, prediction = (
                 self._label(self.targets, index),
                 self._label(self.predictions, index),
