@@ -29,7 +29,8 @@ class LogSettings:
             function; by default strings show as they are, small tensors their values and larger
             ones their shape and range.
         val_indices: dataset indices of the validation examples to show (overrides ``n_val``).
-        image_size: smallest side, in pixels, that a small image is upscaled to (nearest).
+        image_size: pixels that the longer side of a small image is upscaled to at least
+            (nearest); images longer than four times it are shrunk to that (area).
         kind: how an example is shown: ``"image"`` (a picture), ``"text"`` (the text of
             ``describe``), ``"table"`` (a row of named values, one per feature) or ``"auto"``:
             images when every input is shaped ``[C, H, W]`` with ``C`` in 1..4 or ``[H, W]``,
