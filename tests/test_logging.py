@@ -254,18 +254,35 @@ def test_csv_logger_gets_files_and_review_list(digits: Digits, tmp_path: Path) -
     )
 
 
-def test_without_matplotlib_plain_grids(
+def test_without_matplotlib_lettered_figures(
     digits: Digits, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: no font
-    files = digits.log([], tmp_path, settings=LogSettings(n_val=1, top_k=3, n_outliers=5))
+    from lightning_influence.report.lettering import Lettering, font, text_width
+
+    settings = LogSettings(n_val=1, top_k=3, n_outliers=5)
+    digits.log([], tmp_path / "with", settings=settings)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    files = digits.log([], tmp_path, settings=settings)
     val = int(digits.result.val_indices[0])
-    img = np.asarray(Image.open(tmp_path / f"influence_val_{val}.png"))
-    # [val | 3 tiles] x 4 rows of 64 px tiles + 12 px frame and padding each, no text
-    assert img.shape == (4 * 76, 4 * 76, 3)
+    name = f"influence_val_{val}.png"
+    img = np.asarray(Image.open(tmp_path / name))
+    np.testing.assert_array_equal(img, np.asarray(Image.open(tmp_path / "with" / name)))
+    # Above the first green frame: the title and the validation tile's caption, in black ink.
+    first_frame = int(np.nonzero(colour_pixels(img, HELPFUL_RGB, tol=2).any(1))[0][0])
+    ink = (img[:first_frame].max(-1) < 100).sum(0)
+    assert ink.sum() > 300 and np.count_nonzero(ink) > img.shape[1] // 2
     assert colour_pixels(img, HELPFUL_RGB, tol=2).sum() > 3 * 4 * 64
-    assert not (tmp_path / "influence_histograms.png").exists()
+    histograms = np.asarray(Image.open(tmp_path / "influence_histograms.png"))
+    assert (histograms.max(-1) < 100).sum() > 500  # tick labels, titles
     assert "influence.md" in [f.name for f in files]
+    # Pillow's own font: a caption's ink spans the width the font measures for it.
+    face = font(6, 150)
+    assert face is not None and face.getname()[0] == "Aileron"
+    board = np.full((40, 200, 3), 255, np.uint8)
+    Lettering(board).text(100, 20, "label 3 pred 3", face)
+    columns = np.nonzero((board.max(-1) < 160).any(0))[0]
+    assert abs(columns[-1] + 1 - columns[0] - text_width("label 3 pred 3", face)) <= 2
+    assert text_width("\u22121", face) == text_width("-1", face)  # a minus the font lacks
 
 
 def test_without_perturbation_and_selected_val_indices(digits: Digits, tmp_path: Path) -> None:

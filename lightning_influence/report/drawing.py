@@ -1,10 +1,10 @@
 """Pictures: tiles with torch, annotated figures composed as arrays, lettered by :mod:`.lettering`.
 
 Small images are upscaled with nearest-neighbour interpolation so that 8x8 digits stay legible.
-With matplotlib installed (the ``[examples]`` extra: its DejaVu Sans font, see :mod:`.lettering`)
-figures carry the dataset index, label, prediction and score above each tile; without it they are
-plain grids framed by colour (blue: the validation example, green: helpful, red: harmful), and the
-text lives in the tables beside them.
+Figures carry the dataset index, label, prediction and score above each tile, framed by colour
+(blue: the validation example, green: helpful, red: harmful); without a font (a Pillow built
+without FreeType, see :mod:`.lettering`) they are plain grids, and the text lives in the tables
+beside them.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Histograms as one picture: a panel per distribution, counts on a log scale, drawn with numpy.
 
 Bars, axes and ticks are array slices; titles, labels and tick labels are lettered by
-:mod:`.lettering`. Without its font (matplotlib not installed) there is no picture: the loggers keep
-their own histograms of the same values.
+:mod:`.lettering`. Without its font (a Pillow built without FreeType) there is no picture: the
+loggers keep their own histograms of the same values.
 """
 
 from __future__ import annotations

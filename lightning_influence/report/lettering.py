@@ -1,18 +1,17 @@
 """Text on ``[H, W, 3]`` uint8 pixel arrays: each glyph rasterized once by Pillow, then placed
 with numpy.
 
-The font is DejaVu Sans as matplotlib installs it (the ``[examples]`` extra), found without
-importing matplotlib; without it :func:`font` gives ``None`` and figures carry no text. A caption
-costs tens of microseconds this way, where a plotting library's text layout costs milliseconds.
+The font is the scalable one built into Pillow (Aileron Regular, ``ImageFont.load_default``), a
+dependency of the package, so figures are lettered in every install; :func:`font` gives ``None``
+only for a Pillow built without FreeType, and figures then carry no text. Characters the font
+lacks are written as their nearest ASCII (a minus sign as a hyphen). A caption costs tens of
+microseconds this way, where a plotting library's text layout costs milliseconds.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,56 +24,70 @@ __all__ = ["Lettering", "font", "text_width"]
 Color = tuple[float, ...]
 _MARGIN = 2  # pixels around a block of text, for glyphs that reach past their advance
 _SPACING = 1  # pixels between lines, beyond the distance between baselines
-
-
-def _font_file() -> Path | None:
-    """DejaVu Sans as matplotlib installs it, or ``None`` (matplotlib missing, or its import
-    blocked by a ``None`` in ``sys.modules``, which is checked on each call)."""
-    if "matplotlib" in sys.modules and sys.modules["matplotlib"] is None:
-        return None
-    return _installed_font()
-
-
-@functools.cache
-def _installed_font() -> Path | None:
-    try:
-        spec = importlib.util.find_spec("matplotlib")
-    except (ImportError, ValueError):
-        return None
-    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
-        path = Path(folder) / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
-        if path.is_file():
-            return path
-    return None
+_ASCII = {
+    "\u2212": "-",
+    "\u2013": "-",
+    "\u2014": "-",
+    "\u00d7": "x",
+    "\u2264": "<=",
+    "\u2265": ">=",
+}
+"""What to write for characters the font may lack."""
+_SUPERSCRIPT = dict(
+    zip(
+        "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079",
+        "-0123456789",
+        strict=True,
+    )
+)
+"""Superscripts the font may lack, drawn as their characters made smaller and raised."""
 
 
 @functools.cache
-def _load(path: Path, size: float) -> FreeTypeFont | None:
+def _load(size: float) -> FreeTypeFont | None:
     from PIL import ImageFont
 
-    try:
-        return ImageFont.truetype(str(path), size, layout_engine=ImageFont.Layout.BASIC)
-    except OSError:  # Pillow built without FreeType
-        return None
+    face = ImageFont.load_default(size=size)
+    return face if isinstance(face, ImageFont.FreeTypeFont) else None  # Pillow without FreeType
 
 
 def font(points: float, dpi: float) -> FreeTypeFont | None:
-    """DejaVu Sans at ``points`` for ``dpi`` pixels per inch, or ``None`` when not installed.
+    """Pillow's scalable font at ``points`` for ``dpi`` pixels per inch, or ``None`` when Pillow
+    has no FreeType.
 
     Example:
         >>> f = font(10, 72)
         >>> f is None or f.size == 10
         True
     """
-    path = _font_file()
-    return None if path is None else _load(path, round(points * dpi / 72, 2))
+    return _load(round(points * dpi / 72, 2))
+
+
+@functools.cache
+def _has(face: FreeTypeFont, char: str) -> bool:
+    """Whether ``face`` has a glyph for ``char`` (not its missing-glyph box)."""
+    mask, missing = face.getmask(char), face.getmask("\ue000")  # a private-use code point
+    return char.isspace() or (mask.size, bytes(mask)) != (missing.size, bytes(missing))
+
+
+def _writable(face: FreeTypeFont, text: str) -> str:
+    """``text`` with the characters ``face`` lacks replaced by their ASCII forms."""
+    return "".join(c if c not in _ASCII or _has(face, c) else _ASCII[c] for c in text)
 
 
 @functools.cache
 def _glyph(face: FreeTypeFont, char: str) -> tuple[np.ndarray, int, int, float]:
     """The coverage of ``char`` in [0, 1], where its top left lies from the pen on the baseline,
-    and how far the pen then moves."""
+    and how far the pen then moves. A superscript the font lacks is its digit (or minus) drawn
+    smaller and raised."""
     from PIL import Image, ImageDraw
+
+    if char in _SUPERSCRIPT and not _has(face, char):
+        small = _load(round(face.size * 0.7, 2))
+        if small is not None:
+            mask, left, top, advance = _glyph(small, _SUPERSCRIPT[char])
+            lift = round(0.45 * -face.getbbox("0", anchor="ls")[1])  # of a digit's height
+            return mask, left, top - lift, advance
 
     left, top, right, bottom = (int(v) for v in face.getbbox(char, anchor="ls"))
     advance = float(face.getlength(char))
@@ -171,6 +184,7 @@ def _block(text: str, face: FreeTypeFont) -> tuple[np.ndarray, float, int]:
 def _line(face: FreeTypeFont, text: str) -> tuple[np.ndarray, float]:
     """The coverage of one line, ``_MARGIN`` pixels around its box (top: the ascender), and its
     width."""
+    text = _writable(face, text)
     ascent, descent, _ = _metrics(face)
     width = sum(_glyph(face, c)[3] for c in text)
     alpha = np.zeros((ascent + descent + 2 * _MARGIN, math.ceil(width) + 2 * _MARGIN), np.float32)
