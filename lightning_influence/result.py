@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["InfluenceResult", "Ranking"]
+__all__ = ["SELF_INFLUENCE_FLOOR", "InfluenceResult", "Ranking", "relative_denominators"]
 
 _TENSOR_FIELDS = (
     "scores",
@@ -36,6 +36,23 @@ ROW_FIELDS = (
     "train_predictions",
 )
 _FORMAT = "lightning-influence/1"
+# Relative influence divides by sqrt(self-influence); self-influence below this share of the
+# largest one (zero for a zero gradient, negative from an indefinite or approximate inverse) is
+# raised to it, so every relative score stays finite.
+SELF_INFLUENCE_FLOOR = 1e-6
+
+
+def relative_denominators(self_influence: Tensor) -> Tensor:
+    """``sqrt(self_influence)``, each value at least ``SELF_INFLUENCE_FLOOR`` times the largest
+    (and above zero): what relative influence divides each training example's scores by.
+
+    Example:
+        >>> relative_denominators(torch.tensor([4.0, 0.0, -1.0]))
+        tensor([2.0000, 0.0020, 0.0020])
+    """
+    values = self_influence.detach()
+    floor = max(SELF_INFLUENCE_FLOOR * float(values.max()), torch.finfo(values.dtype).tiny)
+    return values.clamp_min(floor).sqrt()
 
 
 class Ranking(NamedTuple):
@@ -82,7 +99,7 @@ class InfluenceResult:
     Example:
         >>> import torch
         >>> result = InfluenceResult(
-        ...     scores=torch.tensor([[-2.0, 1.0], [3.0, -1.0], [0.5, 0.0]]),
+        ...     scores=torch.tensor([[-2.0, 1.0], [3.0, -1.0], [0.5, -0.5]]),
         ...     train_indices=torch.tensor([10, 11, 12]), val_indices=torch.tensor([7, 8]),
         ...     self_influence=torch.tensor([0.1, 5.0, 0.2]))
         >>> result.helpful(k=1).indices      # most helpful training example for each val point
@@ -90,6 +107,9 @@ class InfluenceResult:
                 [11]])
         >>> result.outliers(k=2).indices     # highest self-influence first
         tensor([11, 12])
+        >>> result.helpful(k=1, relative=True).indices  # per unit of self-influence: 12, not 11
+        tensor([[10],
+                [12]])
     """
 
     scores: Tensor
@@ -137,20 +157,52 @@ class InfluenceResult:
             raise KeyError(f"Validation dataset index {val_index} is not in `val_indices`.")
         return hits[:1]
 
-    def helpful(self, k: int = 10, val_index: int | None = None) -> Ranking:
+    @property
+    def relative_scores(self) -> Tensor:
+        """Relative influence (RelatIF, loss-relative): ``scores / sqrt(self_influence)``.
+
+        Raw scores favour training examples with large gradients (outliers, mislabels), so the
+        same few lead every validation point's ranking; dividing each row by the square root of
+        the example's self-influence ranks the examples most specific to each validation point
+        (Barshan, Brunet and Dziugaite, AISTATS 2020). Same shape and sign as ``scores``;
+        self-influence is floored at ``SELF_INFLUENCE_FLOOR`` times its largest value. Derived
+        on each call from ``scores`` and ``self_influence``, so a loaded result has it too.
+
+        Raises:
+            InfluenceError: when ``self_influence`` was not computed.
+        """
+        if self.self_influence is None:
+            from lightning_influence.errors import InfluenceError  # keeps this module light
+
+            raise InfluenceError(
+                "Relative influence divides each score by the square root of the training "
+                "example's self-influence, which this result does not hold: compute it with "
+                "`self_influence=True` (the default of InfluenceCallback and compute_influence)."
+            )
+        denominators = relative_denominators(self.self_influence).to(self.scores)
+        return self.scores / denominators[:, None]
+
+    def _ranked(self, k: int, val_index: int | None, relative: bool, largest: bool) -> Ranking:
+        scores = self.relative_scores if relative else self.scores
+        values, pos = torch.topk(
+            scores[:, self._column(val_index)].T, min(k, self.n_train), dim=1, largest=largest
+        )
+        return Ranking(self.train_indices[pos], values)
+
+    def helpful(self, k: int = 10, val_index: int | None = None, relative: bool = False) -> Ranking:
         """The ``k`` most helpful training examples per validation point (most negative scores).
 
-        Shapes ``[n_val, k]`` (or ``[1, k]`` for one ``val_index``, a dataset index).
+        Shapes ``[n_val, k]`` (or ``[1, k]`` for one ``val_index``, a dataset index). With
+        ``relative=True`` ranked by, and holding, :attr:`relative_scores`: the examples that
+        help this validation point most for their self-influence, not those that move the
+        model most everywhere.
         """
-        scores = self.scores[:, self._column(val_index)].T
-        values, pos = torch.topk(scores, min(k, self.n_train), dim=1, largest=False)
-        return Ranking(self.train_indices[pos], values)
+        return self._ranked(k, val_index, relative, largest=False)
 
-    def harmful(self, k: int = 10, val_index: int | None = None) -> Ranking:
-        """The ``k`` most harmful training examples per validation point (most positive scores)."""
-        scores = self.scores[:, self._column(val_index)].T
-        values, pos = torch.topk(scores, min(k, self.n_train), dim=1, largest=True)
-        return Ranking(self.train_indices[pos], values)
+    def harmful(self, k: int = 10, val_index: int | None = None, relative: bool = False) -> Ranking:
+        """The ``k`` most harmful training examples per validation point (most positive scores);
+        ``relative=True`` as in :meth:`helpful`."""
+        return self._ranked(k, val_index, relative, largest=True)
 
     def outliers(self, k: int = 10) -> Ranking:
         """The ``k`` training examples with the highest self-influence: suspected mislabels."""

@@ -1,0 +1,59 @@
+"""Relative influence (RelatIF, loss-relative): scores over sqrt(self-influence), its rankings,
+its file round trip, and the rankings from the default self-influence against exact ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_influence import InfluenceResult
+from lightning_influence.errors import InfluenceError
+from lightning_influence.result import SELF_INFLUENCE_FLOOR
+
+
+def small_result(self_influence: torch.Tensor | None) -> InfluenceResult:
+    torch.manual_seed(0)
+    return InfluenceResult(
+        scores=torch.randn(6, 3, dtype=torch.float64),
+        train_indices=torch.tensor([10, 11, 12, 13, 14, 15]),
+        val_indices=torch.tensor([3, 4, 5]),
+        self_influence=self_influence,
+    )
+
+
+def test_relative_rankings_divide_by_the_square_root_of_self_influence(tmp_path: Path) -> None:
+    si = torch.tensor([4.0, 0.25, 1.0, 9.0, 2.0, 0.5], dtype=torch.float64)
+    result = small_result(si)
+    expected = result.scores / si.sqrt()[:, None]
+    torch.testing.assert_close(result.relative_scores, expected)
+    for name, largest in (("helpful", False), ("harmful", True)):
+        ranking = getattr(result, name)(3, relative=True)
+        values, pos = torch.topk(expected.T, 3, dim=1, largest=largest)
+        assert torch.equal(ranking.indices, result.train_indices[pos])
+        torch.testing.assert_close(ranking.scores, values)
+        one = getattr(result, name)(3, val_index=4, relative=True)
+        assert torch.equal(one.indices, ranking.indices[1:2])
+        raw = getattr(result, name)(3)  # the raw ranking is unchanged
+        assert torch.equal(raw.scores, torch.topk(result.scores.T, 3, largest=largest).values)
+    # The saved file holds scores and self-influence: relative scores come back equal.
+    loaded = InfluenceResult.load(result.save(tmp_path / "r.pt"))
+    assert torch.equal(loaded.relative_scores, result.relative_scores)
+
+
+def test_zero_and_negative_self_influence_are_floored() -> None:
+    si = torch.tensor([4.0, 0.0, -1.0, 1.0, 2.0, 1.0], dtype=torch.float64)
+    relative = small_result(si).relative_scores
+    assert torch.isfinite(relative).all()
+    floor = (SELF_INFLUENCE_FLOOR * 4.0) ** 0.5
+    torch.testing.assert_close(relative[1:3], small_result(si).scores[1:3] / floor)
+
+
+def test_relative_without_self_influence_says_what_to_do() -> None:
+    result = small_result(None)
+    assert result.helpful(2).indices.shape == (3, 2)
+    with pytest.raises(InfluenceError, match="self_influence=True"):
+        result.helpful(2, relative=True)
+    with pytest.raises(InfluenceError, match="self-influence"):
+        result.harmful(2, relative=True)
