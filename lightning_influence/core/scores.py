@@ -19,9 +19,8 @@ from lightning_influence.core.data import IndexedData
 from lightning_influence.core.gradients import PerSampleGradients, one_example, rows_of
 from lightning_influence.core.layerwise import LayerwiseDots
 from lightning_influence.core.model import Batch, FunctionalModel
+from lightning_influence.core.operators import EigenInverse, InverseOperator
 from lightning_influence.core.precision import check_scoring_dtype, scoring_autocast
-from lightning_influence.solvers.base import InverseOperator
-from lightning_influence.solvers.lowrank import LowRankInverse
 
 __all__ = [
     "ExamplePass",
@@ -115,7 +114,7 @@ def example_pass(
             m = 0 if val_inverse is None else val_inverse.shape[0]
             if val_inverse is not None:
                 parts["score"].append((-dots[:, :m]).cpu())
-            if isinstance(inverse, LowRankInverse):
+            if isinstance(inverse, EigenInverse):
                 parts["self"].append(inverse.quadratic_from(norms, dots[:, m:]).cpu())
             idx_parts.append(idx)
             targets.append(_labels(tgt, size, model.dtype))
@@ -166,7 +165,7 @@ def _layerwise(
         return None
     rows = [] if val_inverse is None else [val_inverse]
     if inverse is not None:
-        if not isinstance(inverse, LowRankInverse) or inverse.explicit_rest:
+        if not isinstance(inverse, EigenInverse) or inverse.explicit_rest:
             return None
         rows.append(inverse.evecs)
     dtype = model.dtype
@@ -185,9 +184,9 @@ def quadratic_form(inverse: InverseOperator, g: Tensor) -> Tensor:
 
     Example:
         >>> import torch
-        >>> from lightning_influence.solvers.exact import DenseInverse
-        >>> quadratic_form(DenseInverse(torch.eye(2), torch.tensor([0.5, 0.5])),
-        ...                torch.tensor([[1.0, 2.0], [0.0, 3.0]]))
+        >>> from types import SimpleNamespace
+        >>> twice = SimpleNamespace(quadratic=lambda v: 2 * v.square().sum(1))  # (I / 2)^-1
+        >>> quadratic_form(twice, torch.tensor([[1.0, 2.0], [0.0, 3.0]]))
         tensor([10., 18.])
     """
     return inverse.quadratic(g).to(g.dtype)

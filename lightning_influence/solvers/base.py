@@ -7,12 +7,13 @@ independent right-hand sides that move together, so one curvature product serves
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_influence.core.operators import CurvatureOperator, InverseOperator
 
 __all__ = [
     "CurvatureOperator",
@@ -23,80 +24,6 @@ __all__ = [
 ]
 
 Diagnostics = dict[str, float]
-
-
-class CurvatureOperator(Protocol):
-    """What a solver may ask of the curvature of the mean training loss: products, nothing else.
-
-    Solvers never see datasets or the model. :class:`~lightning_influence.Curvature` is the
-    implementation; a test can pass any object with these members (a dense matrix, say).
-    """
-
-    @property
-    def n_params(self) -> int:
-        """Dimension ``p`` of the parameter space."""
-        ...
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Working precision of the products."""
-        ...
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the products."""
-        ...
-
-    @property
-    def positive_semidefinite(self) -> bool:
-        """True for the Gauss-Newton matrix; False for the Hessian, which may be indefinite."""
-        ...
-
-    @property
-    def n_total(self) -> int:
-        """Training examples the curvature averages over (summed over processes)."""
-        ...
-
-    @property
-    def output_trace_kept(self) -> float | None:
-        """Share of the output Hessians' trace kept by truncated Gauss-Newton products so far."""
-        ...
-
-    @property
-    def output_trace_uniform(self) -> float | None:
-        """The share the kept directions would carry if all output directions weighed the same."""
-        ...
-
-    def matvec(self, vectors: Tensor) -> Tensor:
-        """Curvature on all training data applied to each row of ``vectors`` ``[m, p]``."""
-        ...
-
-    def minibatch(self, batch_size: int, generator: torch.Generator) -> Callable[[Tensor], Tensor]:
-        """Products with the curvature of one random minibatch (pooled over processes)."""
-        ...
-
-    def subsample(
-        self, max_examples: int | None, output_directions: int | None, generator: torch.Generator
-    ) -> CurvatureOperator:
-        """A cheaper estimate: at most ``max_examples`` examples per process, and for the
-        Gauss-Newton matrix only the top ``output_directions`` output-Hessian directions."""
-        ...
-
-    def dense(self) -> Tensor:
-        """The whole ``[p, p]`` matrix (small models only)."""
-        ...
-
-
-class InverseOperator(Protocol):
-    """``(H + damping I)^-1`` as an operator on blocks of vectors ``[m, p]``."""
-
-    def __call__(self, vectors: Tensor) -> Tensor:
-        """The inverse applied to each row."""
-        ...
-
-    def quadratic(self, vectors: Tensor) -> Tensor:
-        """``v^T (H + damping I)^-1 v`` for each row ``v`` (self-influence), ``[m]``."""
-        ...
 
 
 class SolverDivergedError(RuntimeError):
