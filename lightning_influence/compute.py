@@ -48,15 +48,24 @@ Data = Dataset[Any] | DataLoader[Any] | IndexedData
 
 
 def default_self_influence_solver(n_params: int, solver: Solver | None = None) -> FactorizedSolver:
-    """``Exact()`` for up to 512 parameters (cheap and exact), else the preconditioner of a
-    preconditioned ``LiSSA`` ``solver`` (one factorization serves both), else ``LowRank()``.
+    """``Exact()`` for up to 512 parameters (cheap and exact), else an ``Exact`` ``solver``
+    itself or the preconditioner of a preconditioned ``LiSSA`` ``solver`` (one factorization
+    serves both), else ``LowRank()``.
+
+    Relative influence divides by the square root of self-influence, so its size matters, not
+    only its order: where the scores come from an exact inverse, so does self-influence.
 
     Example:
         >>> default_self_influence_solver(100).name, default_self_influence_solver(10_000).name
         ('exact', 'lowrank')
+        >>> solver = Exact()
+        >>> default_self_influence_solver(10_000, solver) is solver
+        True
     """
     if n_params <= 512:
         return Exact()
+    if isinstance(solver, Exact):
+        return solver
     if isinstance(solver, LiSSA) and solver.preconditioner is not None:
         return solver.preconditioner
     return LowRank()
