@@ -57,3 +57,32 @@ def test_relative_without_self_influence_says_what_to_do() -> None:
         result.helpful(2, relative=True)
     with pytest.raises(InfluenceError, match="self-influence"):
         result.harmful(2, relative=True)
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean share of the training examples two rankings ``[n_val, k]`` both name."""
+    shared = [len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a, b, strict=True)]
+    return sum(shared) / a.numel()
+
+
+@pytest.mark.slow  # the MLP fitted to its optimum, then an exact solve: about 8 s
+def test_default_relative_rankings_match_exact_self_influence_on_the_mlp(
+    digits, digits_models, fit_lbfgs
+) -> None:
+    from lightning_influence import Exact, compute_influence
+
+    train, val = digits()
+    model = fit_lbfgs(digits_models["mlp"](), *train.tensors, 0.01)
+    options = {"damping": 0.01, "val_indices": range(64), "batch_size": 256, "progress": False}
+    default = compute_influence(model, train, val, dtype=torch.float32, **options)
+    exact = compute_influence(model, train, val, solver=Exact(), **options)
+    assert exact.settings["self_influence_solver"]["name"] == "exact"  # the solver's own inverse
+    assert default.settings["self_influence_solver"]["name"] == "lowrank"
+    for name in ("helpful", "harmful"):
+        ours = getattr(default, name)(8, relative=True).indices
+        reference = getattr(exact, name)(8, relative=True).indices
+        overlap = _overlap(ours, reference)
+        raw = _overlap(getattr(exact, name)(8).indices, reference)
+        print(f"{name}: relative top-8 overlap {overlap:.3f} (raw against relative {raw:.3f})")
+        assert overlap >= 0.9
+        assert raw < 0.5  # relative rankings differ from the raw ones: the test can tell
