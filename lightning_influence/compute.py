@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_influence.config import InfluenceConfig
-from lightning_influence.core.curvature import Curvature
+from lightning_influence.core.curvature import Curvature, CurvatureChoice, Reduce
 from lightning_influence.core.data import IndexedData, as_indexed
 from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.precision import check_scoring_dtype
@@ -35,9 +35,11 @@ from lightning_influence.guards import (
 from lightning_influence.result import InfluenceResult
 from lightning_influence.solvers import Exact, FactorizedSolver, InverseOperator, LiSSA, Solver
 from lightning_influence.solvers.base import check_finite
+from lightning_influence.solvers.definiteness import smallest_eigenvalue
 from lightning_influence.solvers.lowrank import LowRank
 
 __all__ = [
+    "choose_curvature",
     "compute_influence",
     "default_self_influence_solver",
     "evaluation_mode",
@@ -69,6 +71,45 @@ def default_self_influence_solver(n_params: int, solver: Solver | None = None) -
     if isinstance(solver, LiSSA) and solver.preconditioner is not None:
         return solver.preconditioner
     return LowRank()
+
+
+def choose_curvature(
+    model: FunctionalModel,
+    data: IndexedData,
+    choice: CurvatureChoice,
+    damping: float,
+    reduce: Reduce | None = None,
+    seed: int = 0,
+) -> tuple[Curvature, dict[str, float]]:
+    """The curvature to solve with, and what was measured to choose it.
+
+    ``"gauss_newton"`` and ``"hessian"`` are taken as they are. ``"auto"`` measures the smallest
+    eigenvalue of the Hessian (``solvers.definiteness.smallest_eigenvalue``: Lanczos on all the
+    data, stopped once ``H + damping I`` is shown indefinite) and takes the Hessian where
+    ``H + damping I`` is positive definite, Gauss-Newton otherwise. The
+    diagnostics: ``curvature_hessian`` (1 or 0), ``curvature_smallest_eigenvalue`` (of ``H``,
+    without the damping) and ``curvature_check_products``.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> from lightning_influence.core.task import ClassificationTask
+        >>> fm = FunctionalModel(torch.nn.Linear(3, 2), ClassificationTask())
+        >>> data = as_indexed(TensorDataset(torch.randn(20, 3), torch.randint(0, 2, (20,))))
+        >>> curv, info = choose_curvature(fm, data, "auto", damping=0.1)
+        >>> curv.kind, info["curvature_hessian"]  # a linear model: convex
+        ('hessian', 1.0)
+    """
+    if choice != "auto":
+        return Curvature(model, data, choice, reduce), {}
+    hessian = Curvature(model, data, "hessian", reduce)
+    smallest, products = smallest_eigenvalue(hessian, below=-damping, seed=seed)
+    definite = smallest + damping > 0
+    info = {
+        "curvature_hessian": float(definite),
+        "curvature_smallest_eigenvalue": smallest,
+        "curvature_check_products": float(products),
+    }
+    return (hessian if definite else Curvature(model, data, "gauss_newton", reduce)), info
 
 
 @contextmanager
@@ -201,8 +242,14 @@ def _compute(
     if reduce is not None:
         check_examples_everywhere(fm, train, reduce)
     # Full passes over the curvature data (CG, Exact, LowRank) run faster in larger batches.
-    curv = Curvature(fm, train.rebatched(config.curvature_batch_size), config.curvature, reduce)
     timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    curv, choice_info = choose_curvature(
+        fm, train.rebatched(config.curvature_batch_size), config.curvature, damping, reduce,
+        config.seed,
+    )  # fmt: skip
+    if choice_info:
+        timings["time_curvature_choice"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     with bad_examples_named(fm, val, "validation"):
@@ -271,6 +318,7 @@ def _compute(
     timings["time_total"] = time.perf_counter() - started
 
     diagnostics = {
+        **choice_info,
         **{f"solver_{k}": v for k, v in solver_info.items()},
         **{f"self_influence_{k}": v for k, v in self_info.items()},
         **timings,
@@ -279,6 +327,7 @@ def _compute(
         "solver": solver.settings(),
         "self_influence_solver": si_solver.settings() if self_influence else None,
         "curvature": config.curvature,
+        "curvature_used": curv.kind,
         "parameters": fm.names,
         "n_params": fm.n_params,
         "n_train_total": curv.n_total,
@@ -371,6 +420,6 @@ def influence_on_parameters(
         train = as_indexed(train_data, None, config.batch_size)
         chosen = example_pass(fm, as_indexed(train, indices), keep_gradients=True)
         assert chosen.gradients is not None
-        curv = Curvature(fm, train, config.curvature)
+        curv, _ = choose_curvature(fm, train, config.curvature, config.damping, None, config.seed)
         solved, _ = config.make_solver().solve(curv, chosen.gradients, config.damping)
     return -solved

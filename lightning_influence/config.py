@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from lightning_influence.core.curvature import CurvatureKind
+from lightning_influence.core.curvature import CurvatureChoice
 from lightning_influence.core.precision import SCORING_DTYPES, ScoringDTypeName
 from lightning_influence.core.task import ClassificationTask, Task
 from lightning_influence.solvers import CG, Exact, FactorizedSolver, LiSSA, Solver
@@ -26,7 +26,7 @@ __all__ = ["DTypeName", "InfluenceConfig", "SolverName", "check_int"]
 SolverName = Literal["lissa", "cg", "exact"]
 DTypeName = Literal["float32", "float64"]
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_CURVATURES = get_args(CurvatureKind)
+_CURVATURES = get_args(CurvatureChoice)
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,10 @@ class InfluenceConfig:
             target per example; other float targets need ``task=`` (the callback also checks it
             against ``training_step``'s loss).
         parameters: shell-style patterns of parameter names to use (all trainable by default).
-        curvature: ``"gauss_newton"`` (positive semi-definite) or ``"hessian"``.
+        curvature: ``"gauss_newton"`` (positive semi-definite), ``"hessian"``, or ``"auto"``:
+            the Hessian where ``H + damping I`` is measured positive definite (at an optimum:
+            it follows leave-one-out retraining more closely), Gauss-Newton otherwise; the
+            result's ``settings["curvature_used"]`` and ``diagnostics`` say which and why.
         self_influence: also compute self-influence (suspected mislabels, outliers).
         self_influence_solver: a factorizing solver for self-influence (by default ``LowRank()``,
             or ``Exact()`` for at most 512 parameters).
@@ -79,7 +82,7 @@ class InfluenceConfig:
     damping: float = 1e-3
     task: Task | None = None
     parameters: list[str] | None = None
-    curvature: CurvatureKind = "gauss_newton"
+    curvature: CurvatureChoice = "gauss_newton"
     self_influence: bool = True
     self_influence_solver: FactorizedSolver | None = None
     num_val: int | None = 64

@@ -35,9 +35,12 @@ from lightning_influence.core.products import (
 )
 from lightning_influence.validation import check_positive_int
 
-__all__ = ["Curvature", "CurvatureKind", "Reduce", "gauss_newton_method"]
+__all__ = ["Curvature", "CurvatureChoice", "CurvatureKind", "Reduce", "gauss_newton_method"]
 
 CurvatureKind = Literal["gauss_newton", "hessian"]
+# What a user may ask for: a kind, or "auto" (the Hessian where `H + damping I` is measured
+# positive definite, else Gauss-Newton; decided before the solve, see `compute.py`).
+CurvatureChoice = Literal["auto", "gauss_newton", "hessian"]
 Reduce = Callable[[Tensor], Tensor]
 
 
