@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.gradients import rows_of
 from lightning_influence.core.model import FunctionalModel
+from lightning_influence.core.probe import ScoreProbe
 from lightning_influence.core.products import (
     detach,
     flat_output,
@@ -292,6 +293,11 @@ class Curvature:
         pos = torch.randperm(len(data), generator=generator)[:max_examples]
         data = data.subset(data.indices[pos.sort().values])
         return Curvature(self.model, data, self.kind, self.reduce, directions)
+
+    def probe(self, count: int, seed: int = 0) -> ScoreProbe:
+        """The scores of ``count`` training examples drawn by dataset index with ``seed`` (the
+        same on every process), for a solver to stop on the answer (:mod:`.probe`)."""
+        return ScoreProbe(self.model, self.data, count, self.reduce, seed)
 
     def dense(self, chunk: int = 256) -> Tensor:
         """The whole ``[p, p]`` curvature matrix (exact products), from identity blocks, or

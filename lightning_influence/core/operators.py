@@ -15,7 +15,27 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["CurvatureOperator", "EigenInverse", "InverseOperator"]
+__all__ = ["CurvatureOperator", "EigenInverse", "InverseOperator", "Probe"]
+
+
+class Probe(Protocol):
+    """The scores of a fixed set of training examples (drawn by dataset index, the same on every
+    process), which a solver watches to stop once the answer has converged
+    (:class:`~lightning_influence.core.probe.ScoreProbe`)."""
+
+    indices: Tensor
+
+    def __call__(self, vectors: Tensor) -> Tensor:
+        """Scores ``-g_i . v``, ``[examples, rows]``, the same on every process."""
+        ...
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any process."""
+        ...
+
+    def epoch_seconds(self) -> float:
+        """Seconds of one training epoch (a forward and backward pass over the data)."""
+        ...
 
 
 class CurvatureOperator(Protocol):
@@ -77,6 +97,10 @@ class CurvatureOperator(Protocol):
 
     def dense(self) -> Tensor:
         """The whole ``[p, p]`` matrix (small models only)."""
+        ...
+
+    def probe(self, count: int, seed: int) -> Probe:
+        """Scores of ``count`` training examples drawn by dataset index with ``seed``."""
         ...
 
 
