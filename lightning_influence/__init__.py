@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from lightning_influence.report.settings import LogSettings
     from lightning_influence.result import InfluenceResult, Ranking
     from lightning_influence.solvers import CG, Exact, LiSSA, Solver, SolverDivergedError
+    from lightning_influence.solvers.ekfac import EKFAC
     from lightning_influence.solvers.lowrank import LowRank
 
 __version__ = "0.1.0.dev0"
@@ -42,6 +43,7 @@ _SOURCES: dict[str, str] = {
     "CG": "lightning_influence.solvers.cg",
     "ClassificationTask": "lightning_influence.core.task",
     "Curvature": "lightning_influence.core.curvature",
+    "EKFAC": "lightning_influence.solvers.ekfac",
     "Exact": "lightning_influence.solvers.exact",
     "FunctionalModel": "lightning_influence.core.model",
     "IndexedData": "lightning_influence.core.data",
@@ -73,6 +75,7 @@ _SOURCES: dict[str, str] = {
 
 __all__ = [
     "CG",
+    "EKFAC",
     "ClassificationTask",
     "Curvature",
     "Exact",

@@ -45,6 +45,17 @@ def digits() -> Digits:
     return digits_case()
 
 
+def expected_relative(result: InfluenceResult, n_val: int, k: int) -> list[tuple[str, int, float]]:
+    """(kind, train index, relative score) of the relative rankings, as the tables list them."""
+    helpful, harmful = result.helpful(k, relative=True), result.harmful(k, relative=True)
+    out = []
+    for j in range(n_val):
+        for kind, ranking in (("helpful", helpful), ("harmful", harmful)):
+            pairs = zip(ranking.indices[j].tolist(), ranking.scores[j].tolist(), strict=True)
+            out += [(kind, i, s) for i, s in pairs]
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # TensorBoard
 # --------------------------------------------------------------------------------------------
@@ -83,15 +94,22 @@ def test_tensorboard_images_tables_histograms_summary(digits: Digits, tmp_path: 
 
     # Markdown tables name the right dataset indices, ranks and scores.
     expected = expected_rankings(result, N_VAL, TOP_K)
-    got = []
+    got, got_relative = [], []
     for j, i in enumerate(val_ids):
         text = tb_text(acc, f"influence/val_{i}")
         assert f"**Validation example {i}**: label {int(result.val_targets[j])}" in text
-        got += [(r[0], int(r[2]), float(r[5])) for r in table_rows(text)]
-        removal = [float(r[6]) for r in table_rows(text)]  # "if removed": -score / n_train
+        assert "*Relative* ranking" in text and "*Raw* ranking" in text
+        rows = table_rows(text)  # the relative ranking's table, then the raw one's
+        assert len(rows) == 4 * TOP_K
+        got += [(r[0], int(r[2]), float(r[5])) for r in rows[2 * TOP_K :]]
+        got_relative += [(r[0], int(r[2]), float(r[6])) for r in rows[: 2 * TOP_K]]
+        removal = [float(r[7]) for r in rows[2 * TOP_K :]]  # "if removed": -score / n_train
         np.testing.assert_allclose(removal, [-s / 300 for *_, s in got[-2 * TOP_K :]], rtol=5e-3)
     assert [(k, i) for k, i, _ in got] == [(k, i) for k, i, _ in expected]
     np.testing.assert_allclose([s for *_, s in got], [s for *_, s in expected], rtol=1e-3)
+    relative = expected_relative(result, N_VAL, TOP_K)
+    assert [(k, i) for k, i, _ in got_relative] == [(k, i) for k, i, _ in relative]
+    np.testing.assert_allclose([s for *_, s in got_relative], [s for *_, s in relative], rtol=1e-3)
 
     rows = table_rows(tb_text(acc, "influence/outliers"))
     outliers = result.outliers(N_OUT)
@@ -150,9 +168,15 @@ def test_wandb_offline_tables_images_histograms_artifact(digits: Digits, tmp_pat
     def image(cell: dict[str, Any], manifest: dict[str, Path]) -> np.ndarray:
         return np.asarray(Image.open(manifest[cell["path"]]).convert("RGB"))
 
-    columns, rows, manifest = table("rankings")
-    assert len(rows) == N_VAL * 2 * TOP_K
+    columns, all_rows, manifest = table("rankings")
+    assert len(all_rows) == N_VAL * 4 * TOP_K  # the relative rankings and the raw ones
     col = {c: n for n, c in enumerate(columns)}
+    rows = [r for r in all_rows if r[col["ranking"]] == "raw"]
+    relative = [r for r in all_rows if r[col["ranking"]] == "relative"]
+    expected = expected_relative(result, N_VAL, TOP_K)
+    assert [(r[col["kind"]], r[col["train_index"]]) for r in relative] == [e[:2] for e in expected]
+    got = [r[col["relative_score"]] for r in relative]
+    np.testing.assert_allclose(got, [e[2] for e in expected], rtol=1e-6)
     expected = expected_rankings(result, N_VAL, TOP_K)
     assert [(r[col["kind"]], r[col["train_index"]]) for r in rows] == [e[:2] for e in expected]
     np.testing.assert_allclose([r[col["score"]] for r in rows], [e[2] for e in expected], rtol=1e-6)
@@ -228,7 +252,18 @@ def test_csv_logger_gets_files_and_review_list(digits: Digits, tmp_path: Path) -
     ]
 
     with (tmp_path / "out" / "influence_rankings.csv").open() as f:
-        rankings = list(csv.DictReader(f))
+        every = list(csv.DictReader(f))
+    rankings = [r for r in every if r["ranking"] == "raw"]
+    relative = [r for r in every if r["ranking"] == "relative"]
+    expected = expected_relative(result, N_VAL, TOP_K)
+    assert [(r["kind"], int(r["train_index"])) for r in relative] == [e[:2] for e in expected]
+    np.testing.assert_allclose(
+        [float(r["relative_score"]) for r in relative], [e[2] for e in expected], rtol=1e-7
+    )
+    row = {int(i): n for n, i in enumerate(result.train_indices)}
+    col = {int(i): n for n, i in enumerate(result.val_indices)}
+    raw = [result.scores[row[int(r["train_index"])], col[int(r["val_index"])]] for r in relative]
+    np.testing.assert_allclose([float(r["score"]) for r in relative], raw, rtol=1e-7)
     expected = expected_rankings(result, N_VAL, TOP_K)
     assert [(r["kind"], int(r["train_index"])) for r in rankings] == [e[:2] for e in expected]
     position = {int(i): n for n, i in enumerate(result.train_indices)}
@@ -306,8 +341,10 @@ def test_without_perturbation_and_selected_val_indices(digits: Digits, tmp_path:
     }
     (event,) = acc.Images(f"run/infl/val_{chosen[0]}")
     assert 2 * 64 <= event.height < 4 * 76 * 1.5  # two rows (helpful, harmful), no saliency rows
-    rows = table_rows(tb_text(acc, f"run/infl/val_{chosen[0]}"))
-    assert [int(r[2]) for r in rows[:2]] == result.helpful(2, val_index=chosen[0]).indices[
+    rows = table_rows(tb_text(acc, f"run/infl/val_{chosen[0]}"))  # relative, then raw
+    helpful = result.helpful(2, val_index=chosen[0], relative=True)
+    assert [int(r[2]) for r in rows[:2]] == helpful.indices[0].tolist()
+    assert [int(r[2]) for r in rows[4:6]] == result.helpful(2, val_index=chosen[0]).indices[
         0
     ].tolist()
     assert (tmp_path / "run_infl_outliers.csv").exists()
@@ -374,6 +411,15 @@ def test_dashboard_index_matches_the_result(digits: Digits, tmp_path: Path) -> N
         assert v["spread"] == pytest.approx(float(result.scores[:, j].std()), rel=1e-5)
         for kind, ranking in (("helpful", helpful), ("harmful", harmful)):
             assert [e["index"] for e in v[kind]] == ranking.indices[j].tolist()
+            relative = getattr(result, kind)(TOP_K, relative=True)
+            assert [e["index"] for e in v["relative"][kind]] == relative.indices[j].tolist()
+            np.testing.assert_allclose(
+                [e["relative_score"] for e in v["relative"][kind]], relative.scores[j], rtol=1e-6
+            )
+            rows = [int((result.train_indices == e["index"]).nonzero()) for e in v["relative"][kind]]
+            np.testing.assert_allclose(
+                [e["score"] for e in v["relative"][kind]], result.scores[rows, j], rtol=1e-6
+            )
             np.testing.assert_allclose([e["score"] for e in v[kind]], ranking.scores[j], rtol=1e-6)
             rows = [int((result.train_indices == e["index"]).nonzero()) for e in v[kind]]
             np.testing.assert_allclose(
@@ -401,6 +447,7 @@ def test_dashboard_index_matches_the_result(digits: Digits, tmp_path: Path) -> N
     np.testing.assert_allclose(tile[4::8, 4::8] / 255, x[e["index"], 0], atol=1 / 255 + 1e-6)
     assert len(list(folder.glob("train_*.png"))) == len(
         {e["index"] for v in index["validation"] for k in ("helpful", "harmful") for e in v[k]}
+        | {e["index"] for v in index["validation"] for e in sum(v["relative"].values(), [])}
         | set(outliers.indices.tolist())
     )
 
@@ -416,9 +463,9 @@ def test_text_examples_in_text_tab_and_dashboard(tmp_path: Path) -> None:
     text = tb_text(acc, f"influence/val_{v}")
     assert f"Input: `{decode(case.dm.val_dataset.tensors[0][v])}`" in text
     rows = table_rows(text)
-    helpful = result.helpful(3).indices[0].tolist()
+    helpful = result.helpful(3, relative=True).indices[0].tolist()
     assert [int(r[2]) for r in rows[:3]] == helpful
-    assert [r[7] for r in rows[:3]] == [f"`{decode(ids[i])}`" for i in helpful]
+    assert [r[8] for r in rows[:3]] == [f"`{decode(ids[i])}`" for i in helpful]
     labels = {r[3] for r in rows} | {r[4] for r in rows}
     assert labels <= {"sport", "weather", "cooking"}  # class names, not integers
 

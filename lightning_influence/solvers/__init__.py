@@ -7,15 +7,18 @@ from lightning_influence.solvers.base import (
     SolverDivergedError,
 )
 from lightning_influence.solvers.cg import CG
+from lightning_influence.solvers.ekfac import EKFAC, KroneckerInverse
 from lightning_influence.solvers.exact import Exact
 from lightning_influence.solvers.lissa import LiSSA
 from lightning_influence.solvers.lowrank import LowRank, LowRankInverse
 
 __all__ = [
     "CG",
+    "EKFAC",
     "Exact",
     "FactorizedSolver",
     "InverseOperator",
+    "KroneckerInverse",
     "LiSSA",
     "LowRank",
     "LowRankInverse",

@@ -1,0 +1,355 @@
+"""Kronecker-factored Gauss-Newton blocks per layer, with eigenvalues corrected (EK-FAC).
+
+For a linear layer with input ``a`` (a 1 appended when its bias is chosen) and output gradient
+``g``, an example's weight gradient is ``sum_t g_t a_t^T`` over its positions ``t``. Its
+Gauss-Newton block is approximated by ``A (x) G`` with ``A = E[a a^T]`` and ``G = E[g g^T]``,
+where ``g`` runs over the backward passes of the columns of ``C_b = U_b sqrt(L_b)``, the
+eigenpairs of each example's loss Hessian with respect to its outputs (so ``sum_s c_s c_s^T``
+is that Hessian and the sum is the Gauss-Newton matrix itself, not an estimate of it). A second
+pass replaces the Kronecker eigenvalues by ``E[sum_s (Q_G^T W_s Q_A)^2]``, ``W_s`` the example's
+gradient for output direction ``s``: the exact diagonal of the layer's Gauss-Newton block in the
+eigenbasis ``Q_A (x) Q_G``. Blocks are per layer, so cross-layer curvature is left out.
+
+Two passes over the data, one forward and one backward pass per kept output direction each;
+memory holds the factors (``in^2 + out^2 + in out`` numbers per layer), never ``n_train x p``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lightning_influence.core.data import IndexedData
+from lightning_influence.core.model import FunctionalModel
+from lightning_influence.core.products import output_hessians
+
+__all__ = ["KroneckerLayer", "eigenvalue_corrected_factors", "kronecker_layers"]
+
+# Per-example output Hessians and rotated gradients of a batch: never more than this at once.
+_CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass
+class KroneckerLayer:
+    """One layer's chosen parameters as a matrix ``[out, in_ext]`` (the weight, then the bias as
+    a last column), where they lie in ``theta``, and its factors once computed.
+
+    Example:
+        >>> layer = KroneckerLayer("fc", slice(0, 6), slice(6, 8), n_out=2, n_in=3)
+        >>> layer.blocks(torch.arange(8.0)[None]).tolist()
+        [[[0.0, 1.0, 2.0, 6.0], [3.0, 4.0, 5.0, 7.0]]]
+    """
+
+    name: str
+    weight: slice | None
+    bias: slice | None
+    n_out: int
+    n_in: int
+    transposed: bool = False  # weight stored [in, out] (GPT-2's Conv1D)
+    a_basis: Tensor = field(default_factory=lambda: torch.zeros(0))  # Q_A [in_ext, in_ext]
+    g_basis: Tensor = field(default_factory=lambda: torch.zeros(0))  # Q_G [out, out]
+    eigenvalues: Tensor = field(default_factory=lambda: torch.zeros(0))  # [out, in_ext]
+
+    @property
+    def n_in_ext(self) -> int:
+        """Columns of the layer's matrix: inputs, plus one for a chosen bias."""
+        return (self.n_in if self.weight is not None else 0) + (self.bias is not None)
+
+    def blocks(self, vectors: Tensor) -> Tensor:
+        """Each row of ``vectors`` ``[m, p]`` restricted to this layer, as ``[m, out, in_ext]``."""
+        m, parts = vectors.shape[0], []
+        if self.weight is not None:
+            w = vectors[:, self.weight]
+            parts.append(
+                w.reshape(m, self.n_in, self.n_out).transpose(1, 2)
+                if self.transposed
+                else w.reshape(m, self.n_out, self.n_in)
+            )
+        if self.bias is not None:
+            parts.append(vectors[:, self.bias].reshape(m, self.n_out, 1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    def place(self, blocks: Tensor, into: Tensor) -> None:
+        """Write ``blocks`` ``[m, out, in_ext]`` back into this layer's columns of ``into``."""
+        m = blocks.shape[0]
+        if self.weight is not None:
+            w = blocks[:, :, : self.n_in]
+            into[:, self.weight] = (w.transpose(1, 2) if self.transposed else w).reshape(m, -1)
+        if self.bias is not None:
+            into[:, self.bias] = blocks[:, :, -1]
+
+
+def _conv1d(module: nn.Module) -> bool:
+    """A linear layer with its weight stored ``[in, out]`` (Hugging Face's GPT-2 ``Conv1D``)."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, Tensor)
+        and weight.ndim == 2
+        and getattr(module, "nf", None) == weight.shape[1]
+    )
+
+
+def kronecker_layers(model: FunctionalModel) -> tuple[list[KroneckerLayer], list[str]]:
+    """The chosen parameters grouped by layer (``nn.Linear``, or a ``Conv1D`` whose weight is
+    stored ``[in, out]``, each parameter used by that module only), and the names of the chosen
+    parameters no layer covers.
+
+    Example:
+        >>> from lightning_influence.core.task import ClassificationTask
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+        >>> layers, rest = kronecker_layers(FunctionalModel(net, ClassificationTask()))
+        >>> [(layer.name, layer.n_out, layer.n_in_ext) for layer in layers], rest
+        ([('0', 3, 5)], ['1.weight', '1.bias'])
+    """
+    owners: dict[int, int] = {}
+    for _, p in model.model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    named = dict(model.model.named_parameters())
+    layers: dict[str, KroneckerLayer] = {}
+    rest: list[str] = []
+    start = 0
+    for name, numel in zip(model.names, model.numels, strict=True):
+        span, start = slice(start, start + numel), start + numel
+        module_name, _, leaf = name.rpartition(".")
+        module = model.model.get_submodule(module_name)
+        conv1d = _conv1d(module)
+        linear = type(module) is nn.Linear or conv1d
+        if not linear or leaf not in ("weight", "bias") or owners[id(named[name])] != 1:
+            rest.append(name)
+            continue
+        rows, columns = module.get_parameter("weight").shape
+        n_out, n_in = (columns, rows) if conv1d else (rows, columns)
+        layer = layers.setdefault(
+            module_name, KroneckerLayer(module_name, None, None, int(n_out), int(n_in), conv1d)
+        )
+        setattr(layer, leaf, span)
+    return list(layers.values()), rest
+
+
+def eigenvalue_corrected_factors(
+    model: FunctionalModel,
+    data: IndexedData,
+    layers: list[KroneckerLayer],
+    n_total: int,
+    reduce: Any = None,
+    output_directions: int | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Fill each layer's eigenbases ``Q_A``, ``Q_G`` and corrected eigenvalues from two passes
+    over ``data`` (``reduce`` sums across processes; ``n_total`` examples in all). Keeps the top
+    ``output_directions`` directions of each example's output Hessian (all by default: then the
+    eigenvalues are the exact diagonal of each Gauss-Newton block in the Kronecker eigenbasis).
+    Returns timings and counts.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> from lightning_influence.core.data import as_indexed
+        >>> from lightning_influence.core.task import ClassificationTask
+        >>> fm = FunctionalModel(torch.nn.Linear(4, 3), ClassificationTask())
+        >>> data = as_indexed(TensorDataset(torch.randn(10, 4), torch.randint(0, 3, (10,))))
+        >>> layers, _ = kronecker_layers(fm)
+        >>> info = eigenvalue_corrected_factors(fm, data, layers, n_total=10)
+        >>> layers[0].eigenvalues.shape
+        torch.Size([3, 5])
+    """
+    reduce = reduce or (lambda t: t)
+    dtype, device = model.dtype, model.device
+    a_sums = [torch.zeros(n.n_in_ext, n.n_in_ext, dtype=dtype, device=device) for n in layers]
+    g_sums = [torch.zeros(n.n_out, n.n_out, dtype=dtype, device=device) for n in layers]
+    started = time.perf_counter()
+    directions = 0
+    for a_list, g_list in _passes(model, data, layers, output_directions, progress, "factors"):
+        for i, (a, g) in enumerate(zip(a_list, g_list, strict=True)):
+            a_sums[i].addmm_(a.flatten(0, 1).T, a.flatten(0, 1))
+            g_sums[i].addmm_(g.flatten(0, 2).T, g.flatten(0, 2))
+            directions = max(directions, g.shape[0])
+    info = {"time_factors": time.perf_counter() - started}
+    started = time.perf_counter()
+    for layer, a_sum, g_sum in zip(layers, a_sums, g_sums, strict=True):
+        layer.a_basis = _eigenbasis(reduce(a_sum) / n_total)
+        layer.g_basis = _eigenbasis(reduce(g_sum) / n_total)
+    info["time_eigendecomposition"] = time.perf_counter() - started
+    started = time.perf_counter()
+    sums = [torch.zeros(n.n_out, n.n_in_ext, dtype=dtype, device=device) for n in layers]
+    for a_list, g_list in _passes(model, data, layers, output_directions, progress, "eigenvalues"):
+        for i, (layer, a, g) in enumerate(zip(layers, a_list, g_list, strict=True)):
+            sums[i] += _squared_gradients(a @ layer.a_basis, g @ layer.g_basis)
+    for layer, total in zip(layers, sums, strict=True):
+        layer.eigenvalues = reduce(total) / n_total
+    info["time_eigenvalue_correction"] = time.perf_counter() - started
+    info["output_directions"] = float(directions)
+    return info
+
+
+def _eigenbasis(mat: Tensor) -> Tensor:
+    """Eigenvectors of a symmetric positive semi-definite factor, in its own dtype: the second
+    pass measures the eigenvalues in this basis, so any orthonormal basis gives a valid
+    approximation and float32 suffices."""
+    return torch.linalg.eigh((mat + mat.T) / 2).eigenvectors
+
+
+def _squared_gradients(a_rot: Tensor, g_rot: Tensor) -> Tensor:
+    """``sum_{b, s} (sum_t g_bst a_bt^T)^2`` (element-wise square) from rotated inputs
+    ``[B, T, in_ext]`` and output gradients ``[d, B, T, out]``: for one position per example the
+    square of an outer product is the outer product of squares."""
+    _, positions, n_in = a_rot.shape
+    if positions == 1:
+        return g_rot.square().sum(0)[:, 0].T @ a_rot[:, 0].square()
+    n_out = g_rot.shape[-1]
+    total = torch.zeros(n_out, n_in, dtype=a_rot.dtype, device=a_rot.device)
+    per_chunk = max(1, _CHUNK_BYTES // (n_out * n_in * a_rot.element_size()))
+    pairs = g_rot.flatten(0, 1)  # [d B, T, out]: direction s of example b at s B + b
+    inputs = a_rot.repeat(g_rot.shape[0], 1, 1)
+    for start in range(0, pairs.shape[0], per_chunk):
+        chunk = slice(start, start + per_chunk)
+        total += torch.bmm(pairs[chunk].transpose(1, 2), inputs[chunk]).square().sum(0)
+    return total
+
+
+def _passes(
+    model: FunctionalModel,
+    data: IndexedData,
+    layers: list[KroneckerLayer],
+    output_directions: int | None,
+    progress: bool,
+    what: str,
+) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
+    """One pass over ``data``: per batch, each layer's inputs ``[B, T, in_ext]`` and output
+    gradients ``[d, B, T, out]`` for the ``d`` kept output directions (``T`` positions)."""
+    bar = tqdm(total=len(data), desc=f"EK-FAC {what}", disable=not progress, leave=False)
+    for _, batch in data.batches():
+        prepared = model.prepare(batch)
+        yield _batch_factors(model, prepared.inputs, prepared.targets, layers, output_directions)
+        bar.update(prepared.size)
+    bar.close()
+
+
+def _batch_factors(
+    model: FunctionalModel,
+    inputs: Any,
+    targets: Any,
+    layers: list[KroneckerLayer],
+    output_directions: int | None,
+) -> tuple[list[Tensor], list[Tensor]]:
+    captured: dict[str, tuple[list[Tensor], list[Tensor]]] = {n.name: ([], []) for n in layers}
+    size = model.task.batch_size(inputs)
+    with torch.enable_grad(), _capture(model.model, captured):
+        theta = model.theta.detach().requires_grad_(True)
+        out = model.outputs(theta, inputs)
+        if not isinstance(out, Tensor) or out.ndim == 0 or out.shape[0] != size:
+            raise _error(
+                f"EKFAC needs the model's outputs as one batch-first tensor; the task's forward "
+                f"returned {type(out).__name__}. Override `Task.forward` to return it."
+            )
+        cotangents = _output_directions(model, targets, out.detach(), output_directions)
+        outputs = [o for n in layers for o in captured[n.name][1]]
+        per_direction = []
+        for s in range(cotangents.shape[2]):
+            grads = torch.autograd.grad(
+                out,
+                outputs,
+                cotangents[:, :, s].reshape(out.shape),
+                retain_graph=s + 1 < cotangents.shape[2],
+                allow_unused=True,
+            )
+            per_direction.append(
+                [
+                    torch.zeros_like(o) if g is None else g
+                    for g, o in zip(grads, outputs, strict=True)
+                ]
+            )
+    a_list, g_list = [], []
+    position = 0
+    for layer in layers:
+        ins, outs = captured[layer.name]
+        if not ins:
+            raise _error(
+                f"Layer {layer.name!r} was not called in the model's forward; select parameters "
+                "of layers the forward uses with `parameters=`."
+            )
+        calls = range(position, position + len(outs))
+        position += len(outs)
+        a = torch.cat([_rows(x, size, layer.n_in) for x in ins], dim=1)  # [B, T, in]
+        if layer.weight is None:
+            a = a[..., :0]
+        if layer.bias is not None:
+            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=2)
+        g = torch.stack(
+            [torch.cat([_rows(d[c], size, layer.n_out) for c in calls], 1) for d in per_direction]
+        )  # [d, B, T, out]
+        a_list.append(a)
+        g_list.append(g)
+    return a_list, g_list
+
+
+def _rows(t: Tensor, size: int, features: int) -> Tensor:
+    """``[B, ..., features]`` as ``[B, positions, features]``."""
+    if t.ndim < 2 or t.shape[0] != size or t.shape[-1] != features:
+        raise _error(
+            f"A layer saw a tensor of shape {tuple(t.shape)}, not batch-first with {features} "
+            "features last; EKFAC supports linear layers applied to [batch, ..., features]."
+        )
+    return t.detach().reshape(size, -1, features)
+
+
+def _output_directions(
+    model: FunctionalModel, targets: Any, out: Tensor, keep: int | None
+) -> Tensor:
+    """Cotangents ``C_b = U_b sqrt(L_b)`` ``[B, k, d]`` from the eigenpairs of each example's
+    output Hessian, so that ``C_b C_b^T`` is that Hessian: all directions with a nonzero
+    eigenvalue in the batch (or the top ``keep``)."""
+    batch, k = out.shape[0], out[0].numel()
+    if batch * k * k * out.element_size() > _CHUNK_BYTES:
+        raise _error(
+            f"EKFAC needs each example's output Hessian, {k} x {k} here ({batch} examples per "
+            "batch): too large. Lower the batch size (`curvature_batch_size`), or use LiSSA(), "
+            "which needs no output Hessians."
+        )
+    h_out = output_hessians(model, targets, out).detach()
+    evals, evecs = torch.linalg.eigh((h_out + h_out.transpose(1, 2)) / 2)  # ascending
+    evals = evals.clamp_min(0)
+    peak = evals.amax(dim=0)  # [k]: the largest eigenvalue of each rank over the batch
+    # eigh leaves a zero eigenvalue (softmax's) at about eps times the largest: not a direction
+    floor = 100 * torch.finfo(out.dtype).eps * peak.max().clamp_min(torch.finfo(out.dtype).tiny)
+    nonzero = peak > floor
+    columns = torch.nonzero(nonzero).flatten()
+    if keep is not None:
+        columns = columns[-keep:]
+    return evecs[:, :, columns] * evals[:, None, columns].sqrt()
+
+
+@contextmanager
+def _capture(
+    root: nn.Module, captured: dict[str, tuple[list[Tensor], list[Tensor]]]
+) -> Iterator[None]:
+    """Each named layer's inputs (detached) and outputs (in the graph), one pair per call."""
+
+    def hook(name: str) -> Any:
+        def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+                raise _error(f"Layer {name!r} was called without a tensor input and output.")
+            captured[name][0].append(args[0].detach())
+            captured[name][1].append(output)
+
+        return record
+
+    handles = [root.get_submodule(n).register_forward_hook(hook(n)) for n in captured]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _error(message: str) -> Exception:
+    from lightning_influence.errors import InfluenceError  # errors imports the solvers
+
+    return InfluenceError(message)
