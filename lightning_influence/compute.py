@@ -22,6 +22,7 @@ from lightning_influence.core.data import IndexedData, as_indexed
 from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.precision import check_scoring_dtype
 from lightning_influence.core.scores import example_pass, pairs_per_chunk, perturbation_pairs
+from lightning_influence.core.tokens import has_token_losses, token_shares_shown
 from lightning_influence.guards import (
     bad_examples_named,
     check_examples_everywhere,
@@ -32,7 +33,7 @@ from lightning_influence.guards import (
     raise_non_finite,
     working_dtype,
 )
-from lightning_influence.result import InfluenceResult
+from lightning_influence.result import InfluenceResult, relative_denominators
 from lightning_influence.solvers import Exact, FactorizedSolver, InverseOperator, LiSSA, Solver
 from lightning_influence.solvers.base import check_finite
 from lightning_influence.solvers.definiteness import smallest_eigenvalue
@@ -150,8 +151,9 @@ def evaluation_mode(model: nn.Module, device: torch.device | None = None) -> Ite
 
 
 # Called with keywords only, `compute_influence` scores every validation example and draws no
-# perturbation maps unless asked; an `InfluenceConfig` passed as `config` keeps its own values.
-FUNCTION_DEFAULTS: dict[str, Any] = {"num_val": None, "perturbation_k": 0}
+# perturbation maps or token shares unless asked; an `InfluenceConfig` passed as `config` keeps
+# its own values.
+FUNCTION_DEFAULTS: dict[str, Any] = {"num_val": None, "perturbation_k": 0, "token_k": 0}
 
 
 def compute_influence(
@@ -182,7 +184,7 @@ def compute_influence(
             own shard as ``train_indices``); ``None`` on one process.
         **options: :class:`~lightning_influence.InfluenceConfig` fields, replacing those of
             ``config``. Without ``config`` they build one in which ``num_val=None`` (every
-            validation example) and ``perturbation_k=0`` unless given, e.g.
+            validation example), ``perturbation_k=0`` and ``token_k=0`` unless given, e.g.
             ``compute_influence(model, train, val, solver=Exact(), damping=0.1)``.
 
     Returns:
@@ -315,6 +317,20 @@ def _compute(
             fm, train, train_pass.indices, train_pass.scores, val_inverse, config.perturbation_k
         )
         timings["time_perturbation"] = time.perf_counter() - t0
+    token_shares = token_share_indices = None
+    if config.token_k > 0 and train_pass.scores is not None and has_token_losses(fm):
+        t0 = time.perf_counter()
+        si = train_pass.self_influence
+        token_shares, token_share_indices = token_shares_shown(
+            fm,
+            train,
+            train_pass.indices,
+            train_pass.scores,
+            val_inverse,
+            config.token_k,
+            None if si is None else relative_denominators(si),
+        )
+        timings["time_token_shares"] = time.perf_counter() - t0
     timings["time_total"] = time.perf_counter() - started
 
     diagnostics = {
@@ -348,6 +364,8 @@ def _compute(
         val_predictions=val_pass.predictions,
         perturbation=perturbation,
         perturbation_indices=perturbation_indices,
+        token_shares=token_shares,
+        token_share_indices=token_share_indices,
         damping=float(damping),
         settings=settings,
         diagnostics=diagnostics,

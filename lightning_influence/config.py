@@ -56,6 +56,9 @@ class InfluenceConfig:
         val_indices: explicit validation dataset indices; overrides ``num_val``.
         perturbation_k: per validation point, input-space influence maps of its top-k helpful and
             harmful training examples (0 turns them off).
+        token_k: for a language-model task, the share of each token's loss in the scores of
+            every validation point's top-k helpful and harmful training sequences, raw and
+            relative rankings (0 turns them off).
         batch_size: examples per batch of per-sample gradients (the loader's by default).
         curvature_batch_size: examples per batch of full-data curvature products (``CG``,
             ``Exact``, the sketch and LiSSA's residuals), independent of ``batch_size``: larger
@@ -88,6 +91,7 @@ class InfluenceConfig:
     num_val: int | None = 64
     val_indices: list[int] | None = None
     perturbation_k: int = 4
+    token_k: int = 8
     batch_size: int | None = None
     curvature_batch_size: int = 1024
     dtype: DTypeName | None = None
@@ -125,6 +129,7 @@ class InfluenceConfig:
             )
         check_int("num_val", self.num_val, 1, allow_none=True)
         check_int("perturbation_k", self.perturbation_k, 0)
+        check_int("token_k", self.token_k, 0)
         check_int("batch_size", self.batch_size, 1, allow_none=True)
         check_int("curvature_batch_size", self.curvature_batch_size, 1)
         check_int("seed", self.seed, 0)

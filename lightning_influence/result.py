@@ -25,6 +25,8 @@ _TENSOR_FIELDS = (
     "val_predictions",
     "perturbation",
     "perturbation_indices",
+    "token_shares",
+    "token_share_indices",
 )
 # Fields with one row per training example, in the order of `train_indices`.
 ROW_FIELDS = (
@@ -95,6 +97,10 @@ class InfluenceResult:
     both dataset indices. ``perturbation[j, c]`` (when computed) is ``I_pert,loss`` of training
     example ``perturbation_indices[j, c]`` on validation example ``j``, shaped like one input:
     columns hold the ``k`` most helpful, then the ``k`` most harmful training examples.
+    ``token_shares[j, c, t]`` (language-model tasks) is the share of token ``t``'s loss in the
+    score of training example ``token_share_indices[j, c]`` on validation example ``j`` (NaN
+    where a token has no loss; they sum to the score), for the examples shown: see
+    :func:`~lightning_influence.core.tokens.token_shares_of`.
 
     Example:
         >>> import torch
@@ -124,6 +130,8 @@ class InfluenceResult:
     val_predictions: Tensor | None = None
     perturbation: Tensor | None = None
     perturbation_indices: Tensor | None = None
+    token_shares: Tensor | None = None
+    token_share_indices: Tensor | None = None
     damping: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
     diagnostics: dict[str, float] = field(default_factory=dict)
@@ -238,6 +246,11 @@ class InfluenceResult:
         merged: dict[str, Any] = {name: rows_of(name) for name in ROW_FIELDS}
         merged["train_indices"] = indices[rows]
         merged["perturbation"], merged["perturbation_indices"] = _merge_perturbations(parts)
+        from lightning_influence.core.tokens import merge_token_shares  # keeps this module light
+
+        merged["token_shares"], merged["token_share_indices"] = merge_token_shares(
+            [p.token_shares for p in parts], [p.token_share_indices for p in parts]
+        )
         # everything else (validation columns, damping, settings) is the same on every shard
         return replace(first, **merged)
 
@@ -275,11 +288,15 @@ class InfluenceResult:
             ) from err
 
     def equals(self, other: InfluenceResult) -> bool:
-        """Exact equality of every tensor and setting."""
+        """Exact equality of every tensor (NaN equal to NaN) and setting."""
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
             if isinstance(a, Tensor) or isinstance(b, Tensor):
-                if a is None or b is None or not torch.equal(a, b):
+                if a is None or b is None or a.dtype != b.dtype or a.shape != b.shape:
+                    return False
+                if not torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)) or not torch.equal(
+                    a.isnan(), b.isnan()
+                ):
                     return False
             elif a != b:
                 return False

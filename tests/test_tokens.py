@@ -1,0 +1,120 @@
+"""Per-token shares of a score: against per-token gradients, and summing to the scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_influence import Exact, InfluenceResult, LanguageModelingTask, compute_influence
+from lightning_influence.core.model import FunctionalModel
+from lightning_influence.core.sequence import completion_example, pad_sequences
+from lightning_influence.core.tokens import token_shares, token_shares_of
+
+VOCAB = 7
+
+
+class TinyLM(nn.Module):
+    """Embeddings averaged causally, then a linear head: tokens interact, as in a real LM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 3)
+        self.head = nn.Linear(3, VOCAB)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        h = self.embed(input_ids).cumsum(1)
+        h = h / torch.arange(1, input_ids.shape[1] + 1, dtype=h.dtype)[:, None]
+        return self.head(torch.tanh(h))
+
+
+def _sequences(n: int, seed: int) -> list[dict[str, Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(3, 7, (1,), generator=g))
+        ids = torch.randint(1, VOCAB, (length,), generator=g)
+        out.append(
+            completion_example(ids[:2], ids[2:]) if length % 2 else {"input_ids": ids}
+        )  # some with a prompt that has no loss
+    return out
+
+
+def _reference(
+    fm: FunctionalModel, task: LanguageModelingTask, batch: dict[str, Tensor], u: Tensor, i: int
+) -> Tensor:
+    """``-u . grad l_t`` token by token, each gradient by its own backward pass."""
+    inputs, labels = task.unpack(batch)
+    theta = fm.theta.clone().requires_grad_(True)
+    losses, counts = task.token_losses(fm.outputs(theta, inputs), labels)
+    if task.reduction == "mean":
+        losses = losses / counts.sum(1, keepdim=True)
+    out = torch.full((labels.shape[1],), float("nan"), dtype=torch.float64)
+    for t in range(losses.shape[1]):
+        if counts[i, t]:
+            (g,) = torch.autograd.grad(losses[i, t], theta, retain_graph=True)
+            out[t + 1] = -(g @ u)
+    return out
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_token_shares_against_per_token_gradients(reduction: str) -> None:
+    torch.manual_seed(0)
+    task = LanguageModelingTask(reduction=reduction)  # type: ignore[arg-type]
+    fm = FunctionalModel(TinyLM(), task, dtype=torch.float64)
+    batch = pad_sequences(_sequences(4, seed=1))
+    vectors = torch.randn(3, fm.n_params, dtype=torch.float64)
+    examples, columns = torch.tensor([0, 1, 1, 3, 2]), torch.tensor([2, 0, 1, 2, 1])
+    shares = token_shares(fm, batch, vectors, examples, columns, chunk_size=2)
+    for q in range(examples.numel()):
+        expected = _reference(fm, task, batch, vectors[columns[q]], int(examples[q]))
+        torch.testing.assert_close(shares[q], expected, rtol=1e-10, atol=1e-12, equal_nan=True)
+    # each row sums to the pair's score, -u . grad L(z)
+    inputs, labels = task.unpack(batch)
+    grads = torch.stack(
+        [
+            torch.func.grad(lambda th, i=i: fm.losses(th, inputs, labels)[i])(fm.theta)
+            for i in examples.tolist()
+        ]
+    )
+    scores = -(grads * vectors[columns]).sum(1)
+    torch.testing.assert_close(shares.nansum(1), scores, rtol=1e-10, atol=1e-12)
+
+
+def test_compute_influence_shares_sum_to_scores(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    train, val = _sequences(12, seed=2), _sequences(3, seed=3)
+    result = compute_influence(
+        model,
+        torch.utils.data.DataLoader(train, batch_size=5, collate_fn=pad_sequences),  # type: ignore[arg-type]
+        torch.utils.data.DataLoader(val, batch_size=3, collate_fn=pad_sequences),  # type: ignore[arg-type]
+        task=LanguageModelingTask(),
+        solver=Exact(),
+        damping=0.1,
+        token_k=2,
+        progress=False,
+    )
+    shares, shown = result.token_shares, result.token_share_indices
+    assert shares is not None and shown is not None
+    assert shares.shape[:2] == shown.shape and shares.shape[2] == 6  # the longest sequence
+    row = {int(i): p for p, i in enumerate(result.train_indices)}
+    for j in range(3):
+        expected: list[int] = []
+        for relative in (False, True):
+            for ranking in (result.helpful, result.harmful):
+                expected += ranking(2, relative=relative).indices[j].tolist()
+        assert set(shown[j][shown[j] >= 0].tolist()) == set(expected)
+        for i in set(expected):
+            pair = token_shares_of(shares, shown, j, i)
+            assert pair is not None
+            score = result.scores[row[i], j]
+            torch.testing.assert_close(pair.nansum(), score, rtol=1e-10, atol=1e-12)
+            padding = 6 - len(train[i]["input_ids"])  # padding, the first token and the prompt's
+            assert pair.isnan().sum() == padding + 1 + ("labels" in train[i])  # second: no loss
+    loaded = InfluenceResult.load(result.save(tmp_path / "result.pt"))
+    assert loaded.equals(result)
+    merged = InfluenceResult.merge([result, result])
+    assert merged.token_shares is not None and merged.token_shares.shape[1] == 2 * shown.shape[1]
