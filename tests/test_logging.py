@@ -416,7 +416,9 @@ def test_dashboard_index_matches_the_result(digits: Digits, tmp_path: Path) -> N
             np.testing.assert_allclose(
                 [e["relative_score"] for e in v["relative"][kind]], relative.scores[j], rtol=1e-6
             )
-            rows = [int((result.train_indices == e["index"]).nonzero()) for e in v["relative"][kind]]
+            rows = [
+                int((result.train_indices == e["index"]).nonzero()) for e in v["relative"][kind]
+            ]
             np.testing.assert_allclose(
                 [e["score"] for e in v["relative"][kind]], result.scores[rows, j], rtol=1e-6
             )
@@ -447,7 +449,7 @@ def test_dashboard_index_matches_the_result(digits: Digits, tmp_path: Path) -> N
     np.testing.assert_allclose(tile[4::8, 4::8] / 255, x[e["index"], 0], atol=1 / 255 + 1e-6)
     assert len(list(folder.glob("train_*.png"))) == len(
         {e["index"] for v in index["validation"] for k in ("helpful", "harmful") for e in v[k]}
-        | {e["index"] for v in index["validation"] for e in sum(v["relative"].values(), [])}
+        | {e["index"] for v in index["validation"] for r in v["relative"].values() for e in r}
         | set(outliers.indices.tolist())
     )
 
@@ -472,7 +474,9 @@ def test_text_examples_in_text_tab_and_dashboard(tmp_path: Path) -> None:
     index = json.loads((tmp_path / "out" / "influence_dashboard" / "index.json").read_text())
     assert index["kind"] == "text"
     first = index["validation"][0]
-    assert [e["text"] for e in first["helpful"]] == [decode(ids[i]) for i in helpful]
+    assert [e["text"] for e in first["relative"]["helpful"]] == [decode(ids[i]) for i in helpful]
+    raw = result.helpful(3).indices[0].tolist()
+    assert [e["text"] for e in first["helpful"]] == [decode(ids[i]) for i in raw]
     assert all(e["image"] is None for e in first["helpful"])
     assert not list((tmp_path / "out" / "influence_dashboard").glob("*.png"))
 

@@ -8,10 +8,12 @@ file-safe, ``influence`` by default) holds:
   ``text`` or ``table``) and its ``feature_names``, ``validation``: one entry per validation
   example kept (dataset ``index``, ``label``, ``prediction``, ``loss``, ``correct``, ``spread``:
   the standard deviation of its scores, ``text``, ``fields``, ``image``) with its ``helpful`` and
-  ``harmful`` training examples (``rank``, ``index``, ``label``, ``prediction``, ``score``,
-  ``removal_effect``: the predicted change of this validation loss when the example is removed,
-  ``text``, ``fields``, ``image``, ``saliency``), and ``review``: the training examples ranked by
-  ``self_influence``, with ``times_median`` and the ``median``, out of ``n_train``;
+  ``harmful`` training examples by raw score (``rank``, ``index``, ``label``, ``prediction``,
+  ``score``, ``relative_score``: score / sqrt(self-influence), or ``null``, ``removal_effect``: the
+  predicted change of this validation loss when the example is removed, ``text``, ``fields``,
+  ``image``, ``saliency``) and ``relative``: ``{"helpful": [...], "harmful": [...]}`` ranked by
+  relative score (``null`` without self-influence), and ``review``: the training examples ranked
+  by ``self_influence``, with ``times_median`` and the ``median``, out of ``n_train``;
 - ``val_<index>.png``, ``train_<index>.png``: each example once, as drawn in the panels;
   ``map_<val index>_<train index>.png``: the input-space map of a pair, where computed.
 
@@ -74,6 +76,7 @@ def write_dashboard(
                 f"train_{e.index}.png",
                 rank=rank,
                 score=e.score,
+                relative_score=e.relative_score,
                 removal_effect=e.removal_effect,
                 saliency=picture(f"map_{v}_{e.index}.png", e.saliency),
             )
@@ -90,6 +93,12 @@ def write_dashboard(
                 **entry(v, f"val_{v.index}.png", **extra),
                 "helpful": ranked(panel, "helpful"),
                 "harmful": ranked(panel, "harmful"),
+                "relative": {
+                    "helpful": ranked(panel, "relative_helpful"),
+                    "harmful": ranked(panel, "relative_harmful"),
+                }
+                if result.self_influence is not None
+                else None,
             }
         )
     median = report.median_self_influence

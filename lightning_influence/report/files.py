@@ -1,6 +1,7 @@
 """Plain files: PNG images, a markdown report with the tables, CSV tables and the diagnostics as
-JSON, in one folder. The CSV tables (the self-influence review list and the rankings) are written
-for every logger; the rest when a logger has no panels of its own (or there is no logger)."""
+JSON, in one folder. The CSV tables (the self-influence review list and the rankings: relative and
+raw, each row with its raw ``score`` and ``relative_score``) are written for every logger; the rest
+when a logger has no panels of its own (or there is no logger)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 :func:`build_report` fetches the examples the rankings name (by dataset index), labels them,
 renders image-like inputs as tiles and gathers panels (a validation example with its most helpful
-and harmful training examples), the self-influence review list, histograms and diagnostics.
+and harmful training examples, in the relative and the raw ranking), the self-influence review
+list, histograms and diagnostics.
 Image-like inputs (one example shaped ``[C, H, W]`` or ``[H, W]``) become pictures; other inputs
 are shown as text through ``LogSettings.describe``.
 """
@@ -26,14 +27,18 @@ from lightning_influence.report.describe import describe_input, format_label, in
 from lightning_influence.report.settings import LogSettings
 
 if TYPE_CHECKING:
-    from lightning_influence.result import InfluenceResult
+    from lightning_influence.result import InfluenceResult, Ranking
 
 __all__ = ["Example", "Panel", "Report", "Row", "build_report", "draw_figures"]
 
 
 @dataclass
 class Example:
-    """One example as shown: dataset index, label, prediction, a score and its picture or text."""
+    """One example as shown: dataset index, label, prediction, a score and its picture or text.
+
+    In a ranking, ``score`` is the raw score and ``relative_score`` the relative one (``None``
+    without self-influence); in the review list ``score`` is self-influence.
+    """
 
     index: int
     label: str
@@ -44,11 +49,13 @@ class Example:
     saliency: Tensor | None = None  # [3, h, w] uint8, red raises the validation loss
     fields: tuple[tuple[str, str], ...] = ()  # (feature name, value) of a tabular input
     removal_effect: float | None = None  # change of the validation loss if removed from training
+    relative_score: float | None = None  # score / sqrt(self-influence), in a ranking
 
 
 @dataclass(frozen=True)
 class Row:
-    """One line of a table: a ranked example, with its kind and validation example in rankings."""
+    """One line of a table: a ranked example, with its kind, ranking (``"relative"`` or
+    ``"raw"``) and validation example in rankings."""
 
     rank: int
     example: Example
@@ -56,28 +63,40 @@ class Row:
     val: Example | None = None
     times_median: float | None = None  # self-influence over its median, in the review list
     panel: Panel | None = None  # the validation example's panel, in the list of them
+    ranking: str = ""  # "relative" or "raw", in rankings
 
 
 @dataclass
 class Panel:
-    """A validation example with its top helpful and harmful training examples."""
+    """A validation example with its top helpful and harmful training examples: ``helpful`` and
+    ``harmful`` by raw score (the figure draws these), ``relative_helpful`` and
+    ``relative_harmful`` by relative score (empty without self-influence)."""
 
     val: Example  # score = its loss
     helpful: list[Example]
     harmful: list[Example]
     spread: float = math.nan  # standard deviation of its scores over the training set
     figure: Tensor | None = None  # [3, H, W] uint8
+    relative_helpful: list[Example] = field(default_factory=list)
+    relative_harmful: list[Example] = field(default_factory=list)
 
     @property
     def correct(self) -> bool | None:
         """Whether the model predicts the validation example's label (``None``: no label)."""
         return None if self.val.label == "-" else self.val.label == self.val.prediction
 
-    def rows(self) -> list[Row]:
-        """Helpful then harmful examples, ranked from 1 within each kind."""
+    def rows(self, ranking: str | None = None) -> list[Row]:
+        """Helpful then harmful examples, ranked from 1 within each kind, of ``ranking``
+        (``"relative"`` or ``"raw"``); both when ``None``, the relative ranking first."""
+        lists = {
+            "relative": (self.relative_helpful, self.relative_harmful),
+            "raw": (self.helpful, self.harmful),
+        }
         return [
-            Row(rank, e, kind, self.val)
-            for kind, examples in (("helpful", self.helpful), ("harmful", self.harmful))
+            Row(rank, e, kind, self.val, ranking=name)
+            for name, (helpful, harmful) in lists.items()
+            if ranking in (None, name)
+            for kind, examples in (("helpful", helpful), ("harmful", harmful))
             for rank, e in enumerate(examples, start=1)
         ]
 
@@ -136,9 +155,14 @@ def build_report(
     shown = _val_columns(result, settings).tolist()
     more = range(min(settings.dashboard_size, result.val_indices.numel()))
     columns = shown + [j for j in more if j not in shown and settings.val_indices is None]
-    helpful, harmful = result.helpful(settings.top_k), result.harmful(settings.top_k)
+    k = settings.top_k
+    rankings = {"raw": (result.helpful(k), result.harmful(k))}
+    relative = None
+    if result.self_influence is not None:
+        relative = result.relative_scores
+        rankings["relative"] = (result.helpful(k, relative=True), result.harmful(k, relative=True))
     at = torch.tensor(columns, dtype=torch.long)
-    wanted_train = [helpful.indices[at].reshape(-1), harmful.indices[at].reshape(-1)]
+    wanted_train = [r.indices[at].reshape(-1) for pair in rankings.values() for r in pair]
     ranked = None
     if result.self_influence is not None:
         ranked = result.outliers(max(settings.n_outliers, settings.dashboard_size))
@@ -151,16 +175,28 @@ def build_report(
     losses = result.val_losses
     spread = result.scores.float().std(dim=0) if result.n_train > 1 else None
     maps = _saliency_tiles(result, columns, settings.image_size) if images else {}
+    row = {int(i): n for n, i in enumerate(result.train_indices.tolist())}
+
+    def examples(j: int, half: int, ranking: Ranking) -> list[Example]:
+        """The examples ``ranking`` names for column ``j`` (half 0: helpful), each with its raw
+        and relative score and, as ``result.removal_effect``, -score / n_train."""
+        out = []
+        for i in ranking.indices[j].tolist():
+            e = train.example(i, float(result.scores[row[i], j]), maps.get((j, half, i)))
+            e.removal_effect = -e.score / result.n_train
+            e.relative_score = None if relative is None else float(relative[row[i], j])
+            out.append(e)
+        return out
+
     panels = []
     for j in columns:
-        lists = []
-        for half, ranking in enumerate((helpful, harmful)):
-            pairs = zip(ranking.indices[j].tolist(), ranking.scores[j].tolist(), strict=True)
-            lists.append([train.example(i, s, maps.get((j, half, i))) for i, s in pairs])
-            for e in lists[-1]:  # as ``result.removal_effect``: first order, -score / n
-                e.removal_effect = -e.score / result.n_train
         loss = float(losses[j]) if losses is not None else math.nan
-        panel = Panel(val.example(int(result.val_indices[j]), loss), lists[0], lists[1])
+        helpful, harmful = (examples(j, half, r) for half, r in enumerate(rankings["raw"]))
+        panel = Panel(val.example(int(result.val_indices[j]), loss), helpful, harmful)
+        if "relative" in rankings:
+            panel.relative_helpful, panel.relative_harmful = (
+                examples(j, half, r) for half, r in enumerate(rankings["relative"])
+            )
         panel.spread = math.nan if spread is None else float(spread[j])
         panels.append(panel)
     review = []

@@ -68,12 +68,14 @@ RANKINGS: tuple[Column, ...] = (
     Column("val_index", "val index", lambda r: _val(r).index, markdown=False),
     Column("val_label", "val label", lambda r: _val(r).label, markdown=False),
     Column("val_prediction", "val prediction", lambda r: _val(r).prediction, markdown=False),
+    Column("ranking", "ranking", lambda r: r.ranking, markdown=False),
     Column("kind", "kind", lambda r: r.kind),
     Column("rank", "rank", lambda r: r.rank),
     Column("train_index", "train index", lambda r: r.example.index),
     Column("label", "label", lambda r: r.example.label),
     Column("prediction", "prediction", lambda r: r.example.prediction),
     Column("score", "score", lambda r: r.example.score, "+.4g"),
+    Column("relative_score", "relative", lambda r: r.example.relative_score, "+.4g"),
     Column("removal_effect", "if removed", lambda r: r.example.removal_effect, "+.3g"),
 )
 VALIDATION: tuple[Column, ...] = (
@@ -95,7 +97,8 @@ OUTLIERS: tuple[Column, ...] = (
 # Inputs shown as text (decoded sequences, sentences) also go in the CSV and W&B tables.
 VAL_INPUT = Column("val_input", "val input", lambda r: _val(r).text, markdown=False)
 INPUT = Column("input", "input", lambda r: r.example.text, markdown=False)
-_NUMERIC = {"rank", "train_index", "index", "score", "removal_effect", "self_influence"}
+_NUMERIC = {"rank", "train_index", "index", "score", "relative_score", "removal_effect"}
+_NUMERIC |= {"self_influence"}
 _NUMERIC |= {"times_median", "loss", "spread"}
 MISLABELED_NOTE = (
     "A training example with a wrong label can still be helpful: its input resembles this "
@@ -106,6 +109,15 @@ SCORE_NOTE = (
     "Score: how much up-weighting a training example changes this example's loss; negative = "
     "it helped (lowered the loss), positive = it hurt. *If removed*: the predicted change of "
     "this loss when the example is left out of training, -score / (number of training examples)."
+)
+RELATIVE_NOTE = (
+    "*Relative* ranking: by score / sqrt(self-influence), the training examples most specific to "
+    "this example; the raw ranking favours examples with large gradients (outliers, mislabels) "
+    "that lead the lists of every example alike."
+)
+RAW_NOTE = (
+    "*Raw* ranking: by score, the predicted effect of up-weighting each training example on "
+    "this loss, whatever else it moves."
 )
 
 
@@ -134,7 +146,10 @@ def panel_markdown(panel: Panel, text_inputs: bool) -> str:
     if text_inputs:
         lines.append(f"Input: `{_escape(v.text)}`")
     lines += [SCORE_NOTE, "", MISLABELED_NOTE, ""]
-    return "\n".join(lines + _markdown(RANKINGS, panel.rows(), text_inputs))
+    if panel.relative_helpful or panel.relative_harmful:
+        lines += [RELATIVE_NOTE, ""]
+        lines += [*_markdown(RANKINGS, panel.rows("relative"), text_inputs), "", RAW_NOTE, ""]
+    return "\n".join(lines + _markdown(RANKINGS, panel.rows("raw"), text_inputs))
 
 
 def outliers_markdown(report: Report) -> str:

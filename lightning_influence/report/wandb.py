@@ -1,6 +1,7 @@
-"""Weights & Biases: tables (validation examples, rankings, the review list) with image cells, or
-text and feature columns; the panel images, histograms, summary values and the saved result file
-as an artifact. ``wandb`` is imported only here, when a ``WandbLogger`` is present."""
+"""Weights & Biases: tables (validation examples, the rankings relative and raw with both scores,
+the review list) with image cells, or text and feature columns; the panel images, histograms,
+summary values and the saved result file as an artifact. ``wandb`` is imported only here, when a
+``WandbLogger`` is present."""
 
 from __future__ import annotations
 
