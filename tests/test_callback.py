@@ -259,7 +259,8 @@ def test_state_dict_round_trip_and_state_key() -> None:
     state = callback.state_dict()
     assert state["settings"]["solver"] == {"name": "cg", "max_iter": 100, "tol": 1e-6}
     assert callback.state_key == (
-        "InfluenceCallback{'save_dir': None, 'filename': 'influence.pt', 'prefix': 'influence'}"
+        "InfluenceCallback{'parameters': None, 'save_dir': None, 'filename': 'influence.pt', "
+        "'prefix': 'influence'}"
     )
     same = InfluenceCallback(solver="cg", damping=0.01, num_val=8, seed=3)
     same.load_state_dict(state)
@@ -270,6 +271,59 @@ def test_state_dict_round_trip_and_state_key() -> None:
     assert other.state_key == callback.state_key  # a changed setting still finds its state
     two = InfluenceCallback(log_prefix="second")
     assert two.state_key != callback.state_key  # two instances can share a checkpoint
+
+
+class _Headed(L.LightningModule):
+    """A body and a head, trained with cross-entropy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_two_callbacks_run_save_apart_and_each_resumes_its_state(tmp_path: Path) -> None:
+    data = TensorDataset(torch.randn(30, 4), torch.randint(0, 3, (30,)))
+    loaders = (DataLoader(data, batch_size=10),)  # validation points from `val_dataset`
+    fast: dict[str, Any] = {
+        "solver": "exact",
+        "damping": 0.1,
+        "num_val": 4,
+        "perturbation_k": 0,
+        "val_dataset": data,
+    }
+    head = InfluenceCallback(**fast, parameters=["head.*"])
+    every = InfluenceCallback(**fast)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    _trainer(tmp_path, [head, every, ckpt], enable_checkpointing=True).fit(_Headed(), *loaders)
+    assert head.result is not None and every.result is not None
+    assert head.result.settings["parameters"] == ["head.weight", "head.bias"]
+    assert every.result.settings["n_params"] == 5 * 4 + 5 + 3 * 5 + 3
+    assert head.result_path is not None and every.result_path is not None
+    assert head.result_path.parent != every.result_path.parent  # a folder each
+    assert head.result_path.exists() and every.result_path.exists()
+    # Resumed with another damping each: each finds its own state by what tells them apart.
+    head2 = InfluenceCallback(**dict(fast, damping=0.2), parameters=["head.*"])
+    every2 = InfluenceCallback(**dict(fast, damping=0.3))
+    with pytest.warns(UserWarning, match=r"settings \['damping'\] differ"):
+        _trainer(tmp_path, [every2, head2], max_epochs=2).fit(
+            _Headed(), *loaders, ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+        )
+    assert head2.restored_settings is not None and every2.restored_settings is not None
+    assert head2.restored_settings["parameters"] == ["head.*"]
+    assert every2.restored_settings["parameters"] is None
+    assert head2.result is not None and head2.result.settings["parameters"] == [
+        "head.weight",
+        "head.bias",
+    ]
 
 
 def test_out_of_memory_names_the_settings_and_restores_the_module(

@@ -16,6 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies import (
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
 from torch import Tensor, nn
 from torch.utils.data import (
     DataLoader,
@@ -35,6 +41,11 @@ from lightning_influence import (
     RegressionTask,
     TaskError,
     compute_influence,
+)
+from lightning_influence.callback.checks import (
+    check_unsharded,
+    check_whole_parameters,
+    parameter_shapes,
 )
 
 N = 40
@@ -338,6 +349,87 @@ def test_a_validation_label_out_of_range_is_named() -> None:
         TaskError, match=r"validation examples at dataset indices \[3\] have labels"
     ):
         compute_influence(nn.Linear(4, 3), _classes(), val, solver=Exact(), progress=False)
+
+
+class _LogitsAndProbs(Tiny):
+    """A forward that returns ``(logits, probs)``; training uses the logits."""
+
+    def forward(self, x: Tensor) -> Any:
+        logits = self.net(x)
+        return logits, logits.softmax(-1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch[0])[0], batch[1])
+
+
+class _WithMeta(Tiny):
+    """Batches ``(x, meta, y)`` and a forward that takes ``(x, meta)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.meta = nn.Linear(2, 3)
+
+    def forward(self, x: Tensor, meta: Tensor) -> Tensor:  # type: ignore[override]
+        return self.net(x) + self.meta(meta)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch[0], batch[1]), batch[2])
+
+
+def test_a_forward_returning_a_tuple_names_task_forward_before_training(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, [InfluenceCallback(**FAST)])
+    with pytest.raises(
+        TaskError, match=r"outputs tuple\(Tensor.*Tensor.*\).*a Task whose `forward` picks it"
+    ):
+        trainer.fit(_LogitsAndProbs(), *_loaders(_classes()))
+    assert trainer.global_step == 0
+
+
+def test_batches_with_several_inputs_name_task_unpack_before_training(tmp_path: Path) -> None:
+    x, y = _classes().tensors
+    data = TensorDataset(x, torch.randn(N, 2), y)
+    trainer = _trainer(tmp_path, [InfluenceCallback(**FAST)])
+    with pytest.raises(
+        TaskError, match=r"missing 1 required positional argument: 'meta'.*`unpack` returns them"
+    ):
+        trainer.fit(_WithMeta(), *_loaders(data))
+    assert trainer.global_step == 0
+
+
+class StandInDeepSpeedStrategy(SingleDeviceStrategy):
+    """A sharding strategy as the callback sees it, on one CPU: once set up, ``net.weight`` is
+    marked as a ZeRO-3 partition (``ds_numel``) and ``net.bias`` is left whole."""
+
+    def setup(self, trainer: L.Trainer) -> None:
+        super().setup(trainer)
+        module: Any = self.lightning_module
+        module.net.weight.ds_numel = module.net.weight.numel()
+
+
+def test_sharded_strategies_are_refused_before_training(tmp_path: Path) -> None:
+    stand_in = object.__new__(DeepSpeedStrategy)  # DeepSpeed itself is not installed
+    for strategy in (FSDPStrategy(), ModelParallelStrategy(), stand_in):
+        with pytest.raises(InfluenceError, match=r"influence_from_checkpoint.*`parameters=`"):
+            check_unsharded(strategy, None)
+    check_unsharded(SingleDeviceStrategy("cpu"), None)
+    shapes = parameter_shapes(Tiny(), ["net.*"])  # before wrapping; then a shard of net.weight
+    split = Tiny()
+    split.net.weight = nn.Parameter(torch.zeros(1, 4))
+    with pytest.raises(InfluenceError, match=r"parameters \['net.weight'\].*are sharded"):
+        check_whole_parameters(FSDPStrategy(), split, ["net.*"], shapes)
+    check_whole_parameters(FSDPStrategy(), Tiny(), ["net.*"], shapes)  # whole: accepted
+    # In a Trainer: all parameters, then a sharded one, refused before the first step.
+    for parameters, match in ((None, "splits the model's parameters"), (["net.*"], "net.weight")):
+        callback = InfluenceCallback(**FAST, parameters=parameters)
+        trainer = _trainer(tmp_path, [callback], strategy=StandInDeepSpeedStrategy("cpu"))
+        with pytest.raises(InfluenceError, match=match):
+            trainer.fit(Tiny(), *_loaders(_classes()))
+        assert trainer.global_step == 0
+    # A part the strategy leaves whole: influence over it.
+    callback = InfluenceCallback(**FAST, parameters=["net.bias"])
+    trainer = _trainer(tmp_path, [callback], strategy=StandInDeepSpeedStrategy("cpu"))
+    trainer.fit(Tiny(), *_loaders(_classes()))
+    assert callback.result is not None and callback.result.settings["parameters"] == ["net.bias"]
 
 
 def test_limit_val_batches_zero_says_what_to_pass(tmp_path: Path) -> None:

@@ -21,7 +21,15 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from lightning_influence.callback.checks import check_before_training, check_out_dir, fresh_out_dir
+from lightning_influence.callback.checks import (
+    check_before_training,
+    check_out_dir,
+    check_unsharded,
+    check_whole_parameters,
+    fresh_out_dir,
+    parameter_shapes,
+    sharded_strategy,
+)
 from lightning_influence.callback.data import indexed_data
 from lightning_influence.callback.distributed import (
     agree_on_failure,
@@ -120,6 +128,7 @@ class InfluenceCallback(Callback):
         self._checked = self._skip = False
         self._task: Task | None = None
         self._rows: tuple[IndexedData, IndexedData] | None = None
+        self._shapes: dict[str, tuple[int, ...]] = {}
 
     def __getattr__(self, name: str) -> Any:
         config = self.__dict__.get("config")
@@ -135,10 +144,15 @@ class InfluenceCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        # where it writes, never a tunable setting: a resumed run finds its state after a change
-        prefix = self.log_settings.prefix
+        # what it computes influence over and where it writes, never a tunable setting: a resumed
+        # run finds its state after a change, and two callbacks (the head alone and all the
+        # parameters) live in one Trainer and one checkpoint
+        parameters = self.config.parameters
         return self._generate_state_key(
-            save_dir=self.save_dir, filename=self.filename, prefix=prefix
+            parameters=None if parameters is None else list(parameters),
+            save_dir=self.save_dir,
+            filename=self.filename,
+            prefix=self.log_settings.prefix,
         )
 
     def settings(self) -> dict[str, Any]:
@@ -174,10 +188,18 @@ class InfluenceCallback(Callback):
                 "loops run: train without it to compute influence."
             )
             return
+        check_unsharded(trainer.strategy, self.config.parameters)
+        # measured before the strategy wraps the module, to tell a shard from a whole parameter
+        self._shapes = parameter_shapes(pl_module, self.config.parameters)
+        self._warn_if_shared_prefix(trainer)
         self._checked = self._check(trainer, pl_module, final=False)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.run_on == "fit" and not self._skip:
+            check_whole_parameters(
+                trainer.strategy, pl_module, self.config.parameters, self._shapes
+            )
         if self.run_on == "fit" and not self._checked and not self._skip:
             self._checked = self._check(trainer, pl_module, final=True)
 
@@ -201,6 +223,23 @@ class InfluenceCallback(Callback):
             return Path(self.save_dir)
         return Path(trainer.log_dir or trainer.default_root_dir) / "influence"
 
+    def _warn_if_shared_prefix(self, trainer: L.Trainer) -> None:
+        """Warn when another InfluenceCallback of this trainer logs under the same tags."""
+        found = [c for c in trainer.callbacks if isinstance(c, InfluenceCallback)]  # type: ignore[attr-defined]
+        prefix = self.log_settings.prefix
+        if trainer.loggers and sum(c.log_settings.prefix == prefix for c in found) > 1:
+            rank_zero_warn(
+                f"Several InfluenceCallbacks log under the tag prefix {prefix!r}, so their "
+                "panels mix in the loggers (each still saves to its own folder). Pass each its "
+                "own `log_prefix=` (e.g. 'influence/head')."
+            )
+
+    def _check_whole(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Under a sharding strategy, refuse selected parameters that it split into shards."""
+        if sharded_strategy(trainer.strategy):
+            parameters = self.config.parameters
+            check_whole_parameters(trainer.strategy, pl_module, parameters, self._shapes)
+
     def _config(self) -> InfluenceConfig:
         """The config, with the task settled before training when none was given."""
         return replace(self.config, task=self._task) if self._task else self.config
@@ -216,6 +255,10 @@ class InfluenceCallback(Callback):
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         started = time.perf_counter()
+        if sharded_strategy(trainer.strategy):
+            check_whole_parameters(
+                trainer.strategy, pl_module, self.config.parameters, self._shapes
+            )
         data = self._rows or indexed_data(trainer, pl_module, self.train_dataset, self.val_dataset)
         assert data is not None  # raised when there is none
         train, val = data

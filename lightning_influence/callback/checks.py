@@ -17,13 +17,19 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import (
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    Strategy,
+)
 from lightning.pytorch.utilities import move_data_to_device
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_influence.compute import evaluation_mode
 from lightning_influence.config import InfluenceConfig
 from lightning_influence.core.data import IndexedData, as_indexed
-from lightning_influence.core.model import FunctionalModel
+from lightning_influence.core.model import FunctionalModel, select_parameters
 from lightning_influence.core.task import (
     ClassificationTask,
     RegressionTask,
@@ -32,12 +38,17 @@ from lightning_influence.core.task import (
     ambiguous_task_error,
     guess_task,
 )
+from lightning_influence.errors import InfluenceError
 
 __all__ = [
     "check_before_training",
     "check_out_dir",
+    "check_unsharded",
+    "check_whole_parameters",
     "fresh_out_dir",
+    "parameter_shapes",
     "settle_task",
+    "sharded_strategy",
     "training_step_losses",
     "warn_if_random",
 ]
@@ -97,6 +108,8 @@ def settle_task(
     prepared = fm.prepare(batches[0])
     with torch.no_grad():
         outputs = fm.outputs(fm.theta, prepared.inputs)
+        if not isinstance(outputs, Tensor):  # (logits, probs): an error that says what to pick
+            fm.losses_from_outputs(outputs, prepared.targets, prepared.size)
     guess = guess_task(outputs, prepared.targets)
     if steps is None:
         if guess is None:
@@ -136,6 +149,93 @@ def training_step_losses(module: L.LightningModule, batches: list[Any]) -> list[
     if any(v is None or not math.isfinite(v) for v in found):
         return None
     return [float(v) for v in found if v is not None]
+
+
+_SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+_WHAT_WORKS = (
+    "Train as you do, then compute influence on one device from the checkpoint: "
+    "`influence_from_checkpoint(model, datamodule, ckpt_path, trainer_kwargs={'devices': 1})`; "
+    "or pass `parameters=` patterns that select a part the strategy leaves whole (a head that "
+    "is not sharded, e.g. `parameters=['head.*']`)."
+)
+
+
+def sharded_strategy(strategy: Strategy) -> str | None:
+    """The name of ``strategy`` when it shards the module's parameters across processes (FSDP,
+    DeepSpeed, model parallelism), else ``None``.
+
+    Example:
+        >>> from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
+        >>> sharded_strategy(FSDPStrategy()), sharded_strategy(SingleDeviceStrategy("cpu"))
+        ('FSDPStrategy', None)
+    """
+    name = type(strategy).__name__
+    if isinstance(strategy, _SHARDED) or "FSDP" in name or "DeepSpeed" in name:
+        return name
+    return None
+
+
+def check_unsharded(strategy: Strategy, parameters: Sequence[str] | None) -> None:
+    """Refuse, before training, a strategy that shards the parameters influence would need
+    whole: all of them (no ``parameters=``) under FSDP, DeepSpeed or model parallelism."""
+    name = sharded_strategy(strategy)
+    if name is not None and parameters is None:
+        raise InfluenceError(
+            f"InfluenceCallback cannot compute influence under `{name}`: it splits the model's "
+            "parameters into shards across processes, and influence needs every selected "
+            f"parameter whole on each process. {_WHAT_WORKS}"
+        )
+
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+def parameter_shapes(module: nn.Module, parameters: Sequence[str] | None) -> Shapes:
+    """The shape of each parameter that ``parameters`` selects, before a strategy wraps the
+    module (empty when none is selected yet, e.g. before ``configure_model``)."""
+    if parameters is None:
+        return {}
+    named = dict(module.named_parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return {n: tuple(named[n].shape) for n in select_parameters(module, parameters)}
+        except ValueError:
+            return {}
+
+
+def check_whole_parameters(
+    strategy: Strategy,
+    module: nn.Module,
+    parameters: Sequence[str] | None,
+    shapes: Shapes,
+) -> None:
+    """Under a sharding strategy, refuse when a selected parameter no longer has the shape it had
+    before the strategy wrapped the module (``shapes``, see :func:`parameter_shapes`), was not
+    there to be measured, or is a distributed tensor: a shard."""
+    name = sharded_strategy(strategy)
+    if name is None:
+        return
+    check_unsharded(strategy, parameters)
+    assert parameters is not None
+    found = dict(module.named_parameters())
+    chosen = parameter_shapes(module, parameters) or shapes
+    sharded = [
+        n for n in chosen if n not in found or n not in shapes or _split(found[n], shapes[n])
+    ]
+    if sharded:
+        raise InfluenceError(
+            f"InfluenceCallback cannot compute influence under `{name}`: the selected parameters "
+            f"{sharded[:5]}{' ...' if len(sharded) > 5 else ''} (`parameters={list(parameters)}`)"
+            f" are sharded across processes. {_WHAT_WORKS}"
+        )
+
+
+def _split(parameter: Tensor, shape: tuple[int, ...]) -> bool:
+    """Whether ``parameter`` is a shard of one of ``shape``: another shape, a distributed tensor
+    (FSDP2, tensor parallelism) or a DeepSpeed ZeRO-3 partition."""
+    distributed = type(parameter.data).__name__ == "DTensor" or hasattr(parameter, "ds_numel")
+    return distributed or tuple(parameter.shape) != shape
 
 
 def check_out_dir(path: Path) -> None:

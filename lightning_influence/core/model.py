@@ -19,7 +19,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from lightning_influence.core.attention import differentiable_attention
-from lightning_influence.core.task import Task, TaskError
+from lightning_influence.core.task import Task, TaskError, describe_structure
 
 __all__ = ["Batch", "FunctionalModel", "select_parameters"]
 
@@ -135,7 +135,10 @@ class FunctionalModel:
 
     def losses_from_outputs(self, outputs: Any, targets: Any, size: int | None = None) -> Tensor:
         """Per-sample losses from outputs, checked to be one per example (``size`` of them)."""
-        loss = self.task.loss(outputs, targets)
+        try:
+            loss = self.task.loss(outputs, targets)
+        except TypeError as err:
+            raise _loss_type_error(self.task, outputs, targets, err) from err
         if not isinstance(loss, Tensor) or loss.ndim != 1 or size not in (None, loss.shape[0]):
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             examples = f" for a batch of {size} examples" if size is not None else ""
@@ -187,4 +190,38 @@ class _TaskForward(nn.Module):
         self._task = task
 
     def forward(self, inputs: Any) -> Any:
-        return self._task.forward(self.model, inputs)
+        try:
+            return self._task.forward(self.model, inputs)
+        except TypeError as err:
+            raise _forward_type_error(self._task, inputs, err) from err
+
+
+def _forward_type_error(task: Task, inputs: Any, err: TypeError) -> TaskError:
+    """A ``TypeError`` from the forward pass, explained: the inputs the task unpacked, and how a
+    task passes several inputs to a forward that takes them."""
+    return TaskError(
+        f"The model's forward failed on the inputs {describe_structure(inputs)} that "
+        f"`{type(task).__name__}.unpack` took from a batch: TypeError: {err}. The default task "
+        "calls `model(inputs)` with the first element of each batch. For a forward that takes "
+        "several inputs (batches `(x, meta, y)` and `forward(self, x, meta)`), pass `task=` a "
+        "Task whose `unpack` returns them together and whose `forward` passes them on: "
+        "`def unpack(self, batch): return (batch[0], batch[1]), batch[2]` and "
+        "`def forward(self, model, inputs): return model(*inputs)`."
+    )
+
+
+def _loss_type_error(task: Task, outputs: Any, targets: Any, err: TypeError) -> TaskError:
+    """A ``TypeError`` from the task's loss, explained: the outputs it was given, and, for a
+    forward that returns several outputs, how a task picks the logits."""
+    found = f"outputs {describe_structure(outputs)} and targets {describe_structure(targets)}"
+    if isinstance(outputs, tuple | list | dict):
+        fix = (
+            "The model's forward returns several outputs; the loss needs the one it was trained "
+            "on. Pass `task=` a Task whose `forward` picks it, e.g. "
+            "`def forward(self, model, inputs): return model(inputs)[0]` for `(logits, probs)`."
+        )
+    else:
+        fix = "Pass `task=` a Task whose `loss(outputs, targets)` takes these."
+    return TaskError(
+        f"`{type(task).__name__}.loss` failed on the model's {found}: TypeError: {err}. {fix}"
+    )
