@@ -6,8 +6,9 @@ the same names in other sentences), trains a small causal transformer (PyTorch's
 ``nn.TransformerEncoder`` with a causal mask) from scratch with Lightning, and asks for each fact
 the completion "the capital of X is" -> "Y". Influence (``compute_influence`` with completion
 queries, CG on the output layer's weights in float64) should rank the sequence that states the
-fact first among the helpful ones; a plain gradient dot product is scored beside it. Nothing is
-downloaded.
+fact first among the helpful ones; a plain gradient dot product is scored beside it. Within
+that sequence, the per-token shares of its score (``token_k``) should put the largest share on
+the answer, the capital's token. Nothing is downloaded.
 
     python examples/planted_facts.py               # about 3 minutes on one CPU thread
     python examples/planted_facts.py --facts 12 --distractors 108 --epochs 100   # 30 s
@@ -18,10 +19,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import random
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from lightning_influence import (
 )
 from lightning_influence.core.gradients import per_sample_gradients
 from lightning_influence.core.sequence import IGNORE_INDEX, pad_sequences
+from lightning_influence.core.tokens import token_shares_of
 from lightning_influence.report import LogSettings, log_influence
 
 PAD = "<pad>"
@@ -205,11 +208,14 @@ class LanguageModel(L.LightningModule):
 # ----------------------------------------------------------------------------------- scoring
 @dataclass
 class Ranks:
-    """Rank (1 = most helpful) of the stating sequence, per fact answered correctly."""
+    """Rank (1 = most helpful) of the stating sequence, per fact answered correctly, and the
+    token that carries the largest share of its score (``None``: not among those shown)."""
 
     facts: list[int]
     influence: list[int]
     dot_product: list[int]
+    top_token: list[int | None] = field(default_factory=list)
+    answer_share: list[float] = field(default_factory=list)  # the answer's share of the score
 
     @staticmethod
     def share(ranks: list[int], k: int) -> float:
@@ -253,6 +259,18 @@ def rank_of(scores: Tensor, target: int, helpful_is_low: bool) -> int:
     """1-based rank of row ``target`` when rows are sorted most helpful first."""
     column = scores if helpful_is_low else -scores
     return int((column < column[target]).sum()) + 1
+
+
+# The answer's place in a stating sequence: "the capital of X is Y ." comes first.
+ANSWER_POSITION = 5
+
+
+def top_token(shares: Tensor | None, score: float) -> int | None:
+    """Position of the token that carries the largest share of ``score`` (most in its
+    direction), or ``None`` without shares."""
+    if shares is None:
+        return None
+    return int((shares * math.copysign(1.0, score)).nan_to_num(-math.inf).argmax())
 
 
 # ----------------------------------------------------------------------------------- main
@@ -318,6 +336,7 @@ def run(args: argparse.Namespace) -> Ranks:
         parameters=args.parameters,
         dtype=torch.float64,  # float32 CG loses the small curvature directions that matter here
         self_influence=False,
+        token_k=5,  # the per-token shares of each fact's top 5 helpful and harmful sequences
         progress=False,
     )
     print(f"influence in {time.perf_counter() - started:.0f} s")
@@ -334,6 +353,12 @@ def run(args: argparse.Namespace) -> Ranks:
             ranks.facts.append(j)
             ranks.influence.append(rank_of(result.scores[:, j], corpus.stating[j], True))
             ranks.dot_product.append(rank_of(dots[:, j], corpus.stating[j], False))
+            row = corpus.stating[j]  # dataset index = row: every training sequence is scored
+            shares = token_shares_of(result.token_shares, result.token_share_indices, j, row)
+            score = float(result.scores[row, j])
+            ranks.top_token.append(top_token(shares, score))
+            share = math.nan if shares is None else float(shares[ANSWER_POSITION]) / score
+            ranks.answer_share.append(share)
     report(corpus, ranks)
     return ranks
 
@@ -357,6 +382,12 @@ def report(corpus: Corpus, ranks: Ranks) -> None:
                 f"{Ranks.share(picked, 5):.0%} of the {len(rows)} facts whose names "
                 f"distractors {words}"
             )
+    answer = sum(t == ANSWER_POSITION for t in ranks.top_token) / max(n, 1)
+    median = torch.tensor(ranks.answer_share, dtype=torch.float64).nanmedian()
+    print(
+        f"{'per-token shares':>22}: the answer token carries the largest share of the stating "
+        f"sequence's score for {answer:.0%} of the {n} facts answered (median {median:.0%} of it)"
+    )
     for k, j in enumerate(ranks.facts[:3]):
         print(
             f"  '{corpus.decode(corpus.prompt(j))} ...': stating sequence "

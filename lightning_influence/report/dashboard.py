@@ -11,7 +11,9 @@ file-safe, ``influence`` by default) holds:
   ``harmful`` training examples by raw score (``rank``, ``index``, ``label``, ``prediction``,
   ``score``, ``relative_score``: score / sqrt(self-influence), or ``null``, ``removal_effect``: the
   predicted change of this validation loss when the example is removed, ``text``, ``fields``,
-  ``image``, ``saliency``) and ``relative``: ``{"helpful": [...], "harmful": [...]}`` ranked by
+  ``image``, ``saliency``, ``tokens``: ``[text, share]`` per token of a sequence, its share of
+  the score or ``null`` for a token without a loss, where computed, else ``null``) and
+  ``relative``: ``{"helpful": [...], "harmful": [...]}`` ranked by
   relative score (``null`` without self-influence), and ``review``: the training examples ranked
   by ``self_influence``, with ``times_median`` and the ``median``, out of ``n_train``;
 - ``val_<index>.png``, ``train_<index>.png``: each example once, as drawn in the panels;
@@ -79,6 +81,7 @@ def write_dashboard(
                 relative_score=e.relative_score,
                 removal_effect=e.removal_effect,
                 saliency=picture(f"map_{v}_{e.index}.png", e.saliency),
+                tokens=[list(t) for t in e.tokens] or None,
             )
             for rank, e in enumerate(getattr(panel, kind), start=1)
         ]

@@ -1,14 +1,18 @@
 """Training and validation examples as text: a label or prediction, the fields of a tabular
-input, a short description of any other input."""
+input, a short description of any other input, a sequence's tokens with their shares."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor
 
-__all__ = ["describe_input", "format_label", "input_fields"]
+__all__ = ["describe_input", "format_label", "input_fields", "marked_tokens", "token_pieces"]
+
+Tokens = tuple[tuple[str, float | None], ...]
+"""Each token's text and its share of a score (``None``: the token has no loss)."""
 
 
 def input_fields(x: Any, names: tuple[str, ...] | None) -> tuple[tuple[str, str], ...]:
@@ -70,3 +74,59 @@ def format_label(value: Tensor, names: tuple[str, ...] | None = None) -> str:
     if isinstance(item, int) and names is not None and 0 <= item < len(names):
         return names[item]
     return str(item) if isinstance(item, int | bool) else f"{item:.3g}"
+
+
+def token_pieces(
+    x: Any, shares: Tensor, decode: Callable[[list[int]], str] | None = None
+) -> Tokens:
+    """The tokens of one sequence input (``input_ids``, in a dict with an ``attention_mask`` or
+    alone) with their ``shares`` (per position, NaN: no loss), written so that joined they read
+    as the whole (``decode`` of each token, spaced as ``decode`` spaces them; else the ids).
+
+    Example:
+        >>> import torch
+        >>> x = {"input_ids": torch.tensor([3, 4, 0]), "attention_mask": torch.tensor([1, 1, 0])}
+        >>> words = lambda ids: " ".join(f"w{i}" for i in ids)
+        >>> token_pieces(x, torch.tensor([float("nan"), -0.5, 0.0]), words)
+        (('w3', None), (' w4', -0.5))
+    """
+    ids = x.get("input_ids") if isinstance(x, Mapping) else x
+    if not isinstance(ids, Tensor):
+        return ()
+    mask = x.get("attention_mask") if isinstance(x, Mapping) else None
+    flat = ids.reshape(-1)
+    kept = [
+        t
+        for t in range(flat.numel())
+        if mask is None or bool(mask.reshape(-1)[t])  # padding is not shown
+    ]
+    tokens = [int(flat[t]) for t in kept]
+    pieces = [decode([t]) for t in tokens] if decode is not None else [str(t) for t in tokens]
+    whole = decode(tokens) if decode is not None else " ".join(pieces)
+    if whole != "".join(pieces):  # a separator between tokens (a space, for words)
+        sep = next((c for c in (" ", "-", "") if whole == c.join(pieces)), " ")
+        pieces = [p if n == 0 else sep + p for n, p in enumerate(pieces)]
+    values = [float(shares[t]) if t < shares.numel() else math.nan for t in kept]
+    return tuple((p, v if math.isfinite(v) else None) for p, v in zip(pieces, values, strict=True))
+
+
+def marked_tokens(tokens: Tokens, score: float, most: int = 3) -> str:
+    """The text with the ``most`` tokens that carry the largest shares of ``score`` (each at
+    least a tenth of it) in brackets, with their percentage of it.
+
+    Example:
+        >>> marked_tokens((("the", None), (" capital", -0.1), (" naror", -1.8)), -2.0)
+        'the capital [naror 90%]'
+    """
+    ranked = sorted(
+        (n for n, (_, v) in enumerate(tokens) if v is not None and score and v / score >= 0.1),
+        key=lambda n: -(tokens[n][1] or 0.0) / score,
+    )[:most]
+    out = []
+    for n, (piece, value) in enumerate(tokens):
+        if n in ranked and value is not None:
+            word = piece.lstrip()
+            out.append(f"{piece[: len(piece) - len(word)]}[{word} {value / score:.0%}]")
+        else:
+            out.append(piece)
+    return "".join(out)

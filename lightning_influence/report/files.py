@@ -18,6 +18,7 @@ from lightning_influence.report.tables import (
     INPUT,
     OUTLIERS,
     RANKINGS,
+    TOKENS,
     VAL_INPUT,
     outliers_markdown,
     panel_markdown,
@@ -33,7 +34,7 @@ def write_tables(report: Report, out_dir: Path, stem: str) -> list[Path]:
     rankings = [row for panel in report.panels for row in panel.rows()]
     outliers, ranking = list(OUTLIERS), list(RANKINGS)
     if not report.images:  # inputs shown as text go in the tables too
-        outliers, ranking = [*outliers, INPUT], [*ranking, VAL_INPUT, INPUT]
+        outliers, ranking = [*outliers, INPUT], [*ranking, VAL_INPUT, INPUT, TOKENS]
     files = [
         write_csv(out_dir / f"{stem}_outliers.csv", outliers, report.outlier_rows()),
         write_csv(out_dir / f"{stem}_rankings.csv", ranking, rankings),

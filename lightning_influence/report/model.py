@@ -22,8 +22,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_influence.core.data import as_indexed
 from lightning_influence.core.task import Task
+from lightning_influence.core.tokens import token_shares_of
 from lightning_influence.report import drawing
-from lightning_influence.report.describe import describe_input, format_label, input_fields
+from lightning_influence.report.describe import (
+    Tokens,
+    describe_input,
+    format_label,
+    input_fields,
+    token_pieces,
+)
 from lightning_influence.report.settings import LogSettings
 
 if TYPE_CHECKING:
@@ -50,6 +57,7 @@ class Example:
     fields: tuple[tuple[str, str], ...] = ()  # (feature name, value) of a tabular input
     removal_effect: float | None = None  # change of the validation loss if removed from training
     relative_score: float | None = None  # score / sqrt(self-influence), in a ranking
+    tokens: Tokens = ()  # a sequence's tokens and their shares of the score, where computed
 
 
 @dataclass(frozen=True)
@@ -185,6 +193,8 @@ def build_report(
             e = train.example(i, float(result.scores[row[i], j]), maps.get((j, half, i)))
             e.removal_effect = -e.score / result.n_train
             e.relative_score = None if relative is None else float(relative[row[i], j])
+            shares = token_shares_of(result.token_shares, result.token_share_indices, j, i)
+            e.tokens = () if shares is None else train.tokens(i, shares)
             out.append(e)
         return out
 
@@ -329,6 +339,10 @@ class _ExampleSource:
             )
             self.shown[index] = (label, prediction, text, fields)
         return self.shown[index]
+
+    def tokens(self, index: int, shares: Tensor) -> Tokens:
+        """The tokens of the input of dataset index ``index`` with their ``shares``."""
+        return token_pieces(self.inputs[index], shares, getattr(self.task, "decode", None))
 
     def example(self, index: int, score: float, saliency: Tensor | None = None) -> Example:
         """The example of dataset index ``index``, with ``score`` and a saliency tile, if any."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lightning_influence.report.describe import marked_tokens
 from lightning_influence.report.model import Example, Panel, Report, Row
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ __all__ = [
     "MISLABELED_NOTE",
     "OUTLIERS",
     "RANKINGS",
+    "TOKENS",
     "VALIDATION",
     "VAL_INPUT",
     "Column",
@@ -97,6 +99,8 @@ OUTLIERS: tuple[Column, ...] = (
 # Inputs shown as text (decoded sequences, sentences) also go in the CSV and W&B tables.
 VAL_INPUT = Column("val_input", "val input", lambda r: _val(r).text, markdown=False)
 INPUT = Column("input", "input", lambda r: r.example.text, markdown=False)
+# A sequence's text with the tokens that carry the largest shares of its score marked.
+TOKENS = Column("tokens", "tokens", lambda r: _marked(r.example) or None, markdown=False)
 _NUMERIC = {"rank", "train_index", "index", "score", "relative_score", "removal_effect"}
 _NUMERIC |= {"self_influence"}
 _NUMERIC |= {"times_median", "loss", "spread"}
@@ -129,9 +133,14 @@ def _markdown(columns: Sequence[Column], rows: Sequence[Row], text_inputs: bool)
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(rule) + " |"]
     for row in rows:
         cells = [c.text(row) for c in shown]
-        cells += [f"`{_escape(row.example.text)}`"] if text_inputs else []
+        cells += [f"`{_escape(_marked(row.example) or row.example.text)}`"] if text_inputs else []
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _marked(e: Example) -> str:
+    """The text with its largest token shares marked, or ``""`` without token shares."""
+    return marked_tokens(e.tokens, e.score) if e.tokens else ""
 
 
 def _escape(text: str) -> str:
