@@ -160,13 +160,21 @@ def run_panels(dom: str) -> dict[str, str]:
 
 def cards(panel: str, kind: str) -> list[tuple[int, int, float, str]]:
     """(rank, training index, score, text) of the helpful or harmful cards of a panel."""
+    return [(r, i, s, t) for r, i, s, _, t in scored_cards(panel, kind)]
+
+
+def scored_cards(panel: str, kind: str) -> list[tuple[int, int, float, float | None, str]]:
+    """(rank, training index, score, relative score, text) of the helpful or harmful cards."""
     found = re.findall(
         rf'<div class="card {kind}" data-kind="{kind}" data-rank="(\d+)" data-index="(\d+)" '
-        r'data-score="([^"]+)">(.*?)</div></div>',
+        r'data-score="([^"]+)"(?: data-relative="([^"]+)")?>(.*?)</div></div>',
         panel,
         re.S,
     )
-    return [(int(r), int(i), float(s), html.unescape(t)) for r, i, s, t in found]
+    return [
+        (int(r), int(i), float(s), float(v) if v else None, html.unescape(t))
+        for r, i, s, v, t in found
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,9 +200,14 @@ def test_server_endpoints_serve_our_text_images_histograms(
     assert [int(r[1]) for r in html_rows(page)] == result.outliers(N_OUT).indices.tolist()
     tag = f"influence/val_{val_ids[0]}/text_summary"
     (entry,) = server.json("/data/plugin/text/text", run=run, tag=tag)
-    rows = html_rows(entry["text"])
-    assert [int(r[2]) for r in rows if r[0] == "helpful"] == result.helpful(TOP_K)[0][0].tolist()
-    assert [int(r[2]) for r in rows if r[0] == "harmful"] == result.harmful(TOP_K)[0][0].tolist()
+    rows = html_rows(entry["text"])  # the relative ranking's table, then the raw one's
+    for ranking, part in ((True, rows[: 2 * TOP_K]), (False, rows[2 * TOP_K :])):
+        helpful, harmful = (
+            getattr(result, kind)(TOP_K, relative=ranking).indices[0].tolist()
+            for kind in ("helpful", "harmful")
+        )
+        assert [int(r[2]) for r in part if r[0] == "helpful"] == helpful
+        assert [int(r[2]) for r in part if r[0] == "harmful"] == harmful
     assert "A training example with a wrong label can still be helpful" in entry["text"]
 
     # The served image is the PNG of the event file, byte for byte.
@@ -303,18 +316,8 @@ def test_influence_tab_shows_the_result_file(
         shown = int(re.match(r' data-val="(\d+)"', panel).group(1))  # type: ignore[union-attr]
         assert shown == int(digits.result.val_indices.min())  # first by index, in both runs
         assert f"Validation example {shown}" in panel
-        for kind, ranking in (
-            ("helpful", result.helpful(k, val_index=shown)),
-            ("harmful", result.harmful(k, val_index=shown)),
-        ):
-            got = cards(panel, kind)
-            assert [(r, i) for r, i, _, _ in got] == list(
-                enumerate(ranking.indices[0].tolist(), start=1)
-            )
-            np.testing.assert_allclose([s for _, _, s, _ in got], ranking.scores[0], rtol=1e-6)
-            for _, i, s, body in got:
-                assert f"#{i}" in body and f"score {s:+.4g}" in body
-                assert f"if removed: loss {-s / result.n_train:+.3g}" in body
+        # the relative ranking by default, each card with its raw score too
+        check_cards(panel, result, shown, k, relative=True)
     # the text run shows its sentences, decoded, with the topics' names
     ids = text.dm.train_dataset.tensors[0]
     for _, i, _, body in cards(panels[f"{TEXT_RUN}/influence"], "helpful"):
@@ -336,6 +339,145 @@ def test_influence_tab_shows_the_result_file(
         chromium(f"{url}#{view}", tmp_path, shot)
         img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
         assert img.shape == (2200, 2800, 3) and img.std() > 20
+
+
+def check_cards(
+    panel: str, result: InfluenceResult, val_index: int, k: int, relative: bool
+) -> None:
+    """The panel's cards are the relative (or raw) ranking of ``val_index``, with both scores."""
+    relative_scores = result.relative_scores[:, result.val_indices == val_index][:, 0]
+    row = {int(i): n for n, i in enumerate(result.train_indices)}
+    column = int((result.val_indices == val_index).nonzero()[0, 0])
+    for kind in ("helpful", "harmful"):
+        ranking = getattr(result, kind)(k, val_index=val_index, relative=relative)
+        got = scored_cards(panel, kind)
+        assert [(r, i) for r, i, *_ in got] == list(enumerate(ranking.indices[0].tolist(), 1))
+        raw = [float(result.scores[row[i], column]) for _, i, *_ in got]
+        np.testing.assert_allclose([s for _, _, s, _, _ in got], raw, rtol=1e-6)
+        wanted = [float(relative_scores[row[i]]) for _, i, *_ in got]
+        np.testing.assert_allclose([v for _, _, _, v, _ in got], wanted, rtol=1e-6)
+        for _, i, s, v, body in got:  # the numbers as printed, at their precision
+            assert f"#{i}" in body
+            for label, value, rtol in (
+                ("score", s, 1e-3),
+                ("relative", v, 1e-3),
+                ("if removed: loss", -s / result.n_train, 1e-2),
+            ):
+                printed = re.search(rf"{label} ([-+0-9.e]+)", body)
+                assert printed is not None, (label, body)
+                assert float(printed.group(1)) == pytest.approx(value, rel=rtol)
+
+
+class DevTools:
+    """Headless Chromium driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``:
+    JSON messages ending in a NUL byte, read by Chromium from its fd 3, written to its fd 4), so
+    a test can click in the page and read the DOM that follows."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        assert CHROMIUM is not None
+        to_browser, self._send = os.pipe()
+        self._receive, from_browser = os.pipe()
+
+        def on_fds_3_and_4() -> None:  # in the child, before exec
+            read, write = os.dup(to_browser), os.dup(from_browser)
+            os.dup2(read, 3)
+            os.dup2(write, 4)
+
+        self.proc = subprocess.Popen(
+            [
+                CHROMIUM,
+                *("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"),
+                *("--disable-quic", "--no-first-run", "--disable-background-networking"),
+                *("--disable-component-update", "--disable-sync"),
+                *(f"--user-data-dir={tmp_path / 'chr'}", "--remote-debugging-pipe"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=False,
+            preexec_fn=on_fds_3_and_4,
+            env={**os.environ, "HOME": str(tmp_path)},
+        )
+        os.close(to_browser)
+        os.close(from_browser)
+        self._buffer = b""
+        self._id = 0
+        self.session = ""
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self._id += 1
+        message: dict[str, Any] = {"id": self._id, "method": method, "params": params}
+        if self.session:
+            message["sessionId"] = self.session
+        os.write(self._send, json.dumps(message).encode() + b"\0")
+        while True:  # skip events and other replies
+            while b"\0" not in self._buffer:
+                chunk = os.read(self._receive, 1 << 16)
+                assert chunk, "chromium closed its DevTools pipe"
+                self._buffer += chunk
+            raw, self._buffer = self._buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._id:
+                assert "error" not in reply, reply
+                return reply["result"]
+
+    def open(self, url: str) -> None:
+        target = self.call("Target.createTarget", url=url)["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)[
+            "sessionId"
+        ]
+
+    def evaluate(self, expression: str) -> Any:
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)[
+            "result"
+        ].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.evaluate(expression):
+            assert time.monotonic() < deadline, f"waited {timeout} s for {expression}"
+            time.sleep(0.2)
+
+    def dom(self) -> str:
+        return str(self.evaluate("document.documentElement.outerHTML"))
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        os.close(self._send)
+        os.close(self._receive)
+
+
+@needs_chromium
+def test_influence_tab_switches_between_relative_and_raw_rankings(
+    logged: tuple[Digits, Text, Path], server: Server, tmp_path: Path
+) -> None:
+    digits = logged[0]
+    result = digits.result
+    shown = int(result.val_indices.min())  # the first validation example by index
+    browser = DevTools(tmp_path)
+    try:
+        browser.open(f"{server.url}/data/plugin_entry.html?name=influence")
+        switch = "document.querySelector('.ranking-switch')"
+        browser.wait_for(f"{switch} && {switch}.dataset.ranking === 'relative'")
+        for ranking in ("raw", "relative"):  # a real click on each button in turn
+            before = browser.dom()
+            browser.evaluate(f"{switch}.querySelector('button[data-ranking={ranking}]').click()")
+            browser.wait_for(f"{switch}.dataset.ranking === '{ranking}'")
+            dom = browser.dom()
+            panel = run_panels(dom)[f"{DIGITS_RUN}/influence"]
+            check_cards(panel, result, shown, TOP_K, relative=ranking == "relative")
+            on = re.findall(r'<button class="view ranking on" data-ranking="(\w+)"', dom)
+            assert on == [ranking]
+            assert f"Most helpful training examples by {ranking} score" in panel
+            note = (
+                "Relative: ranked by score / √self-influence"
+                if ranking == "relative"
+                else ("Raw: ranked by score, the predicted effect of up-weighting")
+            )
+            assert note in dom and note not in before
+    finally:
+        browser.close()
 
 
 @needs_chromium

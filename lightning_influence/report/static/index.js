@@ -1,7 +1,7 @@
 // The Influence tab of TensorBoard: plain JavaScript, no build step.
 // It reads what the plugin serves (the run list, each run's index.json and its PNG pictures) and
-// draws three views: validation examples with their most helpful and harmful training examples,
-// the self-influence review, and a summary of each run.
+// draws three views: validation examples with their most helpful and harmful training examples
+// (by relative score, or raw), the self-influence review, and a summary of each run.
 
 const STYLE = `
   body { font-family: Roboto, Arial, sans-serif; font-size: 14px; color: #212121; margin: 0; }
@@ -40,11 +40,13 @@ const STYLE = `
   h3 { font-size: 14px; margin: 8px 0 2px; }
   h3.helpful { color: #228b22; } h3.harmful { color: #d62728; }
   .pager { display: flex; gap: 10px; align-items: center; margin: 8px 0; }
+  .ranking-switch { display: flex; gap: 6px; align-items: center; flex-wrap: wrap; margin: 0 0 8px; }
+  .ranking-switch .note { margin: 0 0 0 8px; }
   .progress { font-weight: bold; }
   td img.pic { width: 64px; }
 `;
 
-const state = { runs: [], chosen: [], data: {}, view: "validation", val: null,
+const state = { runs: [], chosen: [], data: {}, view: "validation", val: null, ranking: "relative",
                 sort: { key: "index", up: true }, page: 0, pageSize: 20 };
 
 function h(tag, attrs = {}, ...children) {
@@ -86,12 +88,14 @@ function body(run, kind, example, extra = null) {
 function card(run, kind, entry, which) {
   const map = kind === "image" && entry.saliency ? picture(run, entry.saliency, "pic", "map") : null;
   const wrong = entry.label !== entry.prediction;
+  const relative = entry.relative_score ?? null;
   return h("div", { class: `card ${which}`, "data-kind": which, "data-rank": entry.rank,
-                    "data-index": entry.index, "data-score": entry.score },
+                    "data-index": entry.index, "data-score": entry.score, "data-relative": relative },
     body(run, kind, entry, map),
     h("div", { class: "meta" },
       h("b", {}, `#${entry.index}`), ` · rank ${entry.rank}`, h("br"),
       "label ", h("span", { class: wrong ? "wrong" : "" }, entry.label), " · predicted ", entry.prediction, h("br"),
+      relative === null ? null : [`relative ${signed(relative, 4)}`, h("br")],
       `score ${signed(entry.score, 4)}`, h("br"),
       `if removed: loss ${signed(entry.removal_effect, 3)}`));
 }
@@ -125,21 +129,48 @@ function validationList(index) {
   return h("div", { class: "list" }, h("table", {}, head, rows));
 }
 
+// The relative ranking (score / sqrt(self-influence)) where the run has it, else the raw one.
+const RANKING_NOTES = {
+  relative: "Relative: ranked by score / √self-influence, the training examples most specific to " +
+    "this one. The raw ranking favours examples with large gradients (outliers, mislabels), which " +
+    "lead the lists of every example alike.",
+  raw: "Raw: ranked by score, the predicted effect of up-weighting each training example on this " +
+    "loss; examples with large gradients (outliers, mislabels) lead most lists.",
+};
+
+function rankingSwitch(runs) {
+  const any = runs.some((run) => state.data[run].validation.some((v) => v.relative));
+  const shown = any ? state.ranking : "raw";
+  return h("div", { class: "ranking-switch", "data-ranking": shown }, h("b", {}, "Ranking: "),
+    [["relative", "relative"], ["raw", "raw"]].map(([ranking, title]) => h("button", {
+      class: `view ranking${shown === ranking ? " on" : ""}`, "data-ranking": ranking,
+      disabled: ranking === "relative" && !any,
+      title: ranking === "relative" && !any ? "needs self-influence (self_influence=True)" : null,
+      onclick: () => { state.ranking = ranking; draw(); } }, title)),
+    h("span", { class: "note" }, RANKING_NOTES[shown]));
+}
+
 function validationPanel(run, index) {
   const v = index.validation.find((entry) => entry.index === state.val);
   if (!v) return h("div", { class: "run" }, h("h2", {}, run), "This validation example is not scored in this run.");
   const loss = v.loss === null ? "" : ` · loss ${fmt(v.loss, 3)}`;
+  const relative = state.ranking === "relative" && Boolean(v.relative);
+  const lists = relative ? v.relative : v;
+  const which = relative ? " by relative score" : v.relative ? " by raw score" : " by raw score (no self-influence in this run)";
   return h("div", { class: "run", "data-run": run, "data-val": v.index },
     h("h2", {}, run),
     h("div", { class: "query" }, body(run, index.kind, v),
       h("div", { class: "meta" }, h("b", {}, `Validation example ${v.index}`), h("br"),
         `label ${v.label} · predicted `, h("span", { class: v.correct === false ? "wrong" : "" }, v.prediction), loss)),
-    h("h3", { class: "helpful" }, "Most helpful training examples (they lower this loss)"),
-    h("div", { class: "cards" }, v.helpful.map((e) => card(run, index.kind, e, "helpful"))),
-    h("h3", { class: "harmful" }, "Most harmful training examples (they raise this loss)"),
-    h("div", { class: "cards" }, v.harmful.map((e) => card(run, index.kind, e, "harmful"))),
+    h("h3", { class: "helpful" }, `Most helpful training examples${which} (they lower this loss)`),
+    h("div", { class: "cards", "data-ranking": relative ? "relative" : "raw" },
+      lists.helpful.map((e) => card(run, index.kind, e, "helpful"))),
+    h("h3", { class: "harmful" }, `Most harmful training examples${which} (they raise this loss)`),
+    h("div", { class: "cards", "data-ranking": relative ? "relative" : "raw" },
+      lists.harmful.map((e) => card(run, index.kind, e, "harmful"))),
     h("p", { class: "note" },
-      "Score: how much up-weighting the training example changes this loss (negative: it helped). ",
+      "Score: how much up-weighting the training example changes this loss (negative: it helped); ",
+      "relative: the score over the square root of the example's self-influence. ",
       "'If removed' is the predicted change of this loss when the example is left out of training. ",
       index.kind === "image" && v.helpful.some((e) => e.saliency)
         ? "Beside a picture, its map: red pixels are those that raise this loss, blue ones lower it. " : "",
@@ -233,7 +264,8 @@ function draw() {
       state.val = first.validation.length ? validationRows(first)[0].index : null;
     }
     main = h("div", { class: "layout" }, validationList(first),
-      h("div", { class: "runs-side" }, runs.map((run) => validationPanel(run, state.data[run]))));
+      h("div", {}, rankingSwitch(runs),
+        h("div", { class: "runs-side" }, runs.map((run) => validationPanel(run, state.data[run])))));
   } else {
     const panel = state.view === "review" ? reviewPanel : summaryPanel;
     main = h("div", { class: "layout runs-side" }, runs.map((run) => panel(run, state.data[run])));
