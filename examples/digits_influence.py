@@ -2,7 +2,9 @@
 
 When training ends the callback computes, for 64 validation digits, which training digits helped
 and which harmed them, and the self-influence of every training digit (flipped labels rank high).
-Everything lands in TensorBoard under ``runs/``; the script prints where and how to open it.
+The explanations printed are relative (each score over the square root of the training digit's
+self-influence): raw scores let the flipped labels lead every digit's list. Everything lands in
+TensorBoard under ``runs/``; the script prints where and how to open it.
 
     python examples/digits_influence.py            # about 30 s on one CPU thread
     python examples/digits_influence.py --epochs 3 --quiet
@@ -18,6 +20,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -56,8 +59,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class Run(NamedTuple):
+    """What :func:`train` leaves: the trained model, its data, the influence result, the seconds
+    training and influence took, and the TensorBoard log folder."""
+
+    model: DigitsCNN
+    data: DigitsDataModule
+    result: InfluenceResult
+    seconds: float
+    log_dir: Path
+
+
 def main(argv: list[str] | None = None) -> InfluenceResult:
     args = parse_args(argv)
+    run = train(args)
+    report(run.result, run.data, args, run.seconds, run.log_dir)
+    return run.result
+
+
+def train(args: argparse.Namespace) -> Run:
+    """Train the CNN with ``InfluenceCallback`` as ``args`` say (also used by the benchmarks)."""
     torch.set_num_threads(args.threads)
     if args.quiet:  # Lightning's info lines and warnings too
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -85,10 +106,8 @@ def main(argv: list[str] | None = None) -> InfluenceResult:
     )
     started = time.perf_counter()
     trainer.fit(model, data)
-    result = influence.result
-    assert result is not None
-    report(result, data, args, time.perf_counter() - started, Path(logger.log_dir))
-    return result
+    assert influence.result is not None
+    return Run(model, data, influence.result, time.perf_counter() - started, Path(logger.log_dir))
 
 
 def report(
@@ -98,7 +117,8 @@ def report(
     seconds: float,
     log_dir: Path,
 ) -> None:
-    """Print the top helpful and harmful examples, the outliers, and where everything is."""
+    """Print the top helpful and harmful examples (relative, and the raw helpful ones), the
+    outliers, and where everything is."""
     train_targets = data.train_dataset.tensors[1]
     flipped = set(data.flipped.tolist())
     clean = data.clean_train_targets
@@ -109,13 +129,25 @@ def report(
 
     print(f"\nTrained {args.epochs} epochs and computed influence in {seconds:.1f} s.")
     shown = 1 if args.quiet else 3
-    helpful, harmful = result.helpful(3), result.harmful(3)
+    # Relative influence where self-influence is known: a digit's own helpful and harmful
+    # examples, not the flipped labels that move the model most and so lead every raw list.
+    relative = result.self_influence is not None
+    helpful, harmful = result.helpful(3, relative=relative), result.harmful(3, relative=relative)
+    raw_helpful = result.helpful(3)
+    if relative:
+        print(
+            "\nExplained by relative influence (score / sqrt(self-influence)): the training "
+            "digits most\nspecific to each validation digit. The raw ranking favours digits "
+            "with large gradients,\nsuch as flipped labels, which then lead every list."
+        )
     for j in range(min(shown, result.val_indices.numel())):
         v = int(result.val_indices[j])
         target = int(data.val_dataset.tensors[1][v])
         print(f"\nValidation digit #{v} (label {target}):")
         print("  most helpful:", ", ".join(label(int(i)) for i in helpful.indices[j]))
         print("  most harmful:", ", ".join(label(int(i)) for i in harmful.indices[j]))
+        if relative:
+            print("  raw, most helpful:", ", ".join(label(int(i)) for i in raw_helpful.indices[j]))
     if result.self_influence is not None and flipped:
         n_check = max(1, len(flipped))
         top = result.outliers(n_check).indices.tolist()
