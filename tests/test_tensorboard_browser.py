@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
+from lm_case import Facts, facts_case
 from PIL import Image
 from report_case import (
     HARMFUL_RGB,
@@ -33,6 +34,7 @@ from report_case import (
     TOP_K,
     Digits,
     Text,
+    colour_pixels,
     digits_case,
     table_case,
     tensorboard_events,
@@ -40,6 +42,7 @@ from report_case import (
 )
 
 from lightning_influence import InfluenceResult
+from lightning_influence.core.tokens import token_shares_of
 
 pytestmark = pytest.mark.slow
 
@@ -495,3 +498,60 @@ def test_influence_tab_review_pages_the_self_influence_ranking(
     median = float(digits.result.self_influence.median())
     times = [float(x.replace(",", "")) for x in re.findall(r"<td>([0-9.,]+)x</td>", panel)]
     np.testing.assert_allclose(times, digits.result.outliers(20).scores / median, rtol=5e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# A language model: the tokens that carry each shown sequence's score
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def facts_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Facts, Server]]:
+    """One run of the planted-facts case, logged as the callback logs it, served on its own."""
+    case, root = facts_case(), tmp_path_factory.mktemp("facts")
+    logger = TensorBoardLogger(root, name="facts")
+    out = Path(logger.log_dir) / "influence"
+    case.log([logger], out, result_path=case.result.save(out / "influence.pt"))
+    server = Server(root)
+    try:
+        yield case, server
+    finally:
+        server.close()
+
+
+@needs_chromium
+def test_influence_tab_highlights_the_tokens_that_carry_the_score(
+    facts_server: tuple[Facts, Server], tmp_path: Path
+) -> None:
+    case, server = facts_server
+    result, corpus = case.result, case.corpus
+    url = f"{server.url}/data/plugin_entry.html?name=influence"
+    (panel,) = run_panels(chromium(url, tmp_path)).values()
+    val = int(result.val_indices.min())
+    assert f"Validation example {val}" in panel and "tinted by their share" in panel
+    row = {int(i): n for n, i in enumerate(result.train_indices)}
+    shares, shown = result.token_shares, result.token_share_indices
+    for kind in ("helpful", "harmful"):
+        got = cards(panel, kind)
+        assert got
+        for _, i, _, body in got:
+            spans = re.findall(r'<span class="tok" data-share="([^"]+)"[^>]*>([^<]*)</span>', body)
+            expected = token_shares_of(shares, shown, val, i)
+            assert expected is not None
+            expected = expected[~expected.isnan()]
+            np.testing.assert_allclose([float(s) for s, _ in spans], expected, rtol=1e-6)
+            assert sum(float(s) for s, _ in spans) == pytest.approx(
+                float(result.scores[row[i], val]), rel=1e-6
+            )
+            text = html.unescape(re.sub(r"<[^>]+>", "", body.split('<div class="meta">')[0]))
+            assert text == corpus.decode(case.dm.train_dataset[i]["input_ids"].tolist())
+    # the sequence that states the fact helps most, and its answer carries the largest share
+    (_, first, _, body), *_ = cards(panel, "helpful")
+    assert first == corpus.stating[val]
+    spans = re.findall(r'<span class="tok" data-share="([^"]+)"[^>]*>([^<]*)</span>', body)
+    assert min(spans, key=lambda s: float(s[0]))[1].strip() == corpus.vocab[corpus.facts[val][1]]
+    shot = tmp_path / "influence_tab_tokens.png"
+    chromium(url, tmp_path, shot)
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    # the answer's tint: the helpful green at 0.8 over the snippet's #f7f7f7 (not a card's frame)
+    assert colour_pixels(img, (77, 161, 77), tol=4).sum() > 50

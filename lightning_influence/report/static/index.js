@@ -82,7 +82,23 @@ function body(run, kind, example, extra = null) {
     return h("table", { class: "fields" },
       example.fields.map(([name, value]) => h("tr", {}, h("td", { class: "text" }, name), h("td", {}, value))));
   }
+  if (example.tokens) return tokenText(example);
   return h("div", { class: "snippet" }, example.text);
+}
+
+// A sequence's tokens tinted by their share of its score: green where the token's loss lowers
+// this validation loss, red where it raises it, the largest share in full colour (a token's
+// leading space stays untinted).
+function tokenText(example) {
+  const largest = Math.max(1e-300, ...example.tokens.map(([, share]) => Math.abs(share ?? 0)));
+  return h("div", { class: "snippet tokens" }, example.tokens.flatMap(([text, share]) => {
+    if (share === null) return text;
+    const lead = text.match(/^\s*/)[0];
+    return [lead, h("span", { class: "tok", "data-share": share,
+      title: `${signed(share, 3)}: ${Math.round((100 * share) / example.score)}% of the score`,
+      style: `background: rgba(${share < 0 ? "34, 139, 34" : "214, 39, 40"}, ` +
+             `${(0.8 * Math.abs(share) / largest).toFixed(3)})` }, text.slice(lead.length))];
+  }));
 }
 
 function card(run, kind, entry, which) {
@@ -174,6 +190,9 @@ function validationPanel(run, index) {
       "'If removed' is the predicted change of this loss when the example is left out of training. ",
       index.kind === "image" && v.helpful.some((e) => e.saliency)
         ? "Beside a picture, its map: red pixels are those that raise this loss, blue ones lower it. " : "",
+      lists.helpful.concat(lists.harmful).some((e) => e.tokens)
+        ? "Tokens are tinted by their share of the score (hover for it): green ones lower this loss, " +
+          "red ones raise it. " : "",
       "A training example with a wrong label can still be helpful: its input resembles this one, so learning ",
       "from it moves the model the same way. Judge labels by self-influence (the review), not by this panel."));
 }
