@@ -210,8 +210,11 @@ def test_max_examples_uses_a_subset_of_the_curvature(reference) -> None:
     assert info["examples"] == 25
     # The subset curvature is a different matrix: full rank reproduces its exact inverse.
     model, data = _tiny()
-    gen = torch.Generator().manual_seed(1)  # LowRank draws its subset with seed + 1
-    subset = torch.randperm(60, generator=gen)[:25].sort().values
+    # 25 consecutive examples (wrapping around) of one random order of the dataset indices
+    # (seed 0), from a start LowRank draws with seed + 1
+    order = torch.randperm(60, generator=torch.Generator().manual_seed(0))
+    start = int(torch.randint(60, (1,), generator=torch.Generator().manual_seed(1)))
+    subset = order[(start + torch.arange(25)) % 60].sort().values
     sub = reference.gauss_newton(model, data.tensors[0][subset])
     v = torch.randn(3, p, dtype=torch.float64)
     low, _ = _exact_gn_lowrank(rank=p, method="lanczos", max_examples=25).solve(curv, v, DAMPING)

@@ -41,8 +41,8 @@ def shard_indices(indices: Tensor, rank: int, world_size: int) -> Tensor:
 def strategy_reduce(strategy: Any, world_size: int) -> Reduce | None:
     """A function that sums a tensor across processes with ``strategy.reduce``; ``None`` for one.
 
-    ``strategy`` is a Lightning strategy (``trainer.strategy``). Its ``reduce`` all-reduces in
-    place, so the function reduces a copy and leaves its argument unchanged.
+    ``strategy`` is a Lightning strategy (``trainer.strategy``). The sum is taken in place (no
+    copy of a large block of products): the argument holds it afterwards.
 
     Example:
         >>> strategy_reduce(strategy=None, world_size=1) is None
@@ -52,7 +52,7 @@ def strategy_reduce(strategy: Any, world_size: int) -> Reduce | None:
         return None
 
     def reduce(tensor: Tensor) -> Tensor:
-        return strategy.reduce(tensor.clone(), reduce_op="sum")
+        return strategy.reduce(tensor, reduce_op="sum")
 
     return reduce
 

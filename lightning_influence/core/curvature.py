@@ -6,37 +6,46 @@ product on a random minibatch (for stochastic solvers), and ``dense()`` builds t
 for small models. Two curvatures are offered: the Hessian, and the Gauss-Newton matrix
 ``J^T H_out J`` (positive semi-definite even for non-convex models). Damping is added by the
 solvers, never here. Under data parallelism ``reduce`` sums across processes, so every process
-sees the same product.
+sees the same product; minibatches and subsamples are drawn by dataset index (windows of one
+random order of the training set, :func:`~lightning_influence.core.data.random_ranks`), so they
+hold the same examples whatever the number of processes. A failure while a process computes its
+part of a product travels in the same sum, so the other processes raise too instead of waiting.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_influence.core.data import IndexedData
+from lightning_influence.core.data import IndexedData, random_ranks
 from lightning_influence.core.gradients import rows_of
 from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.probe import ScoreProbe
 from lightning_influence.core.products import (
     detach,
-    flat_output,
+    example_jacobians,
     gauss_newton_by_jacobians,
     gauss_newton_products,
     gauss_newton_rows,
     hessian_products,
     output_hessians,
-    per_example,
     products_from_factors,
 )
 from lightning_influence.validation import check_positive_int
 
-__all__ = ["Curvature", "CurvatureChoice", "CurvatureKind", "Reduce", "gauss_newton_method"]
+__all__ = [
+    "CollectiveFailure",
+    "Curvature",
+    "CurvatureChoice",
+    "CurvatureKind",
+    "Reduce",
+    "gauss_newton_method",
+]
 
 CurvatureKind = Literal["gauss_newton", "hessian"]
 # What a user may ask for: a kind, or "auto" (the Hessian where `H + damping I` is measured
@@ -47,6 +56,10 @@ Reduce = Callable[[Tensor], Tensor]
 
 def _identity(t: Tensor) -> Tensor:
     return t
+
+
+class CollectiveFailure(RuntimeError):
+    """Another process failed while computing its part of a curvature product this one summed."""
 
 
 class Curvature:
@@ -109,6 +122,10 @@ class Curvature:
         self.n_total = int(self.reduce(local).item())
         if self.n_total == 0:
             raise ValueError("The training data is empty: there is no curvature to compute.")
+        # Each local example's rank in one random order of the training set by dataset index:
+        # minibatches and subsamples are windows of it, the same examples on any process count.
+        size = len(data.dataset)  # type: ignore[arg-type]  # map-style, checked by as_indexed
+        self._ranks, self._population = random_ranks(data.indices, size, 0, reduce, model.device)
 
     @property
     def n_params(self) -> int:
@@ -193,14 +210,73 @@ class Curvature:
 
     def matvec(self, vectors: Tensor, exact: bool = False) -> Tensor:
         """Mean curvature over all training data applied to each row of ``vectors`` ``[m, p]``."""
-        factors = self.factors()
-        if factors is not None:
-            acc = products_from_factors(*factors, vectors.to(self.dtype))
-        else:
-            acc = torch.zeros_like(vectors, dtype=self.model.dtype, device=self.model.device)
+
+        def fill(acc: Tensor) -> None:
+            factors = self.factors()
+            if factors is not None:
+                acc += products_from_factors(*factors, vectors.to(self.dtype))
+                return
             for _, batch in self.data.batches():
                 acc += self.batch_matvec(batch, vectors, exact).detach()
-        return self.reduce(acc) / self.n_total
+
+        return self._summed(vectors.shape, fill) / self.n_total
+
+    def _summed(self, shape: tuple[int, ...], fill: Callable[[Tensor], None]) -> Tensor:
+        """What ``fill`` adds to a zero ``shape`` block, summed over processes, with a failure
+        flag in the same sum: when ``fill`` raises on any process, every process raises (the one
+        that failed its own error, the others :class:`CollectiveFailure`), none waits."""
+        numel = math.prod(shape)
+        # allocated before the work, so a process out of memory can still join the sum
+        packed = torch.zeros(numel + 1, dtype=self.dtype, device=self.device)
+        error: Exception | None = None
+        try:
+            fill(packed[:numel].view(shape))
+        except Exception as err:
+            if self.reduce is _identity:
+                raise
+            error = err
+            packed[numel] = 1.0
+        total = self.reduce(packed)
+        failed = round(float(total[numel]))
+        if error is not None:
+            raise error
+        if failed:
+            raise CollectiveFailure(
+                f"{failed} other process{'es' if failed > 1 else ''} failed while computing a "
+                "curvature product (its error says why); this process stopped with it."
+            )
+        return total[:numel].view(shape)
+
+    def _decided_factors(self) -> tuple[Tensor, Tensor] | None:
+        """:meth:`factors`, computed (on first use) where a failure is agreed on: every process
+        comes here at the same point, and a failure would otherwise leave the others waiting in
+        their next sum."""
+        if not self._factors_decided:
+
+            def decide(_: Tensor) -> None:
+                self.factors()
+
+            self._summed((0,), decide)
+        return self.factors()
+
+    def _window(self, start: int, size: int) -> Tensor:
+        """Data positions of the local examples ranked ``start`` to ``start + size`` (wrapping
+        around the end of the order)."""
+        return ((self._ranks - start) % self._population < size).nonzero().reshape(-1)
+
+    def _stored(self, start: int, size: int) -> list[slice]:
+        """The rows of the stored factors (sorted by rank) ranked ``start`` to ``start + size``,
+        wrapping around: one or two slices."""
+        assert self._factor_order is not None
+        ranks = self._ranks[self._factor_order]
+        end = start + size
+
+        def row(rank: int) -> int:
+            return int(torch.searchsorted(ranks, rank))
+
+        if end <= self._population:
+            return [slice(row(start), row(end))]
+        return [slice(0, row(end - self._population)), slice(row(start), len(ranks))]
 
     def factors(self) -> tuple[Tensor, Tensor] | None:
         """Every local example's output Jacobian ``[n, k, p]`` and output-loss Hessian
@@ -226,72 +302,89 @@ class Curvature:
         cheaper = 2 * k < 5 * self.flops_per_parameter
         if not cheaper or len(self.data) * k * fm.n_params * itemsize > _JACOBIAN_BYTES:
             return None
-        jacobian = torch.func.jacrev(partial(flat_output, fm))
         jacobians, hessians = [], []
         with torch.enable_grad():
             for _, batch in self.data.batches():
                 prepared = fm.prepare(batch)
                 out = detach(fm.outputs(fm.theta, prepared.inputs))
-                jacobians.append(per_example(jacobian, fm.theta, prepared.inputs).detach())
+                jacobians.append(example_jacobians(fm, prepared.inputs).detach())
                 hessians.append(output_hessians(fm, prepared.targets, out).detach())
-        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(0))
+        order = torch.argsort(self._ranks)  # by rank: a window of ranks is a range of rows
         self._factors = torch.cat(jacobians)[order], torch.cat(hessians)[order]
         self._factor_order = order
         return self._factors
 
     def minibatch(self, batch_size: int, generator: torch.Generator) -> Callable[[Tensor], Tensor]:
-        """Products with the mean curvature of one random minibatch of this process's data,
-        drawn without replacement (pooled over processes)."""
-        n_local = len(self.data)
-        pos = torch.randperm(n_local, generator=generator)[: min(batch_size, n_local)]
-        count = self.reduce(torch.tensor(float(len(pos)), device=self.device, dtype=self.dtype))
-        factors = self.factors()
+        """Products with the mean curvature of one random minibatch of the training data: the
+        examples ranked ``start`` to ``start + batch_size`` (wrapping around) in the random order
+        by dataset index, ``start`` drawn from ``generator``; the same examples on any number of
+        processes, each computing those it holds. Every example is in as many windows as any
+        other. Where factors are stored (sorted by rank), the window is a view of them."""
+        size = min(batch_size, self._population)
+        start = int(torch.randint(self._population, (1,), generator=generator))
+        factors = self._decided_factors()
         if factors is not None:
-            # Stored in a random order, so a contiguous window (a view, no copy) is a random
-            # minibatch; the solvers' full-data residuals keep any unevenness out of the result.
-            start = int(torch.randint(n_local - len(pos) + 1, (1,), generator=generator))
-            window = slice(start, start + len(pos))
-            jacobians, hessians = factors[0][window], factors[1][window]
+            rows, (jacobians, hessians) = self._stored(start, size), factors
 
             def from_factors(vectors: Tensor) -> Tensor:
-                products = products_from_factors(jacobians, hessians, vectors.to(self.dtype))
-                return self.reduce(products) / count
+                def fill(acc: Tensor) -> None:
+                    for r in rows:
+                        v = vectors.to(self.dtype)
+                        acc += products_from_factors(jacobians[r], hessians[r], v)
+
+                return self._summed(vectors.shape, fill) / size
 
             return from_factors
-        batch = self.data.fetch(self.data.indices[pos])
+        pos = self._window(start, size)
+        batches: list[Any] = []  # fetched by the first product, where a failure is agreed on
 
         def matvec(vectors: Tensor) -> Tensor:
-            return self.reduce(self.batch_matvec(batch, vectors).detach()) / count
+            def fill(acc: Tensor) -> None:
+                if pos.numel() == 0:
+                    return
+                if not batches:
+                    batches.append(self.data.fetch(self.data.indices[pos]))
+                acc += self.batch_matvec(batches[0], vectors).detach()
+
+            return self._summed(vectors.shape, fill) / size
 
         return matvec
 
     def subsample(
         self, max_examples: int | None, output_directions: int | None, generator: torch.Generator
     ) -> Curvature:
-        """The same curvature on at most ``max_examples`` random examples of this process's data,
-        with ``output_directions`` for the Gauss-Newton matrix (ignored for the Hessian).
+        """The same curvature on ``max_examples`` random examples of the training data (all of
+        them when ``None`` or fewer), with ``output_directions`` for the Gauss-Newton matrix
+        (ignored for the Hessian).
 
-        Where per-example factors are stored (see :meth:`factors`), the subset is the first
-        ``max_examples`` of their random order and shares their memory."""
+        The examples are a window of the random order by dataset index from a start drawn from
+        ``generator``: the same on any number of processes, each keeping those it holds. Where
+        per-example factors are stored (see :meth:`factors`), the subset shares them."""
         data = self.data
         directions = output_directions if self.kind == "gauss_newton" else None
-        if max_examples is None or max_examples >= len(data):
+        if max_examples is None or max_examples >= self._population:
             if directions == self.output_directions:
                 return self
             return Curvature(self.model, data, self.kind, self.reduce, directions)
-        factors = self.factors() if directions is None else None
+        start = int(torch.randint(self._population, (1,), generator=generator))
+        factors = self._decided_factors() if directions is None else None
         if factors is not None and self._factor_order is not None:
-            chosen, by_position = self._factor_order[:max_examples].sort()
+            rows = self._stored(start, max_examples)
+            stored = torch.cat([torch.arange(len(self._factor_order))[r] for r in rows])
+            chosen, by_position = self._factor_order[stored].sort()
             child = Curvature(self.model, data.subset(data.indices[chosen]), self.kind, self.reduce)
-            child._factors = factors[0][:max_examples], factors[1][:max_examples]
+            parts = [(factors[0][r], factors[1][r]) for r in rows if r.stop > r.start]
+            if len(parts) == 1:  # a view
+                child._factors = parts[0]
+            else:
+                child._factors = torch.cat([j for j, _ in parts]), torch.cat([h for _, h in parts])
             child._factors_decided = True
             child._factor_order = torch.empty_like(by_position)
-            child._factor_order[by_position] = torch.arange(max_examples)
+            child._factor_order[by_position] = torch.arange(len(stored))
             child.flops_per_parameter = self.flops_per_parameter
             child.activation_bytes = self.activation_bytes
             return child
-        pos = torch.randperm(len(data), generator=generator)[:max_examples]
-        data = data.subset(data.indices[pos.sort().values])
+        data = data.subset(data.indices[self._window(start, max_examples)])
         return Curvature(self.model, data, self.kind, self.reduce, directions)
 
     def probe(self, count: int, seed: int = 0) -> ScoreProbe:
@@ -303,14 +396,15 @@ class Curvature:
         """The whole ``[p, p]`` curvature matrix (exact products), from identity blocks, or
         ``sum_b J_b^T H_b J_b`` directly where per-example factors are stored."""
         p = self.n_params
-        factors = self.factors()
+        factors = self._decided_factors()
         if factors is not None:
             jacobians, hessians = factors
-            mat = torch.zeros(p, p, dtype=jacobians.dtype, device=jacobians.device)
-            for j, h in zip(jacobians.split(chunk), hessians.split(chunk), strict=True):
-                flat = j.reshape(-1, p)
-                mat.addmm_(torch.bmm(h, j).reshape(-1, p).T, flat)
-            mat = self.reduce(mat) / self.n_total
+
+            def fill(mat: Tensor) -> None:
+                for j, h in zip(jacobians.split(chunk), hessians.split(chunk), strict=True):
+                    mat.addmm_(torch.bmm(h, j).reshape(-1, p).T, j.reshape(-1, p))
+
+            mat = self._summed((p, p), fill) / self.n_total
             return (mat + mat.T) / 2
         eye = torch.eye(p, dtype=self.model.dtype, device=self.model.device)
         mat = torch.cat([self.matvec(eye[i : i + chunk], exact=True) for i in range(0, p, chunk)])

@@ -3,6 +3,8 @@
 Every score the package produces carries the dataset index of its example, whatever sampler or
 shuffling the training run used. :class:`IndexedData` walks a chosen list of dataset indices in
 order, in batches, and can also fetch any random subset (for stochastic curvature estimates).
+:func:`random_ranks` orders the examples at random by dataset index, so that every subsample
+drawn from that order is the same whatever the number of processes sharing the data.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
-__all__ = ["IndexedData", "as_indexed"]
+__all__ = ["IndexedData", "as_indexed", "random_ranks"]
 
 
 @dataclass
@@ -96,6 +98,41 @@ def as_indexed(
     if batch_size is not None:
         base = base.rebatched(batch_size)
     return base
+
+
+def random_ranks(
+    indices: Tensor,
+    dataset_size: int,
+    seed: int = 0,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, int]:
+    """Each of ``indices``' rank in one random order of the dataset indices held by any process,
+    and how many those are.
+
+    The order is a permutation of all ``dataset_size`` indices drawn from ``seed``, restricted to
+    the held ones (``reduce`` sums a ``[dataset_size]`` mask over processes, on ``device``): each
+    process gets the ranks of its own indices, and the rank of an index is the same whatever
+    number of processes share the indices, so are the examples of any window of ranks.
+
+    Example:
+        >>> import torch
+        >>> ranks, held = random_ranks(torch.tensor([3, 0, 4]), dataset_size=6, seed=0)
+        >>> ranks, held
+        (tensor([0, 1, 2]), 3)
+        >>> summed = torch.zeros(6)  # the masks of two processes holding [3, 0] and [4], summed
+        >>> summed[[3, 0, 4]] = 1
+        >>> random_ranks(torch.tensor([4]), 6, seed=0, reduce=lambda mask: summed)
+        (tensor([2]), 3)
+    """
+    order = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros(dataset_size, dtype=torch.float32, device=device)
+    mask[indices.to(device)] = 1.0
+    held = (reduce(mask) if reduce is not None else mask).cpu() > 0
+    in_order = held[order]
+    rank_of = torch.empty(dataset_size, dtype=torch.long)
+    rank_of[order] = torch.cumsum(in_order, 0) - 1
+    return rank_of[indices.cpu()], int(in_order.sum())
 
 
 def _length(dataset: Dataset[Any]) -> int:

@@ -91,8 +91,9 @@ class CurvatureOperator(Protocol):
     def subsample(
         self, max_examples: int | None, output_directions: int | None, generator: torch.Generator
     ) -> CurvatureOperator:
-        """A cheaper estimate: at most ``max_examples`` examples per process, and for the
-        Gauss-Newton matrix only the top ``output_directions`` output-Hessian directions."""
+        """A cheaper estimate: at most ``max_examples`` examples (in all, on any number of
+        processes), and for the Gauss-Newton matrix only the top ``output_directions``
+        output-Hessian directions."""
         ...
 
     def dense(self) -> Tensor:

@@ -125,7 +125,8 @@ class LowRank(FactorizedSolver):
         block_size: products per pass over the data; by default all of them for ``"nystrom"``,
             1 (plain Lanczos) for ``"lanczos"``, half of them for ``"auto"`` on the Hessian.
         max_examples: estimate the curvature on a random subset of this many training examples
-            per process (all of them when ``None``); the subset is drawn with ``seed``.
+            (all of them when ``None``), drawn with ``seed`` by dataset index: the same examples
+            on any number of processes and nodes, each computing the part it holds.
         output_directions: for the Gauss-Newton matrix, keep the top ``output_directions``
             eigenvectors of each example's output Hessian (one backward pass each, instead of
             one per model output); ``None`` is exact. One suffices for a softmax classifier;
@@ -196,8 +197,7 @@ class LowRank(FactorizedSolver):
                 "value such as 1e-3."
             )
         generator = torch.Generator().manual_seed(self.seed)
-        # Its own generator: shards of different sizes must not leave processes with different
-        # random blocks for the sketch below.
+        # Its own generator: the subset's draw leaves the sketch's random blocks as they are.
         subset_generator = torch.Generator().manual_seed(self.seed + 1)
         curv = curvature.subsample(self.max_examples, self.output_directions, subset_generator)
         itemsize = torch.finfo(curv.dtype).bits // 8
