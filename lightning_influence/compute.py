@@ -338,6 +338,7 @@ def _compute(
         **{f"solver_{k}": v for k, v in solver_info.items()},
         **{f"self_influence_{k}": v for k, v in self_info.items()},
         **timings,
+        **fm.routes.diagnostics,  # stages that left torch.func for plain autograd
     }
     settings = {
         "solver": solver.settings(),

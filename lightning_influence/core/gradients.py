@@ -7,7 +7,6 @@ with one warning, to a loop of batch-size-1 backward passes that gives the same 
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -44,8 +43,8 @@ def one_example(tree: Any, i: int | None = None) -> Any:
 class PerSampleGradients:
     """Per-sample gradients of one model's loss over its chosen parameters, ``[batch, p]``.
 
-    The first batch that ``vmap`` cannot handle switches this object to the loop, with one
-    warning; :attr:`vectorized` says which path it is on.
+    The first batch that ``vmap`` cannot handle switches the model's per-sample gradients to the
+    loop (``model.routes``), with one warning; :attr:`vectorized` says which path is taken.
 
     Example:
         >>> import torch
@@ -59,7 +58,11 @@ class PerSampleGradients:
 
     def __init__(self, model: FunctionalModel) -> None:
         self.model = model
-        self.vectorized = True
+
+    @property
+    def vectorized(self) -> bool:
+        """Whether gradients come from ``vmap`` (else from the loop)."""
+        return self.model.routes.get("per_sample_gradients") is None
 
     def __call__(self, inputs: Any, targets: Any) -> Tensor:
         """Gradients for a batch already cast by :meth:`FunctionalModel.prepare`."""
@@ -80,14 +83,9 @@ class PerSampleGradients:
         except TaskError:
             raise
         except (RuntimeError, ValueError, NotImplementedError) as err:
-            warnings.warn(
-                f"Per-sample gradients with torch.func.vmap failed ({type(err).__name__}: "
-                f"{str(err).splitlines()[0][:200]}); falling back to a slower loop over examples. "
-                "Make the model vmap-friendly (no in-place ops on inputs, no .item()) to speed "
-                "it up.",
-                stacklevel=2,
-            )
-            self.vectorized = False
+            if isinstance(err, torch.OutOfMemoryError):
+                raise
+            model.routes.fall_back("per_sample_gradients", "loop", err)
             return _loop_gradients(model, inputs, targets)
 
 

@@ -19,6 +19,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from lightning_influence.core.attention import differentiable_attention
+from lightning_influence.core.routes import Routes
 from lightning_influence.core.task import Task, TaskError, describe_structure
 
 __all__ = ["Batch", "FunctionalModel", "select_parameters"]
@@ -105,6 +106,8 @@ class FunctionalModel:
             if name not in chosen_names
         }
         self._forward = _TaskForward(model, task)
+        # where torch.func refuses this model, the plain-autograd route each stage took instead
+        self.routes = Routes()
 
     @property
     def n_params(self) -> int:

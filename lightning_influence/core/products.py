@@ -2,6 +2,13 @@
 
 Hessian products (forward over reverse), Gauss-Newton products (forward-and-reverse, or from
 per-example Jacobians and output Hessians), and the truncated Gauss-Newton rows.
+
+Where ``torch.func`` refuses the model (a layer with no forward-mode derivative such as
+``nn.LSTM`` on CPU or ``nn.EmbeddingBag``, a classic ``autograd.Function``), each product falls
+back to plain autograd (:mod:`.routes`): a Jacobian-vector product as the derivative of a
+vector-Jacobian product, a Hessian product as the derivative of the gradient, and, where even
+the backward pass has no derivative (``nn.EmbeddingBag``), per-example Jacobians from reverse
+passes, Gauss-Newton only.
 """
 
 from __future__ import annotations
@@ -13,13 +20,15 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from lightning_influence.core.gradients import one_example, rows_of
 from lightning_influence.core.model import FunctionalModel
+from lightning_influence.core.routes import refused
 
 __all__ = [
     "detach",
+    "example_jacobians",
     "flat_output",
     "gauss_newton_by_jacobians",
     "gauss_newton_products",
@@ -35,8 +44,33 @@ __all__ = [
 def hessian_products(
     fm: FunctionalModel, inputs: Any, targets: Any, vectors: Tensor, chunk: int | None = None
 ) -> Tensor:
-    """``H v`` for each row of ``vectors`` (forward over reverse), ``chunk`` rows at a time."""
+    """``H v`` for each row of ``vectors`` (forward over reverse), ``chunk`` rows at a time; by
+    plain autograd (the derivative of the gradient along ``v``) where ``torch.func`` refuses."""
+    if fm.routes.get("curvature_products") is None:
+        try:
+            return _hessian_forward_over_reverse(fm, inputs, targets, vectors, chunk)
+        except (RuntimeError, NotImplementedError) as err:
+            if not refused(err):
+                raise
+            fm.routes.fall_back("curvature_products", "double_backward", err)
+    try:
+        return _hessian_double_backward(fm, inputs, targets, vectors)
+    except (RuntimeError, NotImplementedError) as err:
+        if not refused(err):
+            raise
+        from lightning_influence.errors import InfluenceError  # errors -> config -> core: a cycle
 
+        raise InfluenceError(
+            "The Hessian of this model cannot be computed: an operation in it has no second "
+            f"derivative in PyTorch, in forward mode or through its backward pass "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). Use "
+            "curvature='gauss_newton' (the default), which needs first derivatives only."
+        ) from err
+
+
+def _hessian_forward_over_reverse(
+    fm: FunctionalModel, inputs: Any, targets: Any, vectors: Tensor, chunk: int | None
+) -> Tensor:
     def total(th: Tensor) -> Tensor:
         return fm.losses(th, inputs, targets).sum()
 
@@ -44,6 +78,23 @@ def hessian_products(
         return jvp(grad(total), (fm.theta,), (v,))[1]
 
     return _by_chunks(vmap(hv), vectors, chunk)
+
+
+def _hessian_double_backward(
+    fm: FunctionalModel, inputs: Any, targets: Any, vectors: Tensor
+) -> Tensor:
+    """``H v`` as the derivative of the gradient along each ``v``: one reverse pass through the
+    gradient's graph per row, plain autograd only."""
+    theta = fm.theta.detach().requires_grad_(True)
+    total = fm.losses(theta, inputs, targets).sum()
+    (gradient,) = torch.autograd.grad(total, theta, create_graph=True)
+    if not gradient.requires_grad:  # the loss is linear in theta: no curvature
+        return torch.zeros_like(vectors)
+    rows = [
+        torch.autograd.grad(gradient, theta, v, retain_graph=True, materialize_grads=True)[0]
+        for v in vectors
+    ]
+    return torch.stack(rows).detach()
 
 
 def gauss_newton_products(
@@ -56,8 +107,37 @@ def gauss_newton_products(
 ) -> Tensor:
     """``J^T H_out J v``: forward mode for ``J v``, reverse mode for ``J^T``, vmapped over ``v``
     ``chunk`` rows at a time (the tangents of a pass hold ``chunk x batch`` activations); one
-    reverse-mode graph serves every chunk."""
+    reverse-mode graph serves every chunk.
 
+    Where ``torch.func`` refuses the model, by plain autograd (``J v`` as the derivative of a
+    vector-Jacobian product), and where the backward pass itself has no derivative, from
+    per-example Jacobians."""
+    route = fm.routes.get("curvature_products")
+    if route is None:
+        try:
+            return _gauss_newton_forward_and_reverse(fm, inputs, targets, out, vectors, chunk)
+        except (RuntimeError, NotImplementedError) as err:
+            if not refused(err):
+                raise
+            fm.routes.fall_back("curvature_products", route := "double_backward", err)
+    if route == "double_backward":
+        try:
+            return _gauss_newton_double_backward(fm, inputs, targets, vectors)
+        except (RuntimeError, NotImplementedError) as err:
+            if not refused(err) or not isinstance(out, Tensor):
+                raise
+            fm.routes.fall_back("curvature_products", "reverse_passes", err)
+    return gauss_newton_by_jacobians(fm, inputs, targets, out, vectors)
+
+
+def _gauss_newton_forward_and_reverse(
+    fm: FunctionalModel,
+    inputs: Any,
+    targets: Any,
+    out: Any,
+    vectors: Tensor,
+    chunk: int | None,
+) -> Tensor:
     def outputs(th: Tensor) -> Any:
         return fm.outputs(th, inputs)
 
@@ -72,6 +152,42 @@ def gauss_newton_products(
         return pullback(hjv)[0]
 
     return _by_chunks(vmap(gnv), vectors, chunk)
+
+
+def _gauss_newton_double_backward(
+    fm: FunctionalModel, inputs: Any, targets: Any, vectors: Tensor
+) -> Tensor:
+    """``J^T H_out J v`` by plain autograd: ``J v`` as the derivative of ``J^T u`` with respect to
+    ``u`` along ``v`` (needs the backward pass to be differentiable, not forward mode), ``H_out``
+    as the derivative of the output gradient, ``J^T`` one reverse pass; per row of ``vectors``."""
+    theta = fm.theta.detach().requires_grad_(True)
+    leaves, spec = tree_flatten(fm.outputs(theta, inputs))
+    diff = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.is_floating_point()]
+    outs = [leaves[i] for i in diff]
+    dummies = [torch.zeros_like(o, requires_grad=True) for o in outs]
+    pulled = torch.autograd.grad(outs, theta, dummies, create_graph=True, allow_unused=True)[0]
+    if pulled is None:  # the outputs do not depend on theta
+        return torch.zeros_like(vectors)
+    # the loss Hessian in output space, as the derivative of the output gradient
+    free = [o.detach().requires_grad_(True) for o in outs]
+    held = list(leaves)
+    for i, o in zip(diff, free, strict=True):
+        held[i] = o
+    loss = fm.losses_from_outputs(tree_unflatten(held, spec), targets).sum()
+    output_grads = torch.autograd.grad(loss, free, create_graph=True)
+    rows = []
+    for v in vectors:
+        jv = torch.autograd.grad(
+            pulled, dummies, v, retain_graph=True, allow_unused=True, materialize_grads=True
+        )
+        hjv = torch.autograd.grad(
+            output_grads, free, jv, retain_graph=True, allow_unused=True, materialize_grads=True
+        )
+        row = torch.autograd.grad(
+            outs, theta, hjv, retain_graph=True, allow_unused=True, materialize_grads=True
+        )[0]
+        rows.append(row)
+    return torch.stack(rows).detach()
 
 
 def _by_chunks(products: Callable[[Tensor], Tensor], vectors: Tensor, chunk: int | None) -> Tensor:
@@ -89,13 +205,42 @@ def gauss_newton_by_jacobians(
 ) -> Tensor:
     """``sum_b J_b^T H_b J_b v`` with per-example Jacobians ``J_b`` ``[k, p]`` and loss Hessians
     ``H_b`` ``[k, k]`` (``k`` outputs per example)."""
-
-    jacobian = torch.func.jacrev(partial(flat_output, fm))
-    jac = per_example(jacobian, fm.theta, inputs)  # [B, k, p]
+    jac = example_jacobians(fm, inputs)  # [B, k, p]
     h_out = output_hessians(fm, targets, out)
     jv = torch.einsum("bkp,mp->bkm", jac, vectors)
     hjv = torch.einsum("bkl,blm->bkm", h_out, jv)
     return torch.einsum("bkp,bkm->mp", jac, hjv)
+
+
+def example_jacobians(fm: FunctionalModel, inputs: Any) -> Tensor:
+    """Each example's Jacobian of its flattened outputs, ``[B, k, p]``: ``jacrev``, vmapped over
+    the examples; by plain autograd, one reverse pass per example and output, where
+    ``torch.func`` refuses the model."""
+    if fm.routes.get("jacobians") is None:
+        try:
+            return per_example(torch.func.jacrev(partial(flat_output, fm)), fm.theta, inputs)
+        except (RuntimeError, NotImplementedError) as err:
+            if not refused(err):
+                raise
+            fm.routes.fall_back("jacobians", "reverse_passes", err)
+    return _jacobians_by_reverse_passes(fm, inputs)
+
+
+def _jacobians_by_reverse_passes(fm: FunctionalModel, inputs: Any) -> Tensor:
+    """Per-example Jacobians ``[B, k, p]``: one forward pass per example, one reverse pass per
+    output (plain autograd, first derivatives only)."""
+    blocks = []
+    for i in range(fm.task.batch_size(inputs)):
+        theta = fm.theta.detach().requires_grad_(True)
+        out = fm.outputs(theta, one_example(inputs, i)).reshape(-1)
+        rows = [
+            torch.autograd.grad(
+                out[j], theta, retain_graph=True, allow_unused=True, materialize_grads=True
+            )[0]
+            for j in range(out.numel())
+        ]
+        blocks.append(torch.stack(rows))
+    return torch.stack(blocks).detach()
 
 
 def products_from_factors(jacobians: Tensor, hessians: Tensor, vectors: Tensor) -> Tensor:
@@ -144,8 +289,17 @@ def gauss_newton_rows(
     def along(th: Tensor, x: Any, cotangent: Tensor) -> Tensor:
         return (flat_output(fm, th, x) * cotangent).sum()
 
-    row = grad(along)  # one per-example backward pass per direction
-    rows = [per_example(row, fm.theta, inputs, top[:, :, j]) for j in range(top.shape[2])]
+    if fm.routes.get("jacobians") is None:
+        row = grad(along)  # one per-example backward pass per direction
+        try:
+            rows = [per_example(row, fm.theta, inputs, top[:, :, j]) for j in range(top.shape[2])]
+            return rows, kept, total
+        except (RuntimeError, NotImplementedError) as err:
+            if not refused(err):
+                raise
+            fm.routes.fall_back("jacobians", "reverse_passes", err)
+    jac = example_jacobians(fm, inputs)  # [B, k, p], by reverse passes
+    rows = [torch.einsum("bkp,bk->bp", jac, top[:, :, j]) for j in range(top.shape[2])]
     return rows, kept, total
 
 

@@ -21,6 +21,7 @@ from lightning_influence.core.layerwise import LayerwiseDots
 from lightning_influence.core.model import Batch, FunctionalModel
 from lightning_influence.core.operators import EigenInverse, InverseOperator
 from lightning_influence.core.precision import check_scoring_dtype, scoring_autocast
+from lightning_influence.core.routes import refused
 
 __all__ = [
     "ExamplePass",
@@ -298,5 +299,27 @@ def _pair_maps(
     with torch.enable_grad():
         for start in range(0, examples.numel(), chunk):
             rows, cols = examples[start : start + chunk], vectors[start : start + chunk]
-            maps.append(vmap(grad(directional))(inputs[rows], rows_of(targets, rows), s[cols]))
+            x, y, v = inputs[rows], rows_of(targets, rows), s[cols]
+            if model.routes.get("perturbation_maps") is None:
+                try:
+                    maps.append(vmap(grad(directional))(x, y, v))
+                    continue
+                except (RuntimeError, NotImplementedError) as err:
+                    if not refused(err):
+                        raise
+                    model.routes.fall_back("perturbation_maps", "double_backward", err)
+            maps.append(torch.stack([_pair_map(model, x, y, v, q) for q in range(len(rows))]))
     return torch.cat(maps).detach()
+
+
+def _pair_map(model: FunctionalModel, x: Tensor, y: Any, v: Tensor, q: int) -> Tensor:
+    """Pair ``q``'s map by plain autograd: the input gradient of ``-v_q^T g(z_q)``, through the
+    gradient's graph (where ``torch.func`` refuses the model)."""
+    inputs = x[q : q + 1].detach().requires_grad_(True)
+    theta = model.theta.detach().requires_grad_(True)
+    loss = model.losses(theta, inputs, one_example(y, q)).sum()
+    (g,) = torch.autograd.grad(loss, theta, create_graph=True)
+    (dx,) = torch.autograd.grad(
+        -(g * v[q]).sum(), inputs, allow_unused=True, materialize_grads=True
+    )
+    return dx[0]
