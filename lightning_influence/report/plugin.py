@@ -69,7 +69,8 @@ def _format(path: Path) -> str | None:
 
 class InfluencePlugin(base_plugin.TBPlugin):
     """The "Influence" tab: validation examples with their most helpful and harmful training
-    examples, and the self-influence review, for every run below the log folder."""
+    examples (ranked by relative score, or raw), and the self-influence review, for every run
+    below the log folder."""
 
     plugin_name = "influence"
 
