@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_influence import Exact, InfluenceResult, LanguageModelingTask, compute_influence
+from lightning_influence.core import tokens
 from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.sequence import completion_example, pad_sequences
 from lightning_influence.core.tokens import token_shares, token_shares_of
@@ -118,3 +119,42 @@ def test_compute_influence_shares_sum_to_scores(tmp_path: Path) -> None:
     assert loaded.equals(result)
     merged = InfluenceResult.merge([result, result])
     assert merged.token_shares is not None and merged.token_shares.shape[1] == 2 * shown.shape[1]
+
+
+def test_without_forward_mode_two_reverse_passes_give_the_same_shares(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    task = LanguageModelingTask()
+    fm = FunctionalModel(TinyLM(), task, dtype=torch.float64)
+    batch = pad_sequences(_sequences(3, seed=4))
+    vectors = torch.randn(2, fm.n_params, dtype=torch.float64)
+    examples, columns = torch.tensor([0, 2, 1]), torch.tensor([1, 0, 1])
+    forward = token_shares(fm, batch, vectors, examples, columns)
+
+    def no_forward_mode(*args: object, **kwargs: object) -> None:
+        raise NotImplementedError("Trying to use forward AD with mkldnn_rnn_layer")  # as nn.LSTM
+
+    monkeypatch.setattr(tokens, "jvp", no_forward_mode)
+    reverse = token_shares(fm, batch, vectors, examples, columns)
+    torch.testing.assert_close(reverse, forward, rtol=1e-10, atol=1e-12, equal_nan=True)
+    for q in range(3):
+        expected = _reference(fm, task, batch, vectors[columns[q]], int(examples[q]))
+        torch.testing.assert_close(reverse[q], expected, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
+def test_a_model_that_cannot_be_differentiated_along_a_direction_keeps_its_scores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fails(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("derivative for '_embedding_bag_backward' is not implemented")
+
+    monkeypatch.setattr(tokens, "token_shares", fails)
+    data = pad_sequences(_sequences(6, seed=5))
+    rows = [{k: v[i] for k, v in data.items()} for i in range(6)]
+    with pytest.warns(UserWarning, match="Per-token shares are skipped.*token_k=0"):
+        result = compute_influence(
+            TinyLM(), rows, rows[:2], task=LanguageModelingTask(), solver=Exact(), damping=0.1,
+            token_k=2, progress=False,
+        )  # fmt: skip
+    assert result.token_shares is None and result.scores.shape == (6, 2)

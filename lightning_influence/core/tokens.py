@@ -15,6 +15,7 @@ labelled ``ignore_index``) hold NaN.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -70,7 +71,9 @@ def token_shares(
     ``u = vectors[q]`` of ``val_inverse``, ``-d/de l_t(theta + e u)`` for each token ``t``,
     ``[pairs, length]``, NaN where a token has no loss. Each row sums (over the others) to the
     pair's score ``-u^T grad L(z)``. Pairs are run ``chunk_size`` at a time (by default
-    :func:`~lightning_influence.core.scores.pairs_per_chunk`).
+    :func:`~lightning_influence.core.scores.pairs_per_chunk`), by ``vmap`` of ``jvp``; a model
+    without forward-mode derivatives (``nn.LSTM`` on CPU) or ``vmap`` rules takes two reverse
+    passes per pair instead, for the same numbers.
 
     Example:
         >>> import torch
@@ -98,11 +101,25 @@ def token_shares(
 
         return -jvp(terms, (model.theta,), (u,))[1]
 
+    def reverse(x: Any, y: Tensor, u: Tensor) -> Tensor:  # J u as d/dv (v^T J) u, twice backward
+        theta = model.theta.detach().requires_grad_(True)
+        terms = _terms(task, model.outputs(theta, one_example(x)), one_example(y))[0]
+        v = torch.zeros_like(terms, requires_grad=True)
+        (jtv,) = torch.autograd.grad(terms, theta, v, create_graph=True)
+        return -torch.autograd.grad(jtv, v, u)[0]
+
     parts = []
-    with torch.no_grad():
-        for start in range(0, examples.numel(), chunk):
-            rows, cols = examples[start : start + chunk], vectors[start : start + chunk]
-            parts.append(vmap(shares)(rows_of(inputs, rows), labels[rows], s[cols]))
+    for start in range(0, examples.numel(), chunk):
+        rows, cols = examples[start : start + chunk], vectors[start : start + chunk]
+        try:
+            with torch.no_grad():
+                parts.append(vmap(shares)(rows_of(inputs, rows), labels[rows], s[cols]))
+        except (RuntimeError, NotImplementedError):  # no forward-mode rule, or no vmap rule
+            with torch.enable_grad():
+                parts += [
+                    reverse(rows_of(inputs, r), labels[r], s[c])[None]
+                    for r, c in zip(rows.tolist(), cols.tolist(), strict=True)
+                ]
     out = torch.cat(parts) if parts else s.new_zeros((0, labels.shape[1]))
     return out.masked_fill(~_counted(task, labels[examples]), math.nan).detach()
 
@@ -140,24 +157,35 @@ def token_shares_shown(
     val_inverse: Tensor,
     k: int,
     denominators: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor | None, Tensor | None]:
     """Per-token shares of the scores of the training sequences :func:`shown_rows` picks, as
     ``(shares [n_val, columns, length], dataset indices [n_val, columns])``: ``-1`` indices and
-    NaN shares past a validation point's own columns. Pairs are ordered by training example, so
-    each chunk fetches each example once."""
+    NaN shares past a validation point's own columns; ``(None, None)``, with a warning, for a
+    model that cannot be differentiated along a direction at all. Pairs are ordered by training
+    example and fetched a batch at a time, each example once."""
     pick = shown_rows(scores, k, denominators)
     kept = (pick >= 0).reshape(-1).nonzero().flatten()
     rows = pick.reshape(-1)[kept]
     vectors = torch.arange(pick.shape[0]).repeat_interleave(pick.shape[1])[kept]
     order = torch.argsort(rows, stable=True)
-    chunk = pairs_per_chunk(model, 0, train.batch_size)
+    chunk = pairs_per_chunk(model, 0, train.batch_size)  # pairs differentiated at once
+    fetched = max(chunk, train.batch_size)  # pairs whose examples are fetched at once
     pieces: list[tuple[Tensor, Tensor]] = []
-    for start in range(0, rows.numel(), chunk):
-        pairs = order[start : start + chunk]
+    for start in range(0, rows.numel(), fetched):
+        pairs = order[start : start + fetched]
         examples, position = torch.unique(rows[pairs], return_inverse=True)
         batch = train.fetch(indices[examples])
-        part = token_shares(model, batch, val_inverse, position, vectors[pairs], chunk).cpu()
-        pieces.append((kept[pairs], part))
+        try:
+            part = token_shares(model, batch, val_inverse, position, vectors[pairs], chunk)
+        except (RuntimeError, NotImplementedError) as err:
+            warnings.warn(
+                f"Per-token shares are skipped: the model cannot be differentiated along a "
+                f"direction in parameter space ({type(err).__name__}: {str(err)[:200]}). The "
+                "scores are complete; pass token_k=0 to silence this.",
+                stacklevel=3,
+            )
+            return None, None
+        pieces.append((kept[pairs], part.cpu()))
     length = max((p.shape[1] for _, p in pieces), default=0)
     flat = torch.full((pick.numel(), length), math.nan, dtype=val_inverse.dtype)
     for at, part in pieces:
