@@ -339,7 +339,8 @@ def run(args: argparse.Namespace) -> Ranks:
         token_k=5,  # the per-token shares of each fact's top 5 helpful and harmful sequences
         progress=False,
     )
-    print(f"influence in {time.perf_counter() - started:.0f} s")
+    shares = result.diagnostics.get("time_token_shares", 0.0)
+    print(f"influence in {time.perf_counter() - started:.0f} s ({shares:.1f} s: token shares)")
     if args.report is not None:
         result.save(args.report / "influence.pt")
         settings = LogSettings(n_val=len(corpus.facts), top_k=5, n_outliers=0)
@@ -386,7 +387,7 @@ def report(corpus: Corpus, ranks: Ranks) -> None:
     median = torch.tensor(ranks.answer_share, dtype=torch.float64).nanmedian()
     print(
         f"{'per-token shares':>22}: the answer token carries the largest share of the stating "
-        f"sequence's score for {answer:.0%} of the {n} facts answered (median {median:.0%} of it)"
+        f"sequence's score for {answer:.0%} of the {n} facts answered (median {median:.1%} of it)"
     )
     for k, j in enumerate(ranks.facts[:3]):
         print(
