@@ -21,6 +21,7 @@ from lightning_influence.core.curvature import Curvature, CurvatureChoice, Reduc
 from lightning_influence.core.data import IndexedData, as_indexed
 from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.precision import check_scoring_dtype
+from lightning_influence.core.products import hessian_available
 from lightning_influence.core.scores import example_pass, pairs_per_chunk, perturbation_pairs
 from lightning_influence.core.tokens import has_token_losses, token_shares_shown
 from lightning_influence.guards import (
@@ -87,7 +88,8 @@ def choose_curvature(
     ``"gauss_newton"`` and ``"hessian"`` are taken as they are. ``"auto"`` measures the smallest
     eigenvalue of the Hessian (``solvers.definiteness.smallest_eigenvalue``: Lanczos on all the
     data, stopped once ``H + damping I`` is shown indefinite) and takes the Hessian where
-    ``H + damping I`` is positive definite, Gauss-Newton otherwise. The
+    ``H + damping I`` is positive definite, Gauss-Newton otherwise (and where the model has no
+    second derivative, such as ``nn.EmbeddingBag``). The
     diagnostics: ``curvature_hessian`` (1 or 0), ``curvature_smallest_eigenvalue`` (of ``H``,
     without the damping) and ``curvature_check_products``.
 
@@ -102,6 +104,8 @@ def choose_curvature(
     """
     if choice != "auto":
         return Curvature(model, data, choice, reduce), {}
+    if not _hessian_everywhere(model, data, reduce):  # a layer without a second derivative
+        return Curvature(model, data, "gauss_newton", reduce), {"curvature_hessian": 0.0}
     hessian = Curvature(model, data, "hessian", reduce)
     smallest, products = smallest_eigenvalue(hessian, below=-damping, seed=seed)
     definite = smallest + damping > 0
@@ -111,6 +115,18 @@ def choose_curvature(
         "curvature_check_products": float(products),
     }
     return (hessian if definite else Curvature(model, data, "gauss_newton", reduce)), info
+
+
+def _hessian_everywhere(model: FunctionalModel, data: IndexedData, reduce: Reduce | None) -> bool:
+    """Whether every process can compute Hessian products (one on its first example; the same
+    answer on all processes, summed across them)."""
+    missing = 0.0
+    if len(data):
+        first = model.prepare(data.fetch(data.indices[:1]))
+        missing = float(not hessian_available(model, first.inputs, first.targets))
+    if reduce is not None:
+        missing = float(reduce(torch.tensor([missing], device=model.device)).item())
+    return missing == 0
 
 
 @contextmanager

@@ -22,7 +22,11 @@ from trainers import quick_trainer
 
 from lightning_influence import Exact, InfluenceCallback, InfluenceError, compute_influence
 from lightning_influence.core.model import FunctionalModel
-from lightning_influence.core.products import gauss_newton_products, hessian_products
+from lightning_influence.core.products import (
+    gauss_newton_products,
+    hessian_available,
+    hessian_products,
+)
 from lightning_influence.core.task import ClassificationTask
 
 FALLBACK = "torch.func cannot handle this model"
@@ -174,8 +178,22 @@ def test_curvature_products_fall_back_to_autograd_and_match_explicit_matrices(
     if name == "embedding_bag":  # its backward has no derivative: no Hessian, a clear error
         with pytest.raises(InfluenceError, match="curvature='gauss_newton'"):
             hessian_products(fm, x, y, eye)
+        assert not hessian_available(fm, x, y)
     else:
         _close(hessian_products(fm, x, y, eye), _hessian(model, x, y))
+        assert hessian_available(fm, x, y)
+
+
+def test_automatic_curvature_takes_gauss_newton_where_there_is_no_hessian() -> None:
+    model, data = _case("embedding_bag", 40)
+    train, val = TensorDataset(*data[:30]), TensorDataset(*data[30:])
+    options: dict[str, Any] = {"solver": Exact(), "damping": 0.1, "progress": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auto = compute_influence(model, train, val, curvature="auto", **options)
+        gauss_newton = compute_influence(model, train, val, curvature="gauss_newton", **options)
+    assert auto.diagnostics["curvature_hessian"] == 0.0
+    torch.testing.assert_close(auto.scores, gauss_newton.scores)
 
 
 # --------------------------------------------------------------------------- end to end

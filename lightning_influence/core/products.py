@@ -33,6 +33,7 @@ __all__ = [
     "gauss_newton_by_jacobians",
     "gauss_newton_products",
     "gauss_newton_rows",
+    "hessian_available",
     "hessian_products",
     "output_hessians",
     "per_example",
@@ -66,6 +67,28 @@ def hessian_products(
             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). Use "
             "curvature='gauss_newton' (the default), which needs first derivatives only."
         ) from err
+
+
+def hessian_available(fm: FunctionalModel, inputs: Any, targets: Any) -> bool:
+    """Whether Hessian products can be had for this model: one product on the first example of
+    a batch (``False`` where an operation has no second derivative, as ``nn.EmbeddingBag``).
+
+    Example:
+        >>> import torch
+        >>> from lightning_influence.core.task import ClassificationTask
+        >>> fm = FunctionalModel(torch.nn.Linear(3, 2), ClassificationTask())
+        >>> hessian_available(fm, torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))
+        True
+    """
+    from lightning_influence.errors import InfluenceError  # errors -> config -> core: a cycle
+
+    first = slice(0, 1)
+    try:
+        with torch.enable_grad():
+            hessian_products(fm, rows_of(inputs, first), rows_of(targets, first), fm.theta[None])
+    except InfluenceError:
+        return False
+    return True
 
 
 def _hessian_forward_over_reverse(
