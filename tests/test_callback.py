@@ -303,7 +303,10 @@ def test_two_callbacks_run_save_apart_and_each_resumes_its_state(tmp_path: Path)
     head = InfluenceCallback(**fast, parameters=["head.*"])
     every = InfluenceCallback(**fast)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
-    _trainer(tmp_path, [head, every, ckpt], enable_checkpointing=True).fit(_Headed(), *loaders)
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = _trainer(tmp_path, [head, every, ckpt], enable_checkpointing=True, logger=logger)
+    with pytest.warns(UserWarning, match="log under the tag prefix 'influence'"):
+        trainer.fit(_Headed(), *loaders)  # both log under "influence": said before training
     assert head.result is not None and every.result is not None
     assert head.result.settings["parameters"] == ["head.weight", "head.bias"]
     assert every.result.settings["n_params"] == 5 * 4 + 5 + 3 * 5 + 3
