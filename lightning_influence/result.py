@@ -53,6 +53,8 @@ def relative_denominators(self_influence: Tensor) -> Tensor:
         tensor([2.0000, 0.0020, 0.0020])
     """
     values = self_influence.detach()
+    if values.numel() == 0:
+        return values
     floor = max(SELF_INFLUENCE_FLOOR * float(values.max()), torch.finfo(values.dtype).tiny)
     return values.clamp_min(floor).sqrt()
 
