@@ -1,7 +1,8 @@
 """Train the digits CNN with ``InfluenceCallback`` on one or several CPU processes.
 
-Used by ``tests/test_ddp.py``: run as a script for ``strategy="ddp"`` (which re-launches
-``sys.argv``), imported for ``ddp_spawn`` and for the single-process reference. Writes the
+Used by ``tests/test_ddp.py``, imported for ``ddp_spawn`` and for the single-process reference
+(``tests/ddp_paths_run.py`` covers ``strategy="ddp"``, which re-launches ``sys.argv``); it also
+runs as a script. Writes the
 influence result to ``<out>/influence.pt`` and the final weights to ``<out>/last.ckpt``.
 
     python tests/ddp_influence_run.py --out DIR --strategy ddp --devices 2

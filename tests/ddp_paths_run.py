@@ -44,7 +44,8 @@ COMMON: dict[str, Any] = {"num_val": 8, "damping": 1e-3, "perturbation_k": 0, "s
 CONFIGS: dict[str, dict[str, Any]] = {
     "lissa": {},  # all defaults: LiSSA, its preconditioner's factorization for self-influence
     "cg": {"solver": "cg"},  # LowRank() self-influence, one output direction (no stored factors)
-    "exact": {"solver": "exact"},  # the same factorization serves self-influence
+    # the same factorization serves self-influence; perturbation maps ranked across shards
+    "exact": {"solver": "exact", "perturbation_k": 2},
 }
 # the Hessian: products one batch at a time, whatever the model (no stored factors)
 FAULT: dict[str, Any] = {"solver": "cg", "curvature": "hessian", "self_influence": False}
@@ -95,7 +96,7 @@ def train(out: Path, devices: int, num_nodes: int, fault: bool = True) -> None:
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     callbacks: list[Callback] = [
-        InfluenceCallback(save_dir=str(out / name), **COMMON, **args)
+        InfluenceCallback(save_dir=str(out / name), **{**COMMON, **args})
         for name, args in CONFIGS.items()
     ]
     if fault:
@@ -157,8 +158,7 @@ def compare(out: Path) -> dict[str, dict[str, float]]:
             out / "last.ckpt",
             save_dir=str(out / "single" / name),
             trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False},
-            **COMMON,
-            **args,
+            **{**COMMON, **args},
         )
         assert torch.equal(ddp.train_indices, single.train_indices)
         assert ddp.self_influence is not None and single.self_influence is not None
