@@ -9,13 +9,16 @@ computed on one process from the same final weights.
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import ddp_paths_run
 import pytest
 import torch
 from ddp_influence_run import CALLBACK_ARGS, N_TRAIN, make_data, make_model, train
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from lightning_influence import (
@@ -26,6 +29,10 @@ from lightning_influence import (
     influence_from_checkpoint,
 )
 from lightning_influence.callback.distributed import shard_indices, strategy_reduce
+from lightning_influence.core.curvature import CollectiveFailure, Curvature
+from lightning_influence.core.data import as_indexed
+from lightning_influence.core.model import FunctionalModel
+from lightning_influence.core.task import ClassificationTask
 from lightning_influence.result import ROW_FIELDS
 
 REL_TOL = 1e-4
@@ -143,3 +150,100 @@ def test_merged_shards_with_padding_duplicates_equal_one_pass() -> None:
     assert torch.equal(merged.train_indices, torch.arange(21))
     torch.testing.assert_close(merged.scores, full.scores, rtol=1e-10, atol=0)
     torch.testing.assert_close(merged.self_influence, full.self_influence, rtol=1e-10, atol=0)
+
+
+class _Threads:
+    """Two "processes" as threads: ``reduce(rank)`` sums a tensor over them (a stand-in for the
+    all-reduce, for fast checks of what each process draws)."""
+
+    def __init__(self, world: int = 2) -> None:
+        self.world, self.barrier = world, threading.Barrier(world, timeout=20)
+        self.slots: list[Tensor | None] = [None] * world
+
+    def reduce(self, rank: int) -> Callable[[Tensor], Tensor]:
+        def reduce(tensor: Tensor) -> Tensor:
+            self.slots[rank] = tensor.clone()
+            self.barrier.wait()
+            total = sum(s for s in self.slots if s is not None)
+            self.barrier.wait()  # everyone has read before the next sum writes
+            assert isinstance(total, Tensor)
+            return total
+
+        return reduce
+
+    def run(self, work: Callable[[int, Callable[[Tensor], Tensor]], Any]) -> list[Any]:
+        """``work(rank, reduce)`` on every rank at once: its results, or the errors it raised."""
+        results: list[Any] = [None] * self.world
+
+        def target(rank: int) -> None:
+            try:
+                results[rank] = work(rank, self.reduce(rank))
+            except Exception as err:
+                results[rank] = err
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.world)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        return results
+
+
+def _small_problem(conv: bool) -> tuple[FunctionalModel, TensorDataset]:
+    """A dense model (products pass over the data) or a small CNN (per-example factors kept)."""
+    gen = torch.Generator().manual_seed(0)
+    if conv:
+        torch.manual_seed(0)
+        model: nn.Module = nn.Sequential(
+            nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)
+        )
+        x = torch.randn(50, 1, 6, 6, generator=gen, dtype=torch.float64)
+    else:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+        x = torch.randn(50, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (50,), generator=gen)
+    return FunctionalModel(model.double(), ClassificationTask()), TensorDataset(x, y)
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["products", "factors"])
+def test_two_shards_draw_the_same_subsample_and_minibatches_as_one(conv: bool) -> None:
+    fm, dataset = _small_problem(conv)
+    data = as_indexed(dataset, batch_size=16)
+    v = torch.randn(2, fm.n_params, generator=torch.Generator().manual_seed(1), dtype=fm.dtype)
+
+    def products(rank: int, reduce: Callable[[Tensor], Tensor] | None) -> Tensor:
+        shard = data if reduce is None else data.subset(shard_indices(data.indices, rank, 2))
+        curvature = Curvature(fm, shard, reduce=reduce)
+        gen = torch.Generator().manual_seed(3)
+        sub = curvature.subsample(20, None, gen)
+        assert sub.n_total == 20  # in all, whatever the number of processes
+        batches = [curvature.minibatch(12, gen)(v) for _ in range(3)]
+        return torch.stack([sub.matvec(v), sub.dense()[:2], *batches])
+
+    one = products(0, None)
+    assert (Curvature(fm, data).factors() is not None) == conv
+    for result in _Threads().run(products):
+        assert isinstance(result, Tensor), result
+        torch.testing.assert_close(result, one, rtol=1e-10, atol=1e-12)
+
+
+def test_a_failure_inside_a_product_stops_every_process() -> None:
+    fm, dataset = _small_problem(conv=False)
+    data = as_indexed(dataset, batch_size=16)
+    v = torch.ones(1, fm.n_params, dtype=fm.dtype)
+
+    def work(rank: int, reduce: Callable[[Tensor], Tensor]) -> Tensor:
+        curvature = Curvature(fm, data.subset(shard_indices(data.indices, rank, 2)), reduce=reduce)
+        if rank == 1:
+
+            def fail(*args: Any, **kwargs: Any) -> Tensor:
+                raise torch.OutOfMemoryError("out of memory in a product")
+
+            curvature.batch_matvec = fail  # type: ignore[method-assign]
+        return curvature.matvec(v)
+
+    results = _Threads().run(work)  # no thread waits for the other: the barrier would time out
+    assert isinstance(results[0], CollectiveFailure), results
+    assert "1 other process failed while computing a curvature product" in str(results[0])
+    assert isinstance(results[1], torch.OutOfMemoryError), results
