@@ -257,3 +257,18 @@ def test_the_callback_with_defaults_saves_a_result(name: str, tmp_path: Path) ->
     assert any(k.startswith("fallback_") for k in result.diagnostics)
     assert bool(torch.isfinite(result.scores).all())
     assert result.self_influence is not None and bool((result.self_influence > 0).all())
+
+
+@pytest.mark.parametrize("name", ["lstm", "embedding_bag", "classic_function", "gru", "mixed"])
+def test_defaults_agree_with_exact_on_200_examples(name: str) -> None:
+    """``compute_influence`` with every default (LiSSA, self-influence) against ``Exact()``."""
+    model, data = _case(name, 200)
+    train, val = TensorDataset(*data[:150]), TensorDataset(*data[150:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        defaults = compute_influence(model, train, val, progress=False)
+        exact = compute_influence(model, train, val, solver=Exact(), progress=False)
+    pearson = torch.corrcoef(torch.stack([defaults.scores.flatten(), exact.scores.flatten()]))
+    assert float(pearson[0, 1]) > 0.9999
+    assert defaults.self_influence is not None and exact.self_influence is not None
+    _close(defaults.self_influence, exact.self_influence.double(), 1e-3)
