@@ -177,7 +177,17 @@ def sharded_strategy(strategy: Strategy) -> str | None:
 
 def check_unsharded(strategy: Strategy, parameters: Sequence[str] | None) -> None:
     """Refuse, before training, a strategy that shards the parameters influence would need
-    whole: all of them (no ``parameters=``) under FSDP, DeepSpeed or model parallelism."""
+    whole: all of them (no ``parameters=``) under FSDP, DeepSpeed or model parallelism.
+
+    Example:
+        >>> from lightning.pytorch.strategies import FSDPStrategy
+        >>> check_unsharded(FSDPStrategy(), parameters=["head.*"])  # a head may be whole
+        >>> try:
+        ...     check_unsharded(FSDPStrategy(), parameters=None)
+        ... except InfluenceError as err:
+        ...     print(str(err)[:63])
+        InfluenceCallback cannot compute influence under `FSDPStrategy`
+    """
     name = sharded_strategy(strategy)
     if name is not None and parameters is None:
         raise InfluenceError(
@@ -192,7 +202,12 @@ Shapes = dict[str, tuple[int, ...]]
 
 def parameter_shapes(module: nn.Module, parameters: Sequence[str] | None) -> Shapes:
     """The shape of each parameter that ``parameters`` selects, before a strategy wraps the
-    module (empty when none is selected yet, e.g. before ``configure_model``)."""
+    module (empty when none is selected yet, e.g. before ``configure_model``).
+
+    Example:
+        >>> parameter_shapes(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), ["1.*"])
+        {'1.weight': (2, 3), '1.bias': (2,)}
+    """
     if parameters is None:
         return {}
     named = dict(module.named_parameters())

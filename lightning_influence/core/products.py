@@ -238,7 +238,15 @@ def gauss_newton_by_jacobians(
 def example_jacobians(fm: FunctionalModel, inputs: Any) -> Tensor:
     """Each example's Jacobian of its flattened outputs, ``[B, k, p]``: ``jacrev``, vmapped over
     the examples; by plain autograd, one reverse pass per example and output, where
-    ``torch.func`` refuses the model."""
+    ``torch.func`` refuses the model.
+
+    Example:
+        >>> import torch
+        >>> from lightning_influence.core.task import ClassificationTask
+        >>> fm = FunctionalModel(torch.nn.Linear(4, 3), ClassificationTask())
+        >>> example_jacobians(fm, torch.randn(5, 4)).shape
+        torch.Size([5, 3, 15])
+    """
     if fm.routes.get("jacobians") is None:
         try:
             return per_example(torch.func.jacrev(partial(flat_output, fm)), fm.theta, inputs)
