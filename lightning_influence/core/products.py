@@ -150,7 +150,20 @@ def gauss_newton_products(
             if not refused(err) or not isinstance(out, Tensor):
                 raise
             fm.routes.fall_back("curvature_products", "reverse_passes", err)
-    return gauss_newton_by_jacobians(fm, inputs, targets, out, vectors)
+    # per-example Jacobians hold examples x outputs x p numbers: a few examples at a time
+    size = fm.task.batch_size(inputs)
+    per_example_bytes = max(1, out[0].numel() * vectors.shape[1] * vectors.element_size())
+    step = max(1, min(size, _JACOBIAN_CHUNK_BYTES // per_example_bytes))
+    total = torch.zeros_like(vectors)
+    for start in range(0, size, step):
+        rows = slice(start, start + step)
+        part = (rows_of(inputs, rows), rows_of(targets, rows), out[rows])
+        total += gauss_newton_by_jacobians(fm, *part, vectors)
+    return total
+
+
+# Per-example Jacobians of one chunk of a batch, where products are made from them: at most this.
+_JACOBIAN_CHUNK_BYTES = 256 * 2**20
 
 
 def _gauss_newton_forward_and_reverse(
