@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from pathlib import Path
 
 import pytest
@@ -9,10 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from lightning_influence import Exact, InfluenceResult, LanguageModelingTask, compute_influence
+from lightning_influence.callback.distributed import gather_result
 from lightning_influence.core import tokens
 from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.sequence import completion_example, pad_sequences
 from lightning_influence.core.tokens import token_shares, token_shares_of
+from lightning_influence.result import ROW_FIELDS
 
 VOCAB = 7
 
@@ -158,3 +162,63 @@ def test_a_model_that_cannot_be_differentiated_along_a_direction_keeps_its_score
             token_k=2, progress=False,
         )  # fmt: skip
     assert result.token_shares is None and result.scores.shape == (6, 2)
+
+
+class _ThreadStrategy:
+    """``all_gather`` between threads that stand for processes, as DDP's stacks tensors."""
+
+    root_device = torch.device("cpu")
+
+    def __init__(self, rank: int, slots: list[Tensor | None], barrier: threading.Barrier) -> None:
+        self.rank, self.slots, self.barrier = rank, slots, barrier
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        self.slots[self.rank] = tensor.clone()
+        self.barrier.wait()
+        stacked = torch.stack([t for t in self.slots if t is not None])  # shapes must agree
+        self.barrier.wait()
+        return stacked
+
+
+def test_token_shares_gathered_from_every_process() -> None:
+    torch.manual_seed(0)
+    train = pad_sequences(_sequences(10, seed=6))
+    rows = [{k: v[i] for k, v in train.items()} for i in range(10)]
+    val = [{k: v[i] for k, v in pad_sequences(_sequences(3, seed=7)).items()} for i in range(3)]
+    common = {"task": LanguageModelingTask(), "solver": Exact(), "damping": 0.1, "progress": False}
+    full = compute_influence(TinyLM(), rows, val, token_k=2, **common)  # type: ignore[arg-type]
+    assert full.token_shares is not None and full.token_share_indices is not None
+    parts = []
+    for shard in (torch.arange(0, 10, 2), torch.arange(1, 10, 2)):  # as two processes hold it
+        keep = torch.isin(full.train_indices, shard)
+        fields = {n: v[keep] for n in ROW_FIELDS if (v := getattr(full, n)) is not None}
+        mine = torch.isin(full.token_share_indices, shard)
+        columns = int(mine.sum(1).max())
+        order = torch.argsort((~mine).int(), dim=1, stable=True)[:, :columns]
+        shown = torch.where(mine, full.token_share_indices, -1).gather(1, order)
+        shares = full.token_shares.gather(1, order[..., None].expand(-1, -1, 6))
+        length = int((~shares.isnan()).any(0).any(0).nonzero().max()) + 1  # its own longest
+        fields |= {"token_shares": shares[..., :length], "token_share_indices": shown}
+        parts.append(dataclasses.replace(full, **fields))
+    assert parts[0].token_shares.shape != parts[1].token_shares.shape  # type: ignore[union-attr]
+    slots: list[Tensor | None] = [None, None]
+    barrier = threading.Barrier(2)
+    merged: list[InfluenceResult] = [full, full]
+
+    def run(rank: int) -> None:
+        strategy = _ThreadStrategy(rank, slots, barrier)
+        merged[rank] = gather_result(parts[rank], strategy, world_size=2)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for result in merged:
+        assert result is not full and torch.equal(result.scores, full.scores)
+        for j in range(3):
+            for i in full.token_share_indices[j][full.token_share_indices[j] >= 0].tolist():
+                got = token_shares_of(result.token_shares, result.token_share_indices, j, i)
+                want = token_shares_of(full.token_shares, full.token_share_indices, j, i)
+                assert got is not None and want is not None
+                torch.testing.assert_close(got[: want.numel()], want, equal_nan=True)

@@ -62,7 +62,8 @@ def gather_result(result: InfluenceResult, strategy: Any, world_size: int) -> In
 
     ``result`` holds this process's rows (its shard); ``strategy`` is ``trainer.strategy``. Rows
     are padded to the same length for ``strategy.all_gather`` and trimmed afterwards; the
-    perturbation maps (per validation point, the same shape on every process) are gathered whole.
+    perturbation maps (per validation point, the same shape on every process) are gathered whole,
+    the token shares padded to the most columns and the longest sequence.
     """
     if world_size <= 1:
         return result
@@ -83,6 +84,9 @@ def gather_result(result: InfluenceResult, strategy: Any, world_size: int) -> In
         gathered[name] = [
             stacked[r, : counts[r]] if is_row else stacked[r] for r in range(world_size)
         ]
+    gathered["token_shares"], gathered["token_share_indices"] = _gather_token_shares(
+        result, strategy, world_size
+    )
     parts = []
     for r in range(world_size):
         fields: dict[str, Any] = {k: (v[r] if v else None) for k, v in gathered.items()}
@@ -90,6 +94,28 @@ def gather_result(result: InfluenceResult, strategy: Any, world_size: int) -> In
     merged = InfluenceResult.merge(parts)
     merged.diagnostics = {**merged.diagnostics, "n_processes": float(world_size)}
     return merged
+
+
+def _gather_token_shares(
+    result: InfluenceResult, strategy: Any, world_size: int
+) -> tuple[list[Tensor] | None, list[Tensor] | None]:
+    """Each process's token shares and their training indices, padded to the most columns and
+    the longest sequence of any process (NaN shares, ``-1`` indices); ``None`` unless every
+    process has them."""
+    shares, shown = result.token_shares, result.token_share_indices
+    device = strategy.root_device
+    size = [0, 0] if shares is None or shown is None else list(shares.shape[1:])
+    sizes = strategy.all_gather(torch.tensor([shares is not None, *size], device=device))
+    sizes = sizes.reshape(world_size, 3).cpu()
+    if shares is None or shown is None or not bool(sizes[:, 0].all()):
+        return None, None
+    columns, length = (int(v) for v in sizes[:, 1:].max(dim=0).values)
+    padded = shares.new_full((shares.shape[0], columns, length), float("nan"), device=device)
+    padded[:, : shares.shape[1], : shares.shape[2]] = shares
+    where = shown.new_full((shown.shape[0], columns), -1, device=device)
+    where[:, : shown.shape[1]] = shown
+    all_shares, all_where = strategy.all_gather(padded).cpu(), strategy.all_gather(where).cpu()
+    return [all_shares[r] for r in range(world_size)], [all_where[r] for r in range(world_size)]
 
 
 def agree_on_failure(strategy: Any, world_size: int, error: BaseException | None) -> None:
