@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from trainers import quick_trainer
 
 from lightning_influence import Exact, InfluenceCallback, InfluenceError, compute_influence
-from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core import products
+from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.products import (
     gauss_newton_products,
     hessian_available,
