@@ -28,7 +28,6 @@ from lightning_influence.callback.checks import (
     check_whole_parameters,
     fresh_out_dir,
     parameter_shapes,
-    sharded_strategy,
 )
 from lightning_influence.callback.data import indexed_data
 from lightning_influence.callback.distributed import (
@@ -225,7 +224,8 @@ class InfluenceCallback(Callback):
 
     def _warn_if_shared_prefix(self, trainer: L.Trainer) -> None:
         """Warn when another InfluenceCallback of this trainer logs under the same tags."""
-        found = [c for c in trainer.callbacks if isinstance(c, InfluenceCallback)]  # type: ignore[attr-defined]
+        callbacks = getattr(trainer, "callbacks", [])
+        found = [c for c in callbacks if isinstance(c, InfluenceCallback)]
         prefix = self.log_settings.prefix
         if trainer.loggers and sum(c.log_settings.prefix == prefix for c in found) > 1:
             rank_zero_warn(
@@ -233,12 +233,6 @@ class InfluenceCallback(Callback):
                 "panels mix in the loggers (each still saves to its own folder). Pass each its "
                 "own `log_prefix=` (e.g. 'influence/head')."
             )
-
-    def _check_whole(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Under a sharding strategy, refuse selected parameters that it split into shards."""
-        if sharded_strategy(trainer.strategy):
-            parameters = self.config.parameters
-            check_whole_parameters(trainer.strategy, pl_module, parameters, self._shapes)
 
     def _config(self) -> InfluenceConfig:
         """The config, with the task settled before training when none was given."""
@@ -255,10 +249,7 @@ class InfluenceCallback(Callback):
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         started = time.perf_counter()
-        if sharded_strategy(trainer.strategy):
-            check_whole_parameters(
-                trainer.strategy, pl_module, self.config.parameters, self._shapes
-            )
+        check_whole_parameters(trainer.strategy, pl_module, self.config.parameters, self._shapes)
         data = self._rows or indexed_data(trainer, pl_module, self.train_dataset, self.val_dataset)
         assert data is not None  # raised when there is none
         train, val = data
