@@ -3,7 +3,9 @@
 :func:`settle_task` compares the task's loss with the module's own ``training_step`` loss and
 picks :class:`~lightning_influence.RegressionTask` where that is unambiguous;
 :func:`check_out_dir` makes sure the result can be written; :func:`warn_if_random` spots random
-augmentation in the data influence is computed on.
+augmentation in the data influence is computed on; :func:`check_unsharded` and
+:func:`check_whole_parameters` refuse parameters that FSDP, DeepSpeed or model parallelism split
+into shards.
 """
 
 from __future__ import annotations
