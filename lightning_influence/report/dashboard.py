@@ -12,7 +12,8 @@ file-safe, ``influence`` by default) holds:
   ``score``, ``relative_score``: score / sqrt(self-influence), or ``null``, ``removal_effect``: the
   predicted change of this validation loss when the example is removed, ``text``, ``fields``,
   ``image``, ``saliency``, ``tokens``: ``[text, share]`` per token of a sequence, its share of
-  the score or ``null`` for a token without a loss, where computed, else ``null``) and
+  the score or ``null`` for a token without a loss, at most 64 around the largest share, where
+  computed, else ``null``) and
   ``relative``: ``{"helpful": [...], "harmful": [...]}`` ranked by
   relative score (``null`` without self-influence), and ``review``: the training examples ranked
   by ``self_influence``, with ``times_median`` and the ``median``, out of ``n_train``;
@@ -32,6 +33,7 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_influence.report.describe import token_window
 from lightning_influence.report.model import Example, Panel, Report
 from lightning_influence.report.raster import write_png
 
@@ -81,7 +83,7 @@ def write_dashboard(
                 relative_score=e.relative_score,
                 removal_effect=e.removal_effect,
                 saliency=picture(f"map_{v}_{e.index}.png", e.saliency),
-                tokens=[list(t) for t in e.tokens] or None,
+                tokens=[list(t) for t in token_window(e.tokens)] or None,
             )
             for rank, e in enumerate(getattr(panel, kind), start=1)
         ]

@@ -9,7 +9,14 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["describe_input", "format_label", "input_fields", "marked_tokens", "token_pieces"]
+__all__ = [
+    "describe_input",
+    "format_label",
+    "input_fields",
+    "marked_tokens",
+    "token_pieces",
+    "token_window",
+]
 
 Tokens = tuple[tuple[str, float | None], ...]
 """Each token's text and its share of a score (``None``: the token has no loss)."""
@@ -130,3 +137,21 @@ def marked_tokens(tokens: Tokens, score: float, most: int = 3) -> str:
         else:
             out.append(piece)
     return "".join(out)
+
+
+def token_window(tokens: Tokens, size: int = 64) -> Tokens:
+    """At most ``size`` tokens around the one with the largest share (a third of them before
+    it), with ``"..."`` where tokens are left out: what a card shows of a long sequence.
+
+    Example:
+        >>> tokens = tuple((f" t{n}", 1.0 if n == 50 else 0.0) for n in range(100))
+        >>> [p for p, _ in token_window(tokens, 6)]
+        ['...', ' t48', ' t49', ' t50', ' t51', ' t52', ' t53', ' ...']
+    """
+    if len(tokens) <= size:
+        return tokens
+    top = max(range(len(tokens)), key=lambda n: abs(tokens[n][1] or 0.0))
+    start = min(max(top - size // 3, 0), len(tokens) - size)
+    before: Tokens = (("...", None),) if start > 0 else ()
+    after: Tokens = ((" ...", None),) if start + size < len(tokens) else ()
+    return before + tokens[start : start + size] + after
