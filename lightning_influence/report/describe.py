@@ -140,18 +140,20 @@ def marked_tokens(tokens: Tokens, score: float, most: int = 3) -> str:
 
 
 def token_window(tokens: Tokens, size: int = 64) -> Tokens:
-    """At most ``size`` tokens around the one with the largest share (a third of them before
-    it), with ``"..."`` where tokens are left out: what a card shows of a long sequence.
+    """At most ``size`` tokens from a little before the one with the largest share (an eighth
+    of them before it, so that a card's first lines show it), with ``"..."`` where tokens are
+    left out: what a card shows of a long sequence.
 
     Example:
         >>> tokens = tuple((f" t{n}", 1.0 if n == 50 else 0.0) for n in range(100))
-        >>> [p for p, _ in token_window(tokens, 6)]
-        ['...', ' t48', ' t49', ' t50', ' t51', ' t52', ' t53', ' ...']
+        >>> [p for p, _ in token_window(tokens, 16)]  # doctest: +NORMALIZE_WHITESPACE
+        ['...', ' t48', ' t49', ' t50', ' t51', ' t52', ' t53', ' t54', ' t55', ' t56', ' t57',
+         ' t58', ' t59', ' t60', ' t61', ' t62', ' t63', ' ...']
     """
     if len(tokens) <= size:
         return tokens
     top = max(range(len(tokens)), key=lambda n: abs(tokens[n][1] or 0.0))
-    start = min(max(top - size // 3, 0), len(tokens) - size)
+    start = min(max(top - size // 8, 0), len(tokens) - size)
     before: Tokens = (("...", None),) if start > 0 else ()
     after: Tokens = ((" ...", None),) if start + size < len(tokens) else ()
     return before + tokens[start : start + size] + after
