@@ -1,5 +1,6 @@
 """EKFAC against references: its corrected eigenvalues are the exact diagonal of each layer's
-Gauss-Newton block in the Kronecker eigenbasis (plain-autograd Gauss-Newton, float64); with one
+Gauss-Newton block in the Kronecker eigenbasis (plain-autograd Gauss-Newton, float64; the
+package's dense matrix for a GPT-2-style ``Conv1D`` applied at several positions); with one
 training example the block is exactly Kronecker, so the inverse is exact; on the digits MLP its
 scores follow Exact's; self-influence is the diagonal of the pairwise scores."""
 
@@ -58,19 +59,37 @@ def test_corrected_eigenvalues_are_the_gauss_newton_diagonal_in_the_eigenbasis(
         torch.testing.assert_close(layer.eigenvalues.flatten(), diagonal, atol=1e-12, rtol=1e-9)
 
 
-def test_sequence_layer_sums_its_positions(float64) -> None:
-    """A linear layer applied at 3 positions (``sum_t g_t a_t^T``): the corrected eigenvalues
-    are still the diagonal of the package's dense Gauss-Newton matrix in the eigenbasis."""
+class Conv1D(nn.Module):
+    """A linear layer with its weight stored ``[in, out]``, as Hugging Face's GPT-2 ``Conv1D``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) / nx**0.5)
+        self.bias = nn.Parameter(torch.randn(nf) / 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(
+            *x.shape[:-1], self.nf
+        )
+
+
+def test_weights_stored_in_by_out_and_sequences(float64) -> None:
+    """A ``Conv1D`` applied at 3 positions (``sum_t g_t a_t^T``) before a linear head: the
+    corrected eigenvalues are still the diagonal of the package's dense Gauss-Newton matrix in
+    the eigenbasis."""
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(4, 2), nn.Flatten()).double()  # [B, 3, 4] -> [B, 6]
-    x, y = torch.randn(12, 3, 4), torch.randint(0, 6, (12,))
+    model = nn.Sequential(Conv1D(3, 4), nn.Tanh(), nn.Flatten(), nn.Linear(9, 5)).double()
+    x, y = torch.randn(12, 3, 4), torch.randint(0, 5, (12,))
     curvature = _curvature(model, x, y, batch_size=5)
     inverse, _ = EKFAC().factorize(curvature, DAMPING)
     assert isinstance(inverse, KroneckerInverse)
-    (layer,) = inverse.layers
-    basis = _basis(layer, curvature.n_params)
-    diagonal = torch.einsum("pj,pq,qj->j", basis, curvature.dense(), basis)
-    torch.testing.assert_close(layer.eigenvalues.flatten(), diagonal, atol=1e-12, rtol=1e-9)
+    assert [layer.transposed for layer in inverse.layers] == [True, False]
+    dense = curvature.dense()
+    for layer in inverse.layers:
+        basis = _basis(layer, curvature.n_params)
+        diagonal = torch.einsum("pj,pq,qj->j", basis, dense, basis)
+        torch.testing.assert_close(layer.eigenvalues.flatten(), diagonal, atol=1e-12, rtol=1e-9)
 
 
 def test_one_example_is_exact(float64, reference) -> None:
