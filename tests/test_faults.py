@@ -390,7 +390,9 @@ def test_batches_with_several_inputs_name_task_unpack_before_training(tmp_path: 
     data = TensorDataset(x, torch.randn(N, 2), y)
     trainer = _trainer(tmp_path, [InfluenceCallback(**FAST)])
     with pytest.raises(
-        TaskError, match=r"missing 1 required positional argument: 'meta'.*`unpack` returns them"
+        TaskError,
+        match=r"batch of one: list\(Tensor.*, Tensor.*, Tensor.*\)\).*"
+        r"missing 1 required positional argument: 'meta'.*`unpack` returns them",
     ):
         trainer.fit(_WithMeta(), *_loaders(data))
     assert trainer.global_step == 0

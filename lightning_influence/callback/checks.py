@@ -38,6 +38,7 @@ from lightning_influence.core.task import (
     Task,
     TaskError,
     ambiguous_task_error,
+    describe_structure,
     guess_task,
 )
 from lightning_influence.errors import InfluenceError
@@ -67,7 +68,10 @@ def check_before_training(
         try:
             task = settle_task(config.task, module, train, config.parameters)
         except TaskError as err:
-            raise TaskError(f"InfluenceCallback cannot use the training data: {err}") from err
+            found = describe_structure(train.fetch(train.indices[:1])) if len(train) else "none"
+            raise TaskError(
+                f"InfluenceCallback cannot use the training data (a batch of one: {found}): {err}"
+            ) from err
         fm = FunctionalModel(module, task, config.parameters)
         for name, part, idx in (
             ("training", train, train.indices[:1]),
