@@ -12,7 +12,9 @@ nodes of one process each, started with ``torch.distributed.run`` on this machin
 
     python tests/ddp_paths_run.py --out DIR --launch ddp
 
-prints, per solver, the largest difference from one process relative to the largest value.
+prints, per solver, the largest difference from one process relative to the largest value
+(``--n-train N`` trains on another number of examples, ``--no-fault`` leaves the failing
+callback out).
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ FAILING_PRODUCT = 3  # the second process fails in its third curvature product
 
 
 def make_data() -> DigitsDataModule:
-    return DigitsDataModule(batch_size=32, n_train=N_TRAIN)
+    """The digits, ``N_TRAIN`` of them for training (``--n-train`` changes it for a launch)."""
+    n_train = int(os.environ.get("DDP_PATHS_N_TRAIN", N_TRAIN))
+    return DigitsDataModule(batch_size=32, n_train=n_train)
 
 
 def make_model() -> DigitsCNN:
@@ -181,7 +185,10 @@ if __name__ == "__main__":
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--launch", choices=["ddp", "nodes"])
     parser.add_argument("--no-fault", dest="fault", action="store_false")
+    parser.add_argument("--n-train", type=int, help=f"training examples ({N_TRAIN})")
     args = parser.parse_args()
+    if args.n_train:  # read by every process it starts
+        os.environ["DDP_PATHS_N_TRAIN"] = str(args.n_train)
     if args.launch:
         started = time.time()
         launch(args.out, args.launch, args.fault)
