@@ -42,7 +42,6 @@ from lightning_influence import (
 )
 from lightning_influence.core.gradients import per_sample_gradients
 from lightning_influence.core.sequence import IGNORE_INDEX, pad_sequences
-from lightning_influence.core.tokens import token_shares_of
 from lightning_influence.report import LogSettings, log_influence
 
 PAD = "<pad>"
@@ -355,7 +354,7 @@ def run(args: argparse.Namespace) -> Ranks:
             ranks.influence.append(rank_of(result.scores[:, j], corpus.stating[j], True))
             ranks.dot_product.append(rank_of(dots[:, j], corpus.stating[j], False))
             row = corpus.stating[j]  # dataset index = row: every training sequence is scored
-            shares = token_shares_of(result.token_shares, result.token_share_indices, j, row)
+            shares = result.token_shares_of(row, val_index=j)
             score = float(result.scores[row, j])
             ranks.top_token.append(top_token(shares, score))
             share = math.nan if shares is None else float(shares[ANSWER_POSITION]) / score

@@ -102,7 +102,7 @@ class InfluenceResult:
     ``token_shares[j, c, t]`` (language-model tasks) is the share of token ``t``'s loss in the
     score of training example ``token_share_indices[j, c]`` on validation example ``j`` (NaN
     where a token has no loss; they sum to the score), for the examples shown: see
-    :func:`~lightning_influence.core.tokens.token_shares_of`.
+    :meth:`token_shares_of`.
 
     Example:
         >>> import torch
@@ -213,6 +213,18 @@ class InfluenceResult:
         """The ``k`` most harmful training examples per validation point (most positive scores);
         ``relative=True`` as in :meth:`helpful`."""
         return self._ranked(k, val_index, relative, largest=True)
+
+    def token_shares_of(self, train_index: int, val_index: int) -> Tensor | None:
+        """Each token's share of the score of training example ``train_index`` on validation
+        example ``val_index`` (dataset indices), ``[length]``: NaN where a token has no loss, the
+        rest summing to the score. ``None`` where not computed: not a language-model task,
+        ``token_k=0``, or an example not among those shown for this validation point."""
+        from lightning_influence.core.tokens import token_shares_of  # keeps this module light
+
+        column = self._column(val_index)
+        assert isinstance(column, Tensor)
+        shares, shown = self.token_shares, self.token_share_indices
+        return token_shares_of(shares, shown, int(column[0]), train_index)
 
     def outliers(self, k: int = 10) -> Ranking:
         """The ``k`` training examples with the highest self-influence: suspected mislabels."""

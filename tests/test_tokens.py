@@ -115,10 +115,14 @@ def test_compute_influence_shares_sum_to_scores(tmp_path: Path) -> None:
         for i in set(expected):
             pair = token_shares_of(shares, shown, j, i)
             assert pair is not None
+            same = result.token_shares_of(i, val_index=int(result.val_indices[j]))
+            torch.testing.assert_close(same, pair, rtol=0, atol=0, equal_nan=True)
             score = result.scores[row[i], j]
             torch.testing.assert_close(pair.nansum(), score, rtol=1e-10, atol=1e-12)
             padding = 6 - len(train[i]["input_ids"])  # padding, the first token and the prompt's
             assert pair.isnan().sum() == padding + 1 + ("labels" in train[i])  # second: no loss
+    hidden = int(result.train_indices[~torch.isin(result.train_indices, shown[0])][0])
+    assert result.token_shares_of(hidden, val_index=int(result.val_indices[0])) is None
     loaded = InfluenceResult.load(result.save(tmp_path / "result.pt"))
     assert loaded.equals(result)
     merged = InfluenceResult.merge([result, result])
