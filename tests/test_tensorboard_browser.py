@@ -42,7 +42,6 @@ from report_case import (
 )
 
 from lightning_influence import InfluenceResult
-from lightning_influence.core.tokens import token_shares_of
 
 pytestmark = pytest.mark.slow
 
@@ -530,24 +529,24 @@ def test_influence_tab_highlights_the_tokens_that_carry_the_score(
     val = int(result.val_indices.min())
     assert f"Validation example {val}" in panel and "tinted by their share" in panel
     row = {int(i): n for n, i in enumerate(result.train_indices)}
-    shares, shown = result.token_shares, result.token_share_indices
+    column = int((result.val_indices == val).nonzero()[0, 0])
     for kind in ("helpful", "harmful"):
         got = cards(panel, kind)
         assert got
         for _, i, _, body in got:
             spans = re.findall(r'<span class="tok" data-share="([^"]+)"[^>]*>([^<]*)</span>', body)
-            expected = token_shares_of(shares, shown, val, i)
+            expected = result.token_shares_of(i, val_index=val)
             assert expected is not None
             expected = expected[~expected.isnan()]
             np.testing.assert_allclose([float(s) for s, _ in spans], expected, rtol=1e-6)
             assert sum(float(s) for s, _ in spans) == pytest.approx(
-                float(result.scores[row[i], val]), rel=1e-6
+                float(result.scores[row[i], column]), rel=1e-6
             )
             text = html.unescape(re.sub(r"<[^>]+>", "", body.split('<div class="meta">')[0]))
             assert text == corpus.decode(case.dm.train_dataset[i]["input_ids"].tolist())
     # the sequence that states the fact helps most, and its answer carries the largest share
     (_, first, _, body), *_ = cards(panel, "helpful")
-    assert first == corpus.stating[val]
+    assert first == corpus.stating[val]  # queries are in fact order
     spans = re.findall(r'<span class="tok" data-share="([^"]+)"[^>]*>([^<]*)</span>', body)
     assert min(spans, key=lambda s: float(s[0]))[1].strip() == corpus.vocab[corpus.facts[val][1]]
     shot = tmp_path / "influence_tab_tokens.png"
