@@ -219,12 +219,13 @@ class Curvature:
             for _, batch in self.data.batches():
                 acc += self.batch_matvec(batch, vectors, exact).detach()
 
-        return self._summed(vectors.shape, fill) / self.n_total
+        return self._summed(vectors.shape, fill).div_(self.n_total)
 
     def _summed(self, shape: tuple[int, ...], fill: Callable[[Tensor], None]) -> Tensor:
         """What ``fill`` adds to a zero ``shape`` block, summed over processes, with a failure
         flag in the same sum: when ``fill`` raises on any process, every process raises (the one
-        that failed its own error, the others :class:`CollectiveFailure`), none waits."""
+        that failed its own error, the others :class:`CollectiveFailure`), none waits. The
+        result is a new block, the caller's to change in place."""
         numel = math.prod(shape)
         # allocated before the work, so a process out of memory can still join the sum
         packed = torch.zeros(numel + 1, dtype=self.dtype, device=self.device)
@@ -332,7 +333,7 @@ class Curvature:
                         v = vectors.to(self.dtype)
                         acc += products_from_factors(jacobians[r], hessians[r], v)
 
-                return self._summed(vectors.shape, fill) / size
+                return self._summed(vectors.shape, fill).div_(size)
 
             return from_factors
         pos = self._window(start, size)
@@ -346,7 +347,7 @@ class Curvature:
                     batches.append(self.data.fetch(self.data.indices[pos]))
                 acc += self.batch_matvec(batches[0], vectors).detach()
 
-            return self._summed(vectors.shape, fill) / size
+            return self._summed(vectors.shape, fill).div_(size)
 
         return matvec
 
