@@ -72,6 +72,15 @@ def main() -> None:
     parser.add_argument("--n-val", type=int, default=8, help="--large: validation points")
     parser.add_argument("--cg-tol", type=float, default=1e-6, help="--large: CG's tol")
     parser.add_argument("--cg-max-iter", type=int, default=100, help="--large: its max_iter")
+    parser.add_argument(
+        "--stopping",
+        action="store_true",
+        help="only the stopping rule and the budget on the --hidden MLP",
+    )
+    parser.add_argument("--hidden", type=int, default=2000, help="--stopping: hidden width")
+    parser.add_argument("--trace-only", action="store_true", help="--stopping: only the trace")
+    parser.add_argument("--save-trace", help="--stopping: save the trace's probe scores here")
+    parser.add_argument("--cache", help="--stopping: folder that keeps the reference solve")
     parser.add_argument("--child", choices=["kernel", "cg", "lissa"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -81,6 +90,9 @@ def main() -> None:
         return
     if args.large:
         large(args)
+        return
+    if args.stopping:
+        stopping(args)
         return
     model, train, val = float32(*fitted_digits("mlp"))
     for damping in (1e-2, 1e-3, 1e-4):
@@ -295,6 +307,110 @@ def large_child(args: argparse.Namespace) -> dict[str, Any]:
         "warnings": [str(w.message) for w in caught if w.category is UserWarning],
         "diagnostics": info,
     }
+
+
+# ------------------------------------------------- --stopping: stop on the answer, a budget
+def stopping(args: argparse.Namespace) -> None:
+    """The ``100 -> hidden -> 10`` MLP (``--hidden 2000``: 222k parameters) after one SGD epoch on
+    ``--n-train`` points, ``--n-val`` validation points, damping 1e-3, all in one process: the
+    kernel solve (reference), then ``LiSSA(probe_examples=0, residual_tol=3e-3)`` (the residual
+    rule alone, the former default), ``LiSSA()`` (stop on the scores) and ``LiSSA()`` with a
+    budget of half the former's epochs. Epochs are each solve's seconds over one SGD epoch's,
+    timed in the same run. Then one solve traced to ``residual_tol=1e-4``: at each check, the
+    stopping rule's estimate of the scores' distance to converged (values, ranks) and the
+    Pearson / Spearman of all training scores at that iterate against the reference, which
+    shows where each ``tol`` would stop."""
+    from synthetic import SyntheticClassification, sgd_epoch, wide_mlp
+    from torch.utils.data import DataLoader
+
+    from lightning_influence.core.curvature import Curvature
+    from lightning_influence.core.data import as_indexed
+    from lightning_influence.core.model import FunctionalModel
+    from lightning_influence.core.scores import example_pass
+    from lightning_influence.core.task import ClassificationTask
+    from lightning_influence.solvers.stopping import Stopping
+
+    model, train = wide_mlp(args.hidden), SyntheticClassification(args.n_train, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=LARGE_DAMPING)
+    loader = DataLoader(train, batch_size=64, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    sgd_epoch(model, loader, opt)
+    timings = [sgd_epoch(model, loader, torch.optim.SGD(model.parameters(), lr=0.0))
+               for _ in range(3)]  # fmt: skip  # lr 0: timing only
+    epoch_s, epoch_cpu_s = min(t[0] for t in timings), min(t[1] for t in timings)
+    fm = FunctionalModel(model.eval(), ClassificationTask())
+    n_params = fm.n_params
+    grads = example_pass(fm, as_indexed(SyntheticClassification(args.n_val, seed=1), None, 64),
+                         keep_gradients=True).gradients  # fmt: skip
+    assert grads is not None
+    curvature = Curvature(fm, as_indexed(train, None, 1024), "gauss_newton")
+    print(f"{n_params:,} parameters, {args.n_train:,} points; one SGD epoch {epoch_s:.3f} s",
+          flush=True)  # fmt: skip
+    t0 = time.perf_counter()
+    cached = Path(args.cache or "") / f"reference_{args.hidden}_{args.n_train}_{args.n_val}.pt"
+    if args.cache and cached.exists():
+        ref = torch.load(cached)
+    else:
+        ref = kernel_solve(model, train, grads, LARGE_DAMPING).to(fm.dtype)
+        if args.cache:
+            torch.save(ref, cached)
+    print(f"kernel solve (reference) {time.perf_counter() - t0:.1f} s", flush=True)
+    ref_scores = large_scores(model, train, ref)
+    rows = []
+    former = LiSSA(probe_examples=0, residual_tol=3e-3)
+    runs: list[tuple[str, LiSSA]] = [("LiSSA(probe_examples=0, residual_tol=3e-3)", former),
+                                     ("LiSSA()", LiSSA())]  # fmt: skip
+    if args.trace_only:
+        runs = []
+    for name, solver in [*runs, ("budget", LiSSA())] if runs else []:
+        if name == "budget":  # half the former rule's epochs
+            epochs = rows[0]["cpu_epochs"] / 2
+            name, solver = f"LiSSA(budget_epochs={epochs:.0f})", LiSSA(budget_epochs=epochs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            x, info = solver.solve(curvature, grads, LARGE_DAMPING)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        a = agreement(ref_scores, large_scores(model, train, x))
+        rows.append({"solver": name, "steps": info["steps"], "wall_s": wall, "cpu_s": cpu,
+                     "epochs": wall / epoch_s, "cpu_epochs": cpu / epoch_cpu_s,
+                     "pearson": f"{a['pearson']:.4f}",
+                     "spearman": f"{a['spearman']:.4f}",
+                     "relative_residual": info["relative_residual"],
+                     "score_distance": info.get("score_distance"),
+                     "score_rank_distance": info.get("score_rank_distance"),
+                     "warned": len([w for w in caught if w.category is UserWarning])})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    if rows:
+        table(rows, list(rows[0]), f"{n_params:,}-parameter MLP, {args.n_train:,} points, "
+              f"{args.n_val} validation points, damping {LARGE_DAMPING:g}; one SGD epoch "
+              f"{epoch_s:.3f} s; scores against the kernel solve")  # fmt: skip
+    # the trace: every check of one long solve
+    trace: list[tuple[int, Tensor, float, float, float]] = []
+    probes: list[Tensor | None] = []  # the probe's scores at each check
+    check = Stopping.check
+
+    def traced(self: Stopping, x: Tensor, rel: Tensor, steps: int, moved: bool = True) -> bool:
+        done = check(self, x, rel, steps, moved)
+        values, ranks = self.estimate()
+        trace.append((steps, x.clone(), values, ranks, self.residual))
+        probes.append(self.last_scores if moved or self.last_scores is None else probes[-1])
+        return done
+
+    Stopping.check = traced  # type: ignore[method-assign]
+    LiSSA(tol=1e-9, residual_tol=1e-4).solve(curvature, grads, LARGE_DAMPING)
+    Stopping.check = check  # type: ignore[method-assign]
+    scores = large_scores(model, train, torch.cat([t[1] for t in trace]))
+    m = grads.shape[0]
+    trace_rows = []
+    for i, (steps, _, values, ranks, rel) in enumerate(trace):
+        a = agreement(ref_scores, scores[:, i * m : (i + 1) * m])
+        trace_rows.append({"steps": steps, "estimate_values": values, "estimate_ranks": ranks,
+                           "residual": rel, "pearson": f"{a['pearson']:.4f}",
+                           "spearman": f"{a['spearman']:.4f}"})  # fmt: skip
+    table(trace_rows, list(trace_rows[0]), "each check of LiSSA(tol=1e-9, residual_tol=1e-4)")
+    if args.save_trace:  # to try other stopping rules on the same checks
+        torch.save({"rows": trace_rows, "probes": probes}, args.save_trace)
 
 
 if __name__ == "__main__":

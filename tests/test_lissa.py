@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -41,7 +42,7 @@ def test_preconditioned_matches_the_explicit_inverse_where_plain_needs_thousands
     v = reference.gradients(model, x[:6], y[:6])
     expected = v @ reference.inverse(matrix, damping)
     curvature = Curvature(FunctionalModel(model, ClassificationTask()), as_indexed(train))
-    solved, info = LiSSA(tol=1e-4).solve(curvature, v, damping)
+    solved, info = LiSSA(probe_examples=0, residual_tol=1e-4).solve(curvature, v, damping)
     assert _rel(solved, expected) < 1e-2
     assert info["steps"] < plain_steps / 4
     assert info["relative_residual"] <= 1e-4
@@ -73,7 +74,7 @@ def test_hessian_mode_matches_exact_at_an_optimum(
     curvature = Curvature(
         FunctionalModel(model, ClassificationTask()), as_indexed(train), "hessian"
     )
-    solved, info = LiSSA(tol=1e-4).solve(curvature, v, damping)
+    solved, info = LiSSA(probe_examples=0, residual_tol=1e-4).solve(curvature, v, damping)
     assert _rel(solved, v @ reference.inverse(matrix, damping)) < 1e-2
     assert info["preconditioner_most_negative_eigenvalue"] <= 0
 
@@ -104,7 +105,7 @@ def test_one_factorization_serves_lissa_and_self_influence(digits: Callable[...,
     model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)).double()  # > 512
     _CountingLowRank.calls.clear()
     result = compute_influence(
-        model, train, val, solver=LiSSA(preconditioner=_CountingLowRank()), damping=1e-2,
+        model, train, val, solver=LiSSA(preconditioner=_CountingLowRank(), tol=1e-3), damping=1e-2,
         val_indices=range(4), progress=False,
     )  # fmt: skip
     assert len(_CountingLowRank.calls) == 1
@@ -175,6 +176,99 @@ def test_a_block_above_the_memory_budget_is_solved_in_chunks(
     v = reference.gradients(model, x[:5], y[:5])
     curvature = Curvature(FunctionalModel(model, ClassificationTask()), as_indexed(train))
     budget = 10 * curvature.n_params * 8 * 2  # two rows at a time
-    solved, info = LiSSA(max_block_memory=budget, tol=1e-4).solve(curvature, v, 0.1)
+    solver = LiSSA(max_block_memory=budget, probe_examples=0, residual_tol=1e-4)
+    solved, info = solver.solve(curvature, v, 0.1)
     assert info["chunks"] == 3
     assert _rel(solved, v @ reference.inverse(matrix, 0.1)) < 1e-2
+
+
+def _fitted_scores(digits: Callable[..., tuple], solver: object) -> tuple:
+    """Scores of the small MLP on 1,000 digits (damping 1e-4, 6 validation points) with
+    ``solver``, and any warnings."""
+    train, val = digits(n_train=1000)
+    options = dict(damping=1e-4, val_indices=range(6), progress=False, self_influence=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = compute_influence(_small_mlp(), train, val, solver=solver, **options)
+    return result, [str(w.message) for w in caught if w.category is UserWarning]
+
+
+@pytest.mark.slow
+def test_stops_on_the_scores_within_its_tolerance_of_exact(digits: Callable[..., tuple]) -> None:
+    exact, _ = _fitted_scores(digits, Exact())
+    former, _ = _fitted_scores(digits, LiSSA(probe_examples=0, residual_tol=3e-3))
+    answer, caught = _fitted_scores(digits, LiSSA())
+    d, tol = answer.diagnostics, LiSSA().tol
+    assert not caught
+    assert d["solver_stopped_on_scores"] == 1 and d["solver_probe_examples"] == 64
+    assert d["solver_score_distance"] <= tol and d["solver_score_rank_distance"] <= tol
+    # the estimate on 64 probe examples holds for every training example's scores
+    assert _rel(answer.scores, exact.scores) <= tol
+    assert agreement.pearson(answer.scores, exact.scores) >= 0.99
+    assert agreement.spearman(answer.scores, exact.scores) >= 0.97
+    assert d["solver_steps"] <= former.diagnostics["solver_steps"]
+    assert d["solver_relative_residual"] > former.diagnostics["solver_relative_residual"] / 10
+
+
+class _Clock:
+    """A clock that advances one second each time it is read."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+@pytest.mark.slow
+def test_a_budget_stops_with_the_best_iterate_and_says_how_far_it_was(
+    digits: Callable[..., tuple], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_influence.solvers import lissa, stopping
+
+    exact, _ = _fitted_scores(digits, Exact())
+    clock = _Clock()  # read by the solve's start and twice by each check (its test, the bar)
+    monkeypatch.setattr(lissa, "time", clock)
+    monkeypatch.setattr(stopping, "time", clock)
+    budgeted, caught = _fitted_scores(digits, LiSSA(budget_seconds=30.5, tol=1e-6))
+    d = budgeted.diagnostics
+    assert d["solver_stopped_by_budget"] == 1 and d["solver_stopped_on_scores"] == 0
+    assert len(caught) == 1 and "stopped at its budget (`budget_seconds=30.5`)" in caught[0]
+    assert f"{d['solver_score_distance']:.1%} from converged" in caught[0]
+    assert d["solver_steps"] == 25  # ten minibatch steps, then conjugate gradients
+    # the best iterate so far, and an estimate on the safe side of the scores' true distance
+    error = _rel(budgeted.scores, exact.scores)
+    assert 0.01 < error < d["solver_score_distance"]
+    assert agreement.pearson(budgeted.scores, exact.scores) > 0.99
+
+
+def test_the_estimate_is_the_rest_of_a_geometric_series() -> None:
+    from lightning_influence.solvers.stopping import Stopping
+
+    halves = iter(torch.tensor([[1.0], [2.0]]) * (2 - 0.5**k) for k in range(10))
+
+    class Probe:
+        indices = torch.arange(2)
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            return next(halves)  # converges to [2, 4]; each change half the last
+
+        def any(self, flag: bool) -> bool:
+            return flag
+
+        def epoch_seconds(self) -> float:
+            return 1.0
+
+    stop = Stopping(tol=0.01, residual_tol=1e-9, probe=Probe(), span=2)
+    residual = torch.ones(1)
+    assert not any(stop.check(torch.zeros(1, 3), residual, k) for k in range(5))
+    # scores (2 - 1/16) x [1, 2] after five checks: changed by 3/16 over the last two steps, a
+    # quarter of the two before, so 3/16 / 3 = 1/16 is left to come
+    assert stop.estimate()[0] == pytest.approx((3 / 16 / 3) / (2 - 1 / 16), rel=1e-6)
+    assert stop.estimate()[1] == pytest.approx(0.0, abs=1e-12)  # the ranks never changed
+    # a residual above tol / 2 holds it back (a stalled solve); below, it stops on the scores
+    assert not stop.check(torch.zeros(1, 3), residual, 5)
+    while not stop.check(torch.zeros(1, 3), residual / 1000, stop.steps + 1):
+        pass
+    assert stop.reason == "scores" and stop.estimate()[0] <= 0.01

@@ -21,6 +21,8 @@ from lightning_influence.core.scores import example_pass
 __all__ = ["ScoreProbe", "draw_by_index"]
 
 Reduce = Callable[[Tensor], Tensor]
+_BATCH = 16
+_KEEP_BYTES = 64 * 2**20
 
 
 def _identity(t: Tensor) -> Tensor:
@@ -64,7 +66,9 @@ def draw_by_index(
 
 class ScoreProbe:
     """Scores ``-g_i . v`` of a fixed set of training examples ``i`` for each row ``v`` of a
-    block, summed across processes (each computes those of the examples it holds).
+    block, summed across processes (each computes those of the examples it holds). The
+    examples' gradients are kept where they fit in 64 MiB; otherwise each call takes a scoring
+    pass over them (a forward and backward pass of a few dozen examples).
 
     Args:
         model: the model as a function of its flat parameters.
@@ -96,8 +100,12 @@ class ScoreProbe:
         self.indices = draw_by_index(data, count, self.reduce, seed)
         held = torch.isin(self.indices, data.indices)
         self.slots = torch.nonzero(held).flatten()
-        self.local = data.subset(self.indices[held])
+        # small batches: their per-sample gradients stay within what the scoring pass holds
+        self.local = data.subset(self.indices[held]).rebatched(min(data.batch_size, _BATCH))
         self._epoch_seconds: float | None = None
+        # the gradients are kept when they fit in _KEEP_BYTES, else each call takes a pass
+        self._keep = len(self.local) * model.n_params * model.theta.element_size() <= _KEEP_BYTES
+        self._gradients: Tensor | None = None
 
     def __call__(self, vectors: Tensor) -> Tensor:
         """The probe's scores for each row of ``vectors``, ``[examples, rows]``."""
@@ -106,7 +114,13 @@ class ScoreProbe:
             self.indices.numel(), vectors.shape[0], dtype=model.dtype, device=model.device
         )
         if len(self.local):
-            part = example_pass(model, self.local, vectors.to(model.dtype)).scores
+            if self._gradients is None and self._keep:
+                self._gradients = example_pass(model, self.local, keep_gradients=True).gradients
+            part = (
+                -self._gradients @ vectors.to(model.dtype).T
+                if self._gradients is not None
+                else example_pass(model, self.local, vectors.to(model.dtype)).scores
+            )
             assert part is not None
             scores[self.slots.to(model.device)] = part.to(model.device)
         return self.reduce(scores)

@@ -62,11 +62,13 @@ def conjugate_gradients(
     bar: tqdm,
     precondition: Callable[[Tensor], Tensor] | None = None,
     name: str = "CG",
+    on_step: Callable[[Tensor, Tensor, int], bool] | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     """Conjugate gradients on ``(H + damping I) x = b`` from ``x`` with residual ``r``, each row
     its own system, preconditioned by ``precondition`` when given, until every relative
-    residual ``|P^-1 r| / target`` is below ``tol`` (``P = I`` without one); returns ``x``,
-    those residuals (recurred, not recomputed) and the steps (full-data products).
+    residual ``|P^-1 r| / target`` is below ``tol`` (``P = I`` without one) or ``on_step``
+    (called with ``x``, the residuals and the steps after each step) returns True; returns
+    ``x``, those residuals (recurred, not recomputed) and the steps (full-data products).
 
     Example:
         >>> from types import SimpleNamespace
@@ -104,4 +106,6 @@ def conjugate_gradients(
         rz = rz_new
         steps += 1
         bar.update()
+        if on_step is not None and on_step(x, rel, steps):
+            break
     return x, rel, steps

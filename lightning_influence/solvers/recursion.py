@@ -7,7 +7,6 @@ residuals as control variates, then preconditioned conjugate gradients on all th
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -24,6 +23,7 @@ from lightning_influence.solvers.base import (
 from lightning_influence.solvers.cg import conjugate_gradients
 from lightning_influence.solvers.lowrank import LowRankInverse
 from lightning_influence.solvers.preconditioner import Preconditioner
+from lightning_influence.solvers.stopping import Stopping
 
 if TYPE_CHECKING:
     from lightning_influence.solvers.lissa import LiSSA
@@ -42,9 +42,11 @@ def preconditioned(
     progress: bool,
     inverse: LowRankInverse,
     factor_info: Diagnostics,
+    stop: Stopping,
 ) -> tuple[Tensor, Diagnostics]:
     """The preconditioned recursion with momentum, window averages and residual checks on
-    minibatches; preconditioned conjugate gradients once all the data is used."""
+    minibatches; preconditioned conjugate gradients once all the data is used. ``stop`` sees
+    every check (each window's residual, each conjugate-gradient step) and ends the solve."""
     precondition = Preconditioner(inverse, factor_info, damping)
     floor, smallest = precondition.floor, precondition.smallest
     generator = torch.Generator().manual_seed(lissa.seed)
@@ -88,6 +90,7 @@ def preconditioned(
     rel = precondition(r).norm(dim=1) / target
     depth = lissa.depth or 1000
     start_rel, steps, checks, cg_steps = float(rel.max()), 0, 1, 0
+    stop.check(x, rel, steps)
 
     def window_length(batch_size: int) -> int:
         """Steps per residual check: ``check_every``, and at least a pass over the data in
@@ -121,7 +124,7 @@ def preconditioned(
         del sample
     del start_dir, image
     bar = tqdm(total=depth, desc="LiSSA", disable=not progress, leave=False)
-    while float(rel.max()) > lissa.tol and steps < depth and batch_size < n_total:
+    while not stop.done and steps < depth and batch_size < n_total:
         window = min(window, depth - steps)
         # Working blocks updated in place: h, prev, diff and the window average, and two for
         # each step's products, beside v, x and r.
@@ -164,34 +167,42 @@ def preconditioned(
             if batch_size < n_total:
                 scale, kappa, beta, step = tuned(batch_size)
         window = window_length(batch_size)
-        if float(new_rel.max()) < float(rel.max()):
+        moved = float(new_rel.max()) < float(rel.max())
+        if moved:
             x, r, rel = new_x, new_r, new_rel
+        stop.check(x, rel, steps, moved)
+        stop.show(bar)
+
+    def watch(x: Tensor, cg_rel: Tensor, n: int) -> bool:
+        """The stopping rule after each conjugate-gradient step."""
+        done = stop.check(x, cg_rel, steps + n)
+        stop.show(bar)
+        return done
+
     # All the data: the system is deterministic, and conjugate gradients need neither a scale
     # nor momentum; their recurred residual is checked against a full one at the end.
-    while float(rel.max()) > lissa.tol and steps < depth:
+    tol = lissa.residual_limit
+    while not stop.done and steps < depth:
         x, cg_rel, n = conjugate_gradients(
-            curvature, damping, x, r, target, lissa.tol, depth - steps, bar, precondition, "LiSSA"
+            curvature, damping, x, r, target, tol, depth - steps, bar, precondition, "LiSSA", watch
         )
         steps, cg_steps = steps + n, cg_steps + n
         check_finite(x, "LiSSA", damping, None)
         r, rel = residual(x)
         checks += 1
-        if n == 0 or float(rel.max()) > 2 * max(float(cg_rel.max()), lissa.tol):
+        stop.residual = float(rel.max())
+        if stop.reason == "residual" and stop.residual > tol:
+            stop.reason = ""  # the recurred residual was below, the true one is not: go on
+        if n == 0 or stop.residual > 2 * max(float(cg_rel.max()), tol):
             break  # no progress, or rounding holds the true residual above the recurred one
     bar.close()
-    if float(rel.max()) > lissa.tol:
-        warnings.warn(
-            f"LiSSA stopped after {steps} steps with a relative residual of "
-            f"{float(rel.max()):.2g}, above `tol={lissa.tol:g}`. Raise `depth`, raise `damping`, "
-            "or raise the preconditioner's `max_memory` (its rank sets the condition number).",
-            stacklevel=3,
-        )
+    stop.warn(lissa.budget_text())
     info: Diagnostics = {
         **tuning,
         "steps": float(steps),
         "conjugate_gradient_steps": float(cg_steps),
         "residual_checks": float(checks),
-        "relative_residual": float(rel.max()),
+        **stop.diagnostics(),
         "final_batch_size": float(batch_size),
         **{f"preconditioner_{k}": val for k, val in factor_info.items()},
     }
