@@ -137,13 +137,13 @@ def compare(
     ``seeds`` above 1, the range of kronfluence's Pearson over that many label samplings."""
     rows, times = [], {}
 
-    def top_direction(*args: Any) -> dict[str, Any]:
-        return ours(*args, solver=li.EKFAC(output_directions=1))
+    def sampled(*args: Any) -> dict[str, Any]:
+        return ours(*args, solver=li.EKFAC(samples=1))
 
     runners = {
         "ours EKFAC()": ours,
         "kronfluence EK-FAC": kronfluence,
-        "ours EKFAC(output_directions=1)": top_direction,
+        "ours EKFAC(samples=1)": sampled,
     }
     for name, run in runners.items():
         row: dict[str, Any] = {"case": case, "method": name}
@@ -222,7 +222,7 @@ def large_case(n_train: int, n_val: int, hidden: int) -> list[dict[str, Any]]:
 
 def wide_case(n_train: int, hidden: int) -> dict[str, Any]:
     """The stages of ``EKFAC().factorize`` on ``synthetic.py``'s ``100 -> hidden -> 10`` MLP
-    (untrained: a timing only), with every output direction and with the top one."""
+    (untrained: a timing only), with every output direction and with one sampled pass."""
     from synthetic import stacked, wide_mlp
 
     from lightning_influence.core.data import as_indexed
@@ -232,13 +232,13 @@ def wide_case(n_train: int, hidden: int) -> dict[str, Any]:
     fm = FunctionalModel(wide_mlp(hidden).eval(), ClassificationTask())
     curvature = li.Curvature(fm, as_indexed(stacked(n_train), None, BATCH))
     out: dict[str, Any] = {"hidden": hidden, "n_params": fm.n_params, "n_train": n_train}
-    for directions in (None, 1):
+    for samples in (None, 1):
         clock = Clock()
-        _, info = li.EKFAC(output_directions=directions).factorize(curvature, 1e-3)
+        _, info = li.EKFAC(samples=samples).factorize(curvature, 1e-3)
         wall, cpu = clock.read()
         stages = {k: round(v, 1) for k, v in info.items() if k.startswith("time")}
         row = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), **stages}
-        out[f"output_directions={directions}"] = row
+        out[f"samples={samples}"] = row
         print(json.dumps(out), flush=True)
     return out
 

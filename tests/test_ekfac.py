@@ -136,6 +136,26 @@ def test_digits_mlp_follows_exact_and_self_influence_is_the_diagonal(
     assert ekfac.self_influence is not None and bool((ekfac.self_influence > 0).all())
 
 
+def test_sampled_directions_average_to_the_exact_curvature(float64) -> None:
+    """``samples``: random sign combinations of the output-Hessian directions. The corrected
+    eigenvalues of the first layer sum to the trace of its block (whatever the basis), and their
+    sampled sums average to that trace."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    curvature = _curvature(model, torch.randn(40, 5), torch.randint(0, 3, (40,)))
+    trace = float(curvature.dense().diagonal()[:24].sum())  # the first layer's 24 parameters
+    exact, _ = EKFAC().factorize(curvature, DAMPING)
+    assert isinstance(exact, KroneckerInverse)
+    torch.testing.assert_close(float(exact.layers[0].eigenvalues.sum()), trace, rtol=1e-9, atol=0)
+    sums = []
+    for seed in range(100):
+        sampled, _ = EKFAC(samples=2, seed=seed).factorize(curvature, DAMPING)
+        assert isinstance(sampled, KroneckerInverse)
+        sums.append(float(sampled.layers[0].eigenvalues.sum()))
+    assert abs(sum(sums) / len(sums) / trace - 1) < 0.02
+    assert max(sums) / min(sums) > 1.05  # they are random
+
+
 def test_unsupported_parameters_are_named() -> None:
     model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
     curvature = _curvature(model, torch.randn(8, 4), torch.randint(0, 3, (8,)))

@@ -30,7 +30,12 @@ from lightning_influence.core.data import IndexedData
 from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.products import output_hessians
 
-__all__ = ["KroneckerLayer", "eigenvalue_corrected_factors", "kronecker_layers"]
+__all__ = [
+    "KroneckerLayer",
+    "OutputDirections",
+    "eigenvalue_corrected_factors",
+    "kronecker_layers",
+]
 
 # Per-example output Hessians and rotated gradients of a batch: never more than this at once.
 _CHUNK_BYTES = 256 * 2**20
@@ -140,14 +145,14 @@ def eigenvalue_corrected_factors(
     layers: list[KroneckerLayer],
     n_total: int,
     reduce: Any = None,
-    output_directions: int | None = None,
+    directions: OutputDirections | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
     """Fill each layer's eigenbases ``Q_A``, ``Q_G`` and corrected eigenvalues from two passes
-    over ``data`` (``reduce`` sums across processes; ``n_total`` examples in all). Keeps the top
-    ``output_directions`` directions of each example's output Hessian (all by default: then the
-    eigenvalues are the exact diagonal of each Gauss-Newton block in the Kronecker eigenbasis).
-    Returns timings and counts.
+    over ``data`` (``reduce`` sums across processes; ``n_total`` examples in all), with output
+    gradients along ``directions`` (every eigen-direction of each example's output Hessian by
+    default: then the eigenvalues are the exact diagonal of each Gauss-Newton block in the
+    Kronecker eigenbasis). Returns timings and counts.
 
     Example:
         >>> from torch.utils.data import TensorDataset
@@ -161,16 +166,17 @@ def eigenvalue_corrected_factors(
         torch.Size([3, 5])
     """
     reduce = reduce or (lambda t: t)
+    directions = directions or OutputDirections()
     dtype, device = model.dtype, model.device
     a_sums = [torch.zeros(n.n_in_ext, n.n_in_ext, dtype=dtype, device=device) for n in layers]
     g_sums = [torch.zeros(n.n_out, n.n_out, dtype=dtype, device=device) for n in layers]
     started = time.perf_counter()
-    directions = 0
-    for a_list, g_list in _passes(model, data, layers, output_directions, progress, "factors"):
+    passes = 0
+    for a_list, g_list in _passes(model, data, layers, directions, progress, "factors"):
         for i, (a, g) in enumerate(zip(a_list, g_list, strict=True)):
             a_sums[i].addmm_(a.flatten(0, 1).T, a.flatten(0, 1))
             g_sums[i].addmm_(g.flatten(0, 2).T, g.flatten(0, 2))
-            directions = max(directions, g.shape[0])
+            passes = max(passes, g.shape[0])
     info = {"time_factors": time.perf_counter() - started}
     started = time.perf_counter()
     for layer, a_sum, g_sum in zip(layers, a_sums, g_sums, strict=True):
@@ -179,13 +185,13 @@ def eigenvalue_corrected_factors(
     info["time_eigendecomposition"] = time.perf_counter() - started
     started = time.perf_counter()
     sums = [torch.zeros(n.n_out, n.n_in_ext, dtype=dtype, device=device) for n in layers]
-    for a_list, g_list in _passes(model, data, layers, output_directions, progress, "eigenvalues"):
+    for a_list, g_list in _passes(model, data, layers, directions, progress, "eigenvalues"):
         for i, (layer, a, g) in enumerate(zip(layers, a_list, g_list, strict=True)):
             sums[i] += _squared_gradients(a @ layer.a_basis, g @ layer.g_basis)
     for layer, total in zip(layers, sums, strict=True):
         layer.eigenvalues = reduce(total) / n_total
     info["time_eigenvalue_correction"] = time.perf_counter() - started
-    info["output_directions"] = float(directions)
+    info["backward_passes_per_batch"] = float(passes)
     return info
 
 
@@ -218,7 +224,7 @@ def _passes(
     model: FunctionalModel,
     data: IndexedData,
     layers: list[KroneckerLayer],
-    output_directions: int | None,
+    directions: OutputDirections,
     progress: bool,
     what: str,
 ) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
@@ -227,7 +233,7 @@ def _passes(
     bar = tqdm(total=len(data), desc=f"EK-FAC {what}", disable=not progress, leave=False)
     for _, batch in data.batches():
         prepared = model.prepare(batch)
-        yield _batch_factors(model, prepared.inputs, prepared.targets, layers, output_directions)
+        yield _batch_factors(model, prepared.inputs, prepared.targets, layers, directions)
         bar.update(prepared.size)
     bar.close()
 
@@ -237,7 +243,7 @@ def _batch_factors(
     inputs: Any,
     targets: Any,
     layers: list[KroneckerLayer],
-    output_directions: int | None,
+    directions: OutputDirections,
 ) -> tuple[list[Tensor], list[Tensor]]:
     captured: dict[str, tuple[list[Tensor], list[Tensor]]] = {n.name: ([], []) for n in layers}
     size = model.task.batch_size(inputs)
@@ -249,7 +255,7 @@ def _batch_factors(
                 f"EKFAC needs the model's outputs as one batch-first tensor; the task's forward "
                 f"returned {type(out).__name__}. Override `Task.forward` to return it."
             )
-        cotangents = _output_directions(model, targets, out.detach(), output_directions)
+        cotangents = directions(model, targets, out.detach())
         outputs = [o for n in layers for o in captured[n.name][1]]
         per_direction = []
         for s in range(cotangents.shape[2]):
@@ -300,30 +306,49 @@ def _rows(t: Tensor, size: int, features: int) -> Tensor:
     return t.detach().reshape(size, -1, features)
 
 
-def _output_directions(
-    model: FunctionalModel, targets: Any, out: Tensor, keep: int | None
-) -> Tensor:
-    """Cotangents ``C_b = U_b sqrt(L_b)`` ``[B, k, d]`` from the eigenpairs of each example's
-    output Hessian, so that ``C_b C_b^T`` is that Hessian: all directions with a nonzero
-    eigenvalue in the batch (or the top ``keep``)."""
-    batch, k = out.shape[0], out[0].numel()
-    if batch * k * k * out.element_size() > _CHUNK_BYTES:
-        raise _error(
-            f"EKFAC needs each example's output Hessian, {k} x {k} here ({batch} examples per "
-            "batch): too large. Lower the batch size (`curvature_batch_size`), or use LiSSA(), "
-            "which needs no output Hessians."
-        )
-    h_out = output_hessians(model, targets, out).detach()
-    evals, evecs = torch.linalg.eigh((h_out + h_out.transpose(1, 2)) / 2)  # ascending
-    evals = evals.clamp_min(0)
-    peak = evals.amax(dim=0)  # [k]: the largest eigenvalue of each rank over the batch
-    # eigh leaves a zero eigenvalue (softmax's) at about eps times the largest: not a direction
-    floor = 100 * torch.finfo(out.dtype).eps * peak.max().clamp_min(torch.finfo(out.dtype).tiny)
-    nonzero = peak > floor
-    columns = torch.nonzero(nonzero).flatten()
-    if keep is not None:
-        columns = columns[-keep:]
-    return evecs[:, :, columns] * evals[:, None, columns].sqrt()
+class OutputDirections:
+    """The cotangents that output gradients run along: ``C_b = U_b sqrt(L_b)`` from the
+    eigenpairs of each example's loss Hessian with respect to its outputs, so that
+    ``C_b C_b^T`` is that Hessian (every direction with a nonzero eigenvalue in the batch); or,
+    with ``samples``, that many random sign combinations ``C_b z / sqrt(samples)`` per example,
+    whose outer products equal the Hessian in expectation (what labels sampled from the model
+    give a softmax, for any loss), one backward pass each.
+
+    Example:
+        >>> from lightning_influence.core.task import ClassificationTask
+        >>> fm = FunctionalModel(torch.nn.Linear(4, 3), ClassificationTask())
+        >>> out, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1])
+        >>> OutputDirections()(fm, y, out).shape, OutputDirections(samples=1)(fm, y, out).shape
+        (torch.Size([5, 3, 2]), torch.Size([5, 3, 1]))
+    """
+
+    def __init__(self, samples: int | None = None, seed: int = 0) -> None:
+        self.samples = samples
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, model: FunctionalModel, targets: Any, out: Tensor) -> Tensor:
+        """Cotangents ``[B, k, d]`` for outputs ``out`` ``[B, ...]`` (``k`` per example)."""
+        batch, k = out.shape[0], out[0].numel()
+        if batch * k * k * out.element_size() > _CHUNK_BYTES:
+            raise _error(
+                f"EKFAC needs each example's output Hessian, {k} x {k} here ({batch} examples "
+                "per batch): too large. Lower the batch size (`curvature_batch_size`), or use "
+                "LiSSA(), which needs no output Hessians."
+            )
+        h_out = output_hessians(model, targets, out).detach()
+        evals, evecs = torch.linalg.eigh((h_out + h_out.transpose(1, 2)) / 2)  # ascending
+        evals = evals.clamp_min(0)
+        peak = evals.amax(dim=0)  # [k]: the largest eigenvalue of each rank over the batch
+        # eigh leaves a zero eigenvalue (softmax's) near eps times the largest: not a direction
+        tiny = torch.finfo(out.dtype)
+        nonzero = peak > 100 * tiny.eps * peak.max().clamp_min(tiny.tiny)
+        columns = torch.nonzero(nonzero).flatten()
+        cotangents = evecs[:, :, columns] * evals[:, None, columns].sqrt()
+        if self.samples is None:
+            return cotangents
+        shape = (batch, len(columns), self.samples)
+        signs = torch.randint(0, 2, shape, generator=self.generator).to(out) * 2 - 1
+        return cotangents @ signs / self.samples**0.5
 
 
 @contextmanager

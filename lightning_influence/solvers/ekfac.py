@@ -18,6 +18,7 @@ from torch import Tensor
 
 from lightning_influence.core.kronecker import (
     KroneckerLayer,
+    OutputDirections,
     eigenvalue_corrected_factors,
     kronecker_layers,
 )
@@ -84,9 +85,13 @@ class EKFAC(FactorizedSolver):
     share of every score by ``1 / damping`` and quietly dominate the rankings.
 
     Args:
-        output_directions: keep only the top ``output_directions`` eigen-directions of each
-            example's output Hessian (one backward pass each); ``None`` (default) keeps every
-            direction with a nonzero eigenvalue, so the eigenvalues are exact.
+        samples: ``None`` (default) runs one backward pass per eigen-direction of each
+            example's output Hessian (9 for a 10-class softmax): the factors are of the
+            Gauss-Newton matrix itself and the corrected eigenvalues exact. An integer runs that
+            many passes along random sign combinations of those directions instead, equal to it
+            in expectation (like labels sampled from the model): cheaper for wide layers, whose
+            factors cost ``passes x out^2`` per example.
+        seed: seeds the random signs.
 
     Example:
         >>> from torch.utils.data import TensorDataset
@@ -101,11 +106,12 @@ class EKFAC(FactorizedSolver):
         (torch.Size([7, 15]), 1.0)
     """
 
-    output_directions: int | None = None
+    samples: int | None = None
+    seed: int = 0
     name = "ekfac"
 
     def __post_init__(self) -> None:
-        check_positive_int("output_directions", self.output_directions, allow_none=True)
+        check_positive_int("samples", self.samples, allow_none=True)
 
     def factorize(
         self, curvature: CurvatureOperator, damping: float, progress: bool = False
@@ -150,7 +156,7 @@ class EKFAC(FactorizedSolver):
                 layers,
                 int(curvature.n_total),
                 getattr(curvature, "reduce", None),
-                self.output_directions,
+                OutputDirections(self.samples, self.seed),
                 progress,
             )
         )
