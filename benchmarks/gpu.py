@@ -16,7 +16,8 @@ Usage::
 With ``--n-train`` it times one SGD epoch (batch 64) and one ``compute_influence`` call with the
 package's default solver, ``LiSSA()`` (``--solver fixed``: the sweep's; ``--solver short``: ten
 plain steps, so that a CPU run ends), on that many images and ``--n-val`` validation images, and
-prints their ratio with the stage breakdown (``--probe``: one curvature product timed first;
+prints their ratio with the stage breakdown (``--probe``: one curvature product timed first,
+against a forward and backward pass on the same examples; ``--probe-only``: nothing else;
 ``--self-influence``: also self-influence); it writes
 ``benchmarks/results/gpu_<device>_<n>_<solver>.json`` (``--tiny``: ``gpu_smoke.json``).
 
@@ -165,20 +166,34 @@ SOLVERS: dict[str, Solver] = {
 
 def product_time(model: nn.Module, train: TensorDataset, n_val: int, device: torch.device) -> None:
     """Time one Gauss-Newton product of ``n_val`` vectors on a minibatch of 256 (a step of
-    ``LiSSA()``) and on 1,024 examples (a Nystrom product of its preconditioner); prints both."""
+    ``LiSSA()``) and of 1 vector on 1,024 examples (a Nystrom product of its preconditioner),
+    each twice (the first call also measures the model's passes), against one forward and
+    backward pass on the same examples (summed cross-entropy, plain autograd) in the same run;
+    prints seconds and the ratio per vector, in CPU time on a CPU (wall time on a GPU)."""
     from lightning_influence import ClassificationTask, FunctionalModel, as_indexed
     from lightning_influence.core.curvature import Curvature
 
+    def clock() -> float:
+        sync(device)
+        return time.process_time() if device.type == "cpu" else time.perf_counter()
+
     fm = FunctionalModel(model, ClassificationTask())
-    for n, k in ((256, n_val), (min(1024, len(train)), 1)):
+    x, y = train.tensors
+    for n, k in ((min(256, len(train)), n_val), (min(1024, len(train)), 1)):
+        start = clock()
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[:n]), y[:n], reduction="sum").backward()
+        step = clock() - start
+        model.zero_grad()
         curv = Curvature(fm, as_indexed(train, torch.arange(n), n), "gauss_newton")
         vectors = torch.randn(k, fm.n_params, device=device)
-        sync(device)
-        start = time.perf_counter()
-        curv.matvec(vectors)
-        sync(device)
-        print(f"one Gauss-Newton product, {k} vector(s), {n} examples: "
-              f"{time.perf_counter() - start:.1f} s", flush=True)  # fmt: skip
+        for call in ("first", "second"):
+            start = clock()
+            curv.matvec(vectors)
+            took = clock() - start
+            print(f"one Gauss-Newton product, {k} vector(s), {n} examples ({call} call): "
+                  f"{took:.1f} s; forward + backward {step:.2f} s; "
+                  f"{took / k / step:.2f}x per vector", flush=True)  # fmt: skip
 
 
 STAGES = ["total_s", "val_grads_s", "solver_s", "self_influence_s", "scoring_s"]
@@ -195,6 +210,8 @@ def cpu_run(args: argparse.Namespace) -> None:
     solver = SOLVERS[args.solver]
     if args.probe:
         product_time(model, train, args.n_val, device)
+        if args.probe_only:
+            return
     clock = Clock()
     ep = epoch_time(model, train, device, 64)
     ep_cpu = clock.read()[1]
@@ -235,6 +252,7 @@ def main() -> None:
     parser.add_argument(
         "--probe", action="store_true", help="with --n-train: first time one curvature product"
     )
+    parser.add_argument("--probe-only", action="store_true", help="with --probe: stop after it")
     parser.add_argument("--self-influence", action="store_true", help="with --n-train")
     args = parser.parse_args()
     setup(threads=1 if args.device == "cpu" else 4)

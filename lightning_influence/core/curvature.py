@@ -27,6 +27,7 @@ from lightning_influence.core.gradients import rows_of
 from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.probe import ScoreProbe
 from lightning_influence.core.products import (
+    VectorPasses,
     detach,
     example_jacobians,
     gauss_newton_by_jacobians,
@@ -34,6 +35,7 @@ from lightning_influence.core.products import (
     gauss_newton_rows,
     hessian_products,
     output_hessians,
+    outputs_and_pullback,
     products_from_factors,
 )
 from lightning_influence.validation import check_positive_int
@@ -114,6 +116,8 @@ class Curvature:
         self.flops_per_parameter: float | None = None
         # Bytes a forward pass keeps for its backward, per example, measured on first use.
         self.activation_bytes: int | None = None
+        # Vectors vmapped together through forward-mode passes, or one per pass: timed on first use.
+        self.passes = VectorPasses()
         # Every local example's Jacobian and output Hessian, once worth keeping (see `factors`).
         self._factors: tuple[Tensor, Tensor] | None = None
         self._factors_decided = False
@@ -163,12 +167,17 @@ class Curvature:
         with torch.enable_grad():
             chunk = self._vectors_per_pass(inputs, prepared.size)
             if self.kind == "hessian":
-                return hessian_products(fm, inputs, targets, vectors, chunk)
-            out = detach(fm.outputs(fm.theta, inputs))
+                return hessian_products(fm, inputs, targets, vectors, chunk, self.passes)
+            # one forward pass gives the outputs and the graph a forward-and-reverse product uses
+            out, pullback = outputs_and_pullback(fm, inputs)
+            passes = self.passes
             if not isinstance(out, Tensor) or out.ndim == 0:
-                return gauss_newton_products(fm, inputs, targets, out, vectors, chunk)
+                return gauss_newton_products(
+                    fm, inputs, targets, out, vectors, chunk, passes, pullback
+                )
             directions = None if exact else self._truncated_directions(out)
             if directions is not None:
+                del pullback
                 rows, kept, total = gauss_newton_rows(fm, inputs, targets, out, directions)
                 self.trace_kept += kept
                 self.trace_total += total
@@ -179,7 +188,10 @@ class Curvature:
                 self.flops_per_parameter = _flops_per_parameter(fm, inputs)
             method = gauss_newton_method(out, vectors, self.flops_per_parameter)
             if method is gauss_newton_products:
-                return gauss_newton_products(fm, inputs, targets, out, vectors, chunk)
+                return gauss_newton_products(
+                    fm, inputs, targets, out, vectors, chunk, passes, pullback
+                )
+            del pullback
             return method(fm, inputs, targets, out, vectors)
 
     def _vectors_per_pass(self, inputs: Any, batch_size: int) -> int:
@@ -366,14 +378,14 @@ class Curvature:
         if max_examples is None or max_examples >= self._population:
             if directions == self.output_directions:
                 return self
-            return Curvature(self.model, data, self.kind, self.reduce, directions)
+            return self._child(data, directions)
         start = int(torch.randint(self._population, (1,), generator=generator))
         factors = self._decided_factors() if directions is None else None
         if factors is not None and self._factor_order is not None:
             rows = self._stored(start, max_examples)
             stored = torch.cat([torch.arange(len(self._factor_order))[r] for r in rows])
             chosen, by_position = self._factor_order[stored].sort()
-            child = Curvature(self.model, data.subset(data.indices[chosen]), self.kind, self.reduce)
+            child = self._child(data.subset(data.indices[chosen]), None)
             parts = [(factors[0][r], factors[1][r]) for r in rows if r.stop > r.start]
             if len(parts) == 1:  # a view
                 child._factors = parts[0]
@@ -382,11 +394,17 @@ class Curvature:
             child._factors_decided = True
             child._factor_order = torch.empty_like(by_position)
             child._factor_order[by_position] = torch.arange(len(stored))
-            child.flops_per_parameter = self.flops_per_parameter
-            child.activation_bytes = self.activation_bytes
             return child
         data = data.subset(data.indices[self._window(start, max_examples)])
-        return Curvature(self.model, data, self.kind, self.reduce, directions)
+        return self._child(data, directions)
+
+    def _child(self, data: IndexedData, directions: int | None) -> Curvature:
+        """The same curvature on ``data``, sharing what was measured about the model's passes."""
+        child = Curvature(self.model, data, self.kind, self.reduce, directions)
+        child.passes = self.passes
+        child.flops_per_parameter = self.flops_per_parameter
+        child.activation_bytes = self.activation_bytes
+        return child
 
     def probe(self, count: int, seed: int = 0) -> ScoreProbe:
         """The scores of ``count`` training examples drawn by dataset index with ``seed`` (the

@@ -13,7 +13,9 @@ passes, Gauss-Newton only.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -27,6 +29,7 @@ from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.routes import refused
 
 __all__ = [
+    "VectorPasses",
     "detach",
     "example_jacobians",
     "flat_output",
@@ -36,6 +39,7 @@ __all__ = [
     "hessian_available",
     "hessian_products",
     "output_hessians",
+    "outputs_and_pullback",
     "per_example",
     "products_from_factors",
     "top_directions",
@@ -43,13 +47,19 @@ __all__ = [
 
 
 def hessian_products(
-    fm: FunctionalModel, inputs: Any, targets: Any, vectors: Tensor, chunk: int | None = None
+    fm: FunctionalModel,
+    inputs: Any,
+    targets: Any,
+    vectors: Tensor,
+    chunk: int | None = None,
+    passes: VectorPasses | None = None,
 ) -> Tensor:
-    """``H v`` for each row of ``vectors`` (forward over reverse), ``chunk`` rows at a time; by
-    plain autograd (the derivative of the gradient along ``v``) where ``torch.func`` refuses."""
+    """``H v`` for each row of ``vectors`` (forward over reverse), ``chunk`` rows at a time
+    (vmapped together or one by one, as ``passes`` decides); by plain autograd (the derivative of
+    the gradient along ``v``) where ``torch.func`` refuses."""
     if fm.routes.get("curvature_products") is None:
         try:
-            return _hessian_forward_over_reverse(fm, inputs, targets, vectors, chunk)
+            return _hessian_forward_over_reverse(fm, inputs, targets, vectors, chunk, passes)
         except (RuntimeError, NotImplementedError) as err:
             if not refused(err):
                 raise
@@ -92,7 +102,12 @@ def hessian_available(fm: FunctionalModel, inputs: Any, targets: Any) -> bool:
 
 
 def _hessian_forward_over_reverse(
-    fm: FunctionalModel, inputs: Any, targets: Any, vectors: Tensor, chunk: int | None
+    fm: FunctionalModel,
+    inputs: Any,
+    targets: Any,
+    vectors: Tensor,
+    chunk: int | None,
+    passes: VectorPasses | None,
 ) -> Tensor:
     def total(th: Tensor) -> Tensor:
         return fm.losses(th, inputs, targets).sum()
@@ -100,7 +115,7 @@ def _hessian_forward_over_reverse(
     def hv(v: Tensor) -> Tensor:
         return jvp(grad(total), (fm.theta,), (v,))[1]
 
-    return _by_chunks(vmap(hv), vectors, chunk)
+    return _by_chunks(hv, vectors, chunk, passes)
 
 
 def _hessian_double_backward(
@@ -127,10 +142,13 @@ def gauss_newton_products(
     out: Any,
     vectors: Tensor,
     chunk: int | None = None,
+    passes: VectorPasses | None = None,
+    pullback: Pullback | None = None,
 ) -> Tensor:
     """``J^T H_out J v``: forward mode for ``J v``, reverse mode for ``J^T``, vmapped over ``v``
-    ``chunk`` rows at a time (the tangents of a pass hold ``chunk x batch`` activations); one
-    reverse-mode graph serves every chunk.
+    ``chunk`` rows at a time (the tangents of a pass hold ``chunk x batch`` activations), or one
+    row per pass where ``passes`` found that faster; one reverse-mode graph serves every pass
+    (``pullback``, from :func:`outputs_and_pullback`, where the caller has it already).
 
     Where ``torch.func`` refuses the model, by plain autograd (``J v`` as the derivative of a
     vector-Jacobian product), and where the backward pass itself has no derivative, from
@@ -138,7 +156,9 @@ def gauss_newton_products(
     route = fm.routes.get("curvature_products")
     if route is None:
         try:
-            return _gauss_newton_forward_and_reverse(fm, inputs, targets, out, vectors, chunk)
+            return _gauss_newton_forward_and_reverse(
+                fm, inputs, targets, out, vectors, chunk, passes, pullback
+            )
         except (RuntimeError, NotImplementedError) as err:
             if not refused(err):
                 raise
@@ -162,6 +182,34 @@ def gauss_newton_products(
     return total
 
 
+def outputs_and_pullback(fm: FunctionalModel, inputs: Any) -> tuple[Any, Pullback | None]:
+    """The model's (detached) outputs on ``inputs`` and the pullback ``u -> J^T u`` of the same
+    forward pass, which a forward-and-reverse product would otherwise run again; no pullback
+    where ``torch.func`` refuses the model (its outputs then from a plain forward pass).
+
+    Example:
+        >>> import torch
+        >>> from lightning_influence.core.task import ClassificationTask
+        >>> fm = FunctionalModel(torch.nn.Linear(3, 2), ClassificationTask())
+        >>> out, pullback = outputs_and_pullback(fm, torch.randn(4, 3))
+        >>> out.shape, pullback(torch.ones(4, 2))[0].shape
+        (torch.Size([4, 2]), torch.Size([8]))
+    """
+    if fm.routes.get("curvature_products") is None:
+        try:
+            out, pullback = vjp(partial(_outputs_of, fm, inputs), fm.theta)  # type: ignore[misc]
+            return detach(out), pullback
+        except (RuntimeError, NotImplementedError) as err:
+            if not refused(err):
+                raise
+    return detach(fm.outputs(fm.theta, inputs)), None
+
+
+def _outputs_of(fm: FunctionalModel, inputs: Any, theta: Tensor) -> Any:
+    return fm.outputs(theta, inputs)
+
+
+Pullback = Callable[[Any], tuple[Tensor]]
 # Per-example Jacobians of one chunk of a batch, where products are made from them: at most this.
 _JACOBIAN_CHUNK_BYTES = 256 * 2**20
 
@@ -173,11 +221,14 @@ def _gauss_newton_forward_and_reverse(
     out: Any,
     vectors: Tensor,
     chunk: int | None,
+    passes: VectorPasses | None = None,
+    pullback: Pullback | None = None,
 ) -> Tensor:
     def outputs(th: Tensor) -> Any:
         return fm.outputs(th, inputs)
 
-    _, pullback = vjp(outputs, fm.theta)  # type: ignore[misc]
+    if pullback is None:
+        _, pullback = vjp(outputs, fm.theta)  # type: ignore[misc]
 
     def loss_of_outputs(o: Any) -> Tensor:
         return fm.losses_from_outputs(o, targets).sum()
@@ -187,7 +238,7 @@ def _gauss_newton_forward_and_reverse(
         hjv = jvp(grad(loss_of_outputs), (out,), (jv,))[1]
         return pullback(hjv)[0]
 
-    return _by_chunks(vmap(gnv), vectors, chunk)
+    return _by_chunks(gnv, vectors, chunk, passes)
 
 
 def _gauss_newton_double_backward(
@@ -226,14 +277,68 @@ def _gauss_newton_double_backward(
     return torch.stack(rows).detach()
 
 
-def _by_chunks(products: Callable[[Tensor], Tensor], vectors: Tensor, chunk: int | None) -> Tensor:
-    """``products`` of at most ``chunk`` rows at a time, in chunks of equal size (a last chunk of
-    one row would cost nearly a whole pass)."""
+@dataclass
+class VectorPasses:
+    """Whether a block of vectors goes through the forward-mode passes vmapped together
+    (``batched``) or one vector per pass, decided by timing both on the first block of three or
+    more vectors (``None`` until then; ``batched_s`` and ``single_s`` keep the seconds per vector
+    measured). ``vmap`` makes dense layers one larger matrix product per pass, which pays; it makes
+    a convolution with batched weights (the tangent of its weight) a grouped convolution and its
+    weight gradient a batched one, which on a CPU cost more than one pass per vector (the
+    ResNet-style CNN of the benchmarks: 2.3 against 1.6 training steps per vector).
+
+    Example:
+        >>> passes = VectorPasses()
+        >>> rows = _by_chunks(lambda v: 2 * v, torch.ones(4, 3), None, passes)
+        >>> rows.shape, passes.batched is not None
+        (torch.Size([4, 3]), True)
+    """
+
+    batched: bool | None = None
+    batched_s: float | None = None
+    single_s: float | None = None
+
+
+def _by_chunks(
+    product: Callable[[Tensor], Tensor],
+    vectors: Tensor,
+    chunk: int | None,
+    passes: VectorPasses | None = None,
+) -> Tensor:
+    """``product`` of each row, vmapped over at most ``chunk`` rows at a time, in chunks of equal
+    size (a last chunk of one row would cost nearly a whole pass); one row per pass where
+    ``passes`` says that is faster, or decides it on this block by timing both."""
     m = vectors.shape[0]
-    if chunk is None or chunk >= m:
-        return products(vectors)
-    passes = -(-m // chunk)
-    return torch.cat([products(rows) for rows in vectors.split(-(-m // passes))])
+    limit = m if chunk is None else max(1, min(chunk, m))
+    if limit == 1 or (passes is not None and passes.batched is False):
+        return torch.stack([product(v) for v in vectors])
+    batched = vmap(product)
+    if passes is None or passes.batched or m < 3:
+        return _in_chunks(batched, vectors, limit)
+    # Undecided: every row but the first vmapped, then the first alone, each timed per vector.
+    start = _now(vectors)
+    rest = _in_chunks(batched, vectors[1:], limit)
+    middle = _now(vectors)
+    first = product(vectors[0])
+    passes.single_s = _now(vectors) - middle
+    passes.batched_s = (middle - start) / (m - 1)
+    passes.batched = passes.batched_s < passes.single_s
+    return torch.cat([first[None], rest])
+
+
+def _in_chunks(batched: Callable[[Tensor], Tensor], vectors: Tensor, limit: int) -> Tensor:
+    m = vectors.shape[0]
+    if limit >= m:
+        return batched(vectors)
+    passes = -(-m // limit)
+    return torch.cat([batched(rows) for rows in vectors.split(-(-m // passes))])
+
+
+def _now(like: Tensor) -> float:
+    """Wall-clock seconds, once the device has finished the work queued so far."""
+    if like.device.type == "cuda":
+        torch.cuda.synchronize(like.device)
+    return time.perf_counter()
 
 
 def gauss_newton_by_jacobians(

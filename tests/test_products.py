@@ -1,0 +1,65 @@
+"""Forward-mode curvature products one vector per pass or vmapped together, and the forward pass
+shared with the reverse-mode graph: the same numbers as dense references, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from lightning_influence import ClassificationTask, Curvature, FunctionalModel, as_indexed
+from lightning_influence.core.products import (
+    VectorPasses,
+    gauss_newton_products,
+    hessian_products,
+    outputs_and_pullback,
+)
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+def _case() -> tuple[nn.Module, TensorDataset]:
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 4)
+    )
+    model = model.double().eval()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(30, 2, 6, generator=gen, dtype=torch.float64)
+    return model, TensorDataset(x, torch.randint(0, 4, (30,), generator=gen))
+
+
+@pytest.mark.parametrize("batched", [None, True, False])
+@pytest.mark.parametrize("kind", ["gauss_newton", "hessian"])
+def test_products_one_vector_per_pass_or_vmapped_equal_the_dense_matrix(
+    batched: bool | None, kind: str, reference
+) -> None:
+    model, data = _case()
+    x, y = data.tensors
+    full = reference.hessian(model, x, y) if kind == "hessian" else reference.gauss_newton(model, x)
+    fm = FunctionalModel(model, ClassificationTask())
+    passes = VectorPasses(batched=batched)
+    v = torch.randn(5, fm.n_params)
+    out, pullback = outputs_and_pullback(fm, x)
+    if kind == "hessian":
+        got = hessian_products(fm, x, y, v, chunk=2, passes=passes)
+    else:
+        got = gauss_newton_products(fm, x, y, out, v, chunk=2, passes=passes, pullback=pullback)
+    torch.testing.assert_close(got / len(x), v @ full, rtol=1e-9, atol=1e-12)
+    # an undecided plan is decided by timing both ways on this block of five
+    assert passes.batched is not None
+    if batched is None:
+        assert passes.batched_s is not None and passes.single_s is not None
+
+
+def test_curvature_decides_once_and_its_subsamples_share_the_decision(reference) -> None:
+    model, data = _case()
+    fm = FunctionalModel(model, ClassificationTask())
+    curvature = Curvature(fm, as_indexed(data, batch_size=8))
+    v = torch.randn(3, fm.n_params)
+    full = reference.gauss_newton(model, data.tensors[0])
+    torch.testing.assert_close(curvature.matvec(v, exact=True), v @ full, rtol=1e-9, atol=1e-12)
+    decided = curvature.passes.batched
+    child = curvature.subsample(10, None, torch.Generator().manual_seed(0))
+    assert child.passes is curvature.passes and decided is not None
