@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
-from lightning_influence.solvers import Exact, Solver
+from lightning_influence.solvers import Exact, LiSSA, LowRank, Solver
+from lightning_influence.solvers.lowrank import size_limit
+from lightning_influence.solvers.sketch import bytes_per_vector
 
 __all__ = ["available_bytes", "estimate_bytes", "format_bytes"]
 
@@ -27,13 +29,17 @@ def estimate_bytes(
     element_size: int,
     solvers: list[Solver],
 ) -> dict[str, int]:
-    """Peak bytes of each stage: validation gradients and solve, training gradients, and a dense
-    ``p x p`` matrix for each :class:`Exact` solver.
+    """Peak bytes of each stage: validation gradients and solve, training gradients, a dense
+    ``p x p`` matrix for each :class:`Exact` solver, and the sketch of a :class:`LowRank`
+    factorization (``LiSSA``'s preconditioner included) beside the validation gradients.
 
     Example:
         >>> est = estimate_bytes(1000, 10, 32, 4, [Exact()])
         >>> est["dense curvature (Exact)"], est["training gradients"]
         (12000000, 384000)
+        >>> big = estimate_bytes(10**6, 8, 32, 4, [LowRank(max_memory=2**30)])
+        >>> big["low-rank factorization (LowRank's max_memory)"] <= 2**30 + 8 * 4 * 10**6
+        True
     """
     p, m = n_params, n_val
     out = {
@@ -42,7 +48,24 @@ def estimate_bytes(
     }
     if any(isinstance(s, Exact) for s in solvers):
         out["dense curvature (Exact)"] = 3 * p * p * element_size
+    sketch = max((_sketch_vectors(s, p, element_size) for s in solvers), default=0)
+    if sketch:
+        name = "low-rank factorization (LowRank's max_memory)"
+        out[name] = sketch * bytes_per_vector(p, element_size) + m * p * element_size
+        # the kept half stays beside the solve's blocks
+        out["validation gradients and solve"] += sketch // 2 * p * element_size
     return out
+
+
+def _sketch_vectors(solver: Solver, p: int, element_size: int) -> int:
+    """The most vectors the low-rank sketch of ``solver`` (or of its preconditioner) takes."""
+    lowrank = solver.preconditioner if isinstance(solver, LiSSA) else solver
+    if not isinstance(lowrank, LowRank):
+        return 0
+    if lowrank.rank != "auto":
+        return min(p, lowrank.rank + lowrank.oversample)
+    budget = max(2, lowrank.max_memory // bytes_per_vector(p, element_size))
+    return min(p, size_limit(p), budget)
 
 
 def available_bytes(device: torch.device) -> int | None:

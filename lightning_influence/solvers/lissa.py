@@ -77,7 +77,7 @@ class LiSSA(Solver):
     Args:
         preconditioner: the low-rank factorization to precondition with (``PRECONDITIONER``:
             exact Gauss-Newton products on up to 1,024 examples, rank grown until
-            ``l_k <= 5 damping`` within 64 MiB); ``None`` for plain LiSSA.
+            ``l_k <= 5 damping`` within 1 GiB of working memory); ``None`` for plain LiSSA.
         depth: the most recursion steps per repeat; ``None``: 1,000 when preconditioned, else
             three times ``scale / damping`` up to ``max_depth``.
         repeats: independent chains (different minibatches) averaged together (plain only).

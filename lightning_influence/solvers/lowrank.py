@@ -27,7 +27,7 @@ from lightning_influence.solvers.base import (
     Diagnostics,
     FactorizedSolver,
 )
-from lightning_influence.solvers.sketch import NystromSketch, lanczos
+from lightning_influence.solvers.sketch import NystromSketch, bytes_per_vector, lanczos
 from lightning_influence.validation import check_positive_int
 
 __all__ = ["LowRank", "LowRankInverse"]
@@ -120,7 +120,12 @@ class LowRank(FactorizedSolver):
             aims for, ``(e_rank + damping) / damping``. 50 suits a preconditioner and
             self-influence rankings; as an inverse on its own, where the rest of the space is
             inverted as ``1 / damping``, accurate scores need it near 1 (e.g. 2).
-        max_memory: bytes that the kept eigenvectors (``rank x p`` numbers) may take.
+        max_memory: bytes the factorization may hold with ``rank="auto"``: the sketch's test
+            vectors and eigenvectors, its products in float64, and the copies made while it
+            grows, about ``4 itemsize + 16`` bytes per parameter and sketch vector (twice the
+            rank kept; :func:`~lightning_influence.solvers.sketch.bytes_per_vector`). The
+            curvature products' own working memory comes on top. 1 GiB keeps rank 75 of a
+            222k-parameter float32 model.
         method: ``"auto"``, ``"nystrom"`` or ``"lanczos"``.
         block_size: products per pass over the data; by default all of them for ``"nystrom"``,
             1 (plain Lanczos) for ``"lanczos"``, half of them for ``"auto"`` on the Hessian.
@@ -153,7 +158,7 @@ class LowRank(FactorizedSolver):
     rank: int | Literal["auto"] = "auto"
     oversample: int = 4
     max_condition: float = 50.0
-    max_memory: int = 64 * 2**20
+    max_memory: int = 2**30
     method: Literal["auto", "nystrom", "lanczos"] = "auto"
     block_size: int | None = None
     max_examples: int | None = 256
@@ -201,11 +206,9 @@ class LowRank(FactorizedSolver):
         subset_generator = torch.Generator().manual_seed(self.seed + 1)
         curv = curvature.subsample(self.max_examples, self.output_directions, subset_generator)
         itemsize = torch.finfo(curv.dtype).bits // 8
-        # the sketch keeps its top half: twice the eigenvectors that fit in `max_memory`
-        budget = 2 * max(1, self.max_memory // (itemsize * p))
-        # A sketch of more than a quarter of the parameters costs about what the dense matrix
-        # does; small models may go to full rank.
-        size_cap = p if p <= 512 else max(32, p // 4)
+        # the sketch's vectors that fit in `max_memory` with everything it holds beside them
+        budget = max(2, self.max_memory // bytes_per_vector(p, itemsize))
+        size_cap = size_limit(p)
         if self.rank == "auto":
             dim, stop = min(p, 32, budget), ""
         else:
@@ -314,6 +317,17 @@ class LowRank(FactorizedSolver):
             evals, evecs, products, passes = lanczos(curv, dim, block_size, generator, progress)
         order = torch.argsort(evals, descending=True)
         return evals[order], evecs[order], min(0.0, float(evals.min())), products, passes
+
+
+def size_limit(p: int) -> int:
+    """The most vectors an automatic sketch takes for ``p`` parameters: a sketch of more than a
+    quarter of them costs about what the dense matrix does; small models may go to full rank.
+
+    Example:
+        >>> size_limit(400), size_limit(10_000)
+        (400, 2500)
+    """
+    return p if p <= 512 else max(32, p // 4)
 
 
 _LOW_TRACE_GAIN = 1.5

@@ -17,7 +17,8 @@ from lightning_influence.solvers.lowrank import LowRank, LowRankInverse
 __all__ = ["PRECONDITIONER", "Preconditioner"]
 
 # The default preconditioner: exact Gauss-Newton products on up to 1,024 examples, and the rank
-# grown until the curvature left beyond it is at most 5 times the damping (within 64 MiB).
+# grown until the curvature left beyond it is at most 5 times the damping (within 1 GiB of
+# working memory, `LowRank.max_memory`).
 PRECONDITIONER = LowRank(max_examples=1024, output_directions=None, max_condition=5.0)
 
 

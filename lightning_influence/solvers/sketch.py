@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from lightning_influence.solvers.base import CurvatureOperator
 
-__all__ = ["NystromSketch", "lanczos"]
+__all__ = ["NystromSketch", "bytes_per_vector", "column_chunks", "lanczos"]
 
 
 def lanczos(
@@ -115,12 +115,22 @@ class NystromSketch:
         return new, -(-new // block_size)
 
     def eigenpairs(self) -> tuple[Tensor, Tensor]:
-        """Eigenvalues ``[dim]`` and eigenvectors as rows ``[dim, p]`` of the approximation."""
+        """Eigenvalues ``[dim]`` and eigenvectors as rows ``[dim, p]`` of the approximation.
+
+        Every ``[dim, p]`` step runs over chunks of columns (:func:`column_chunks`), so the
+        working memory beyond the sketch is the eigenvectors returned and one chunk.
+        """
         dim, p, dtype = self.dim, self.curvature.n_params, self.curvature.dtype
-        y, om = self.images, self.omega.double()
+        y, om = self.images, self.omega
         nu = math.sqrt(p) * torch.finfo(dtype).eps * float(y.norm())
-        y_nu = y + nu * om
-        core = om @ y_nu.T
+
+        def shifted(cols: slice) -> Tensor:
+            """Columns of ``Y_nu = Y + nu Omega`` in float64."""
+            return y[:, cols] + nu * om[:, cols].double()
+
+        core = torch.zeros(dim, dim, dtype=torch.float64, device=y.device)
+        for cols in column_chunks(p, dim):
+            core += om[:, cols].double() @ shifted(cols).T
         factor, info = torch.linalg.cholesky_ex((core + core.T) / 2)
         if int(info) != 0:
             raise ValueError(
@@ -128,17 +138,57 @@ class NystromSketch:
                 "one has negative curvature (the Hessian of a non-convex model). Use "
                 "curvature='gauss_newton' or `LowRank(method='lanczos')`."
             )
-        b = torch.linalg.solve_triangular(factor, y_nu, upper=False)
+
+        def b_part(cols: slice) -> Tensor:
+            """Columns of ``b = C^-1 Y_nu``."""
+            return torch.linalg.solve_triangular(factor, shifted(cols), upper=False)
+
         # The SVD of the short, wide ``b`` from the eigenpairs of its small Gram matrix ``b b^T``
         # (eigenvalues ``s^2``, right singular vectors ``U^T b / s``): a fraction of the SVD's
         # cost.
-        squares, u = torch.linalg.eigh(b @ b.T)
+        gram = torch.zeros(dim, dim, dtype=torch.float64, device=y.device)
+        for cols in column_chunks(p, dim):
+            part = b_part(cols)
+            gram += part @ part.T
+        squares, u = torch.linalg.eigh(gram)
         squares = squares.clamp_min(0.0)
         sing = squares.sqrt()
         kept = sing > torch.finfo(sing.dtype).eps * sing.max().clamp_min(1e-300) * dim
-        vh = torch.where(kept[:, None], (u.T @ b) / sing.clamp_min(1e-300)[:, None], 0.0)
+        weights = torch.where(kept[:, None], u.T / sing.clamp_min(1e-300)[:, None], 0.0)
+        vh = torch.empty(dim, p, dtype=dtype, device=om.device)
+        for cols in column_chunks(p, dim):
+            vh[:, cols] = weights @ b_part(cols)
         evals = (squares - nu).clamp_min(0.0)
-        return evals.to(dtype), vh.to(dtype=dtype, device=self.omega.device)
+        return evals.to(dtype), vh
+
+
+def bytes_per_vector(p: int, itemsize: int) -> int:
+    """Bytes a sketch holds per vector at its peak, for ``p`` parameters: its test vector and
+    the eigenvector returned in the working precision, its product in float64, and while it
+    grows the eigenvectors of the smaller sketch, the new test vectors in the making and a copy
+    of the old rows (about ``4 itemsize + 16`` per parameter). The curvature products' own
+    working memory (bounded by the curvature) comes on top.
+
+    Example:
+        >>> bytes_per_vector(1000, itemsize=4)
+        32000
+    """
+    return p * (4 * itemsize + 2 * 8)
+
+
+# float64 numbers in one chunk of columns of a [dim, p] step (32 MiB)
+_CHUNK_NUMBERS = 2**22
+
+
+def column_chunks(p: int, rows: int) -> list[slice]:
+    """Slices of ``range(p)`` whose ``[rows, chunk]`` float64 blocks hold 32 MiB at most.
+
+    Example:
+        >>> column_chunks(5, rows=2**21)  # 2 columns of 2**21 rows hold 2**22 numbers
+        [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)]
+    """
+    width = max(1, _CHUNK_NUMBERS // max(rows, 1))
+    return [slice(start, min(start + width, p)) for start in range(0, p, width)]
 
 
 def _random(
