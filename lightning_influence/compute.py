@@ -35,7 +35,14 @@ from lightning_influence.guards import (
     working_dtype,
 )
 from lightning_influence.result import InfluenceResult, relative_denominators
-from lightning_influence.solvers import Exact, FactorizedSolver, InverseOperator, LiSSA, Solver
+from lightning_influence.solvers import (
+    EKFAC,
+    Exact,
+    FactorizedSolver,
+    InverseOperator,
+    LiSSA,
+    Solver,
+)
 from lightning_influence.solvers.base import check_finite
 from lightning_influence.solvers.definiteness import smallest_eigenvalue
 from lightning_influence.solvers.lowrank import LowRank
@@ -52,9 +59,9 @@ Data = Dataset[Any] | DataLoader[Any] | IndexedData
 
 
 def default_self_influence_solver(n_params: int, solver: Solver | None = None) -> FactorizedSolver:
-    """``Exact()`` for up to 512 parameters (cheap and exact), else an ``Exact`` ``solver``
-    itself or the preconditioner of a preconditioned ``LiSSA`` ``solver`` (one factorization
-    serves both), else ``LowRank()``.
+    """``Exact()`` for up to 512 parameters (cheap and exact), else an ``Exact`` or ``EKFAC``
+    ``solver`` itself or the preconditioner of a preconditioned ``LiSSA`` ``solver`` (one
+    factorization serves both), else ``LowRank()``.
 
     Relative influence divides by the square root of self-influence, so its size matters, not
     only its order: where the scores come from an exact inverse, so does self-influence.
@@ -68,7 +75,7 @@ def default_self_influence_solver(n_params: int, solver: Solver | None = None) -
     """
     if n_params <= 512:
         return Exact()
-    if isinstance(solver, Exact):
+    if isinstance(solver, Exact | EKFAC):
         return solver
     if isinstance(solver, LiSSA) and solver.preconditioner is not None:
         return solver.preconditioner

@@ -156,6 +156,24 @@ def test_sampled_directions_average_to_the_exact_curvature(float64) -> None:
     assert max(sums) / min(sums) > 1.05  # they are random
 
 
+def test_self_influence_shares_the_factors_of_the_scores() -> None:
+    """With ``solver=EKFAC()`` the default self-influence solver is that solver: one
+    factorization, and each point's self-influence is minus its score against itself."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(20, 40), nn.Tanh(), nn.Linear(40, 5))  # 1,045 parameters
+    x, y = torch.randn(100, 20), torch.randint(0, 5, (100,))
+    result = compute_influence(
+        model, TensorDataset(x, y), TensorDataset(x[:6], y[:6]), solver=EKFAC(), damping=1e-2,
+        self_influence=True, val_indices=range(6), progress=False,
+    )  # fmt: skip
+    assert result.self_influence is not None
+    assert result.diagnostics["self_influence_layers"] == 2  # from EKFAC ...
+    assert "time_self_influence_factorize" not in result.diagnostics  # ... the scores' one
+    torch.testing.assert_close(
+        result.self_influence[:6], -result.scores[:6].diagonal(), rtol=1e-4, atol=1e-4
+    )
+
+
 def test_unsupported_parameters_are_named() -> None:
     model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
     curvature = _curvature(model, torch.randn(8, 4), torch.randint(0, 3, (8,)))
