@@ -28,12 +28,14 @@ from tqdm.auto import tqdm
 
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.model import FunctionalModel
+from lightning_influence.core.operators import CurvatureOperator
 from lightning_influence.core.products import output_hessians
 
 __all__ = [
     "KroneckerLayer",
     "OutputDirections",
     "eigenvalue_corrected_factors",
+    "kronecker_factors",
     "kronecker_layers",
 ]
 
@@ -137,6 +139,54 @@ def kronecker_layers(model: FunctionalModel) -> tuple[list[KroneckerLayer], list
         )
         setattr(layer, leaf, span)
     return list(layers.values()), rest
+
+
+def kronecker_factors(
+    curvature: CurvatureOperator,
+    directions: OutputDirections | None = None,
+    progress: bool = False,
+) -> tuple[list[KroneckerLayer], dict[str, float]]:
+    """The eigenvalue-corrected Kronecker factors of a Gauss-Newton ``curvature``, per layer, and
+    timings: from the model and training data behind it (a
+    :class:`~lightning_influence.Curvature`), summed across processes as its products are.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> from lightning_influence.core.curvature import Curvature
+        >>> from lightning_influence.core.data import as_indexed
+        >>> from lightning_influence.core.task import ClassificationTask
+        >>> fm = FunctionalModel(torch.nn.Linear(4, 3), ClassificationTask())
+        >>> data = as_indexed(TensorDataset(torch.randn(10, 4), torch.randint(0, 3, (10,))))
+        >>> layers, info = kronecker_factors(Curvature(fm, data))
+        >>> [tuple(layer.eigenvalues.shape) for layer in layers]
+        [(3, 5)]
+    """
+    model, data = getattr(curvature, "model", None), getattr(curvature, "data", None)
+    if not isinstance(model, FunctionalModel) or not isinstance(data, IndexedData):
+        raise _error(
+            "EKFAC builds its factors from the model and training data behind the curvature "
+            f"(a lightning_influence Curvature); got {type(curvature).__name__}. Use Exact(), "
+            "CG() or LiSSA() with a curvature given only by its products."
+        )
+    if not curvature.positive_semidefinite:
+        raise _error(
+            "EKFAC approximates the Gauss-Newton matrix; pass curvature='gauss_newton' (the "
+            "default), or use LiSSA() or Exact() for the Hessian."
+        )
+    layers, rest = kronecker_layers(model)
+    if rest:
+        keep = sorted({f"{layer.name}.*" for layer in layers})
+        hint = f"`parameters={keep}`" if keep else "`parameters=` naming linear layers"
+        raise _error(
+            "EKFAC covers the weights and biases of nn.Linear layers (and linear layers with "
+            "weights stored [in, out], such as GPT-2's Conv1D), each used by one layer only; "
+            f"these chosen parameters are not: {rest[:20]}{' ...' if len(rest) > 20 else ''}. "
+            f"Pass {hint} to leave them out, or use LiSSA(), which covers every parameter."
+        )
+    reduce = getattr(curvature, "reduce", None)
+    n_total = int(curvature.n_total)
+    info = eigenvalue_corrected_factors(model, data, layers, n_total, reduce, directions, progress)
+    return layers, info
 
 
 def eigenvalue_corrected_factors(

@@ -16,12 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_influence.core.kronecker import (
-    KroneckerLayer,
-    OutputDirections,
-    eigenvalue_corrected_factors,
-    kronecker_layers,
-)
+from lightning_influence.core.kronecker import KroneckerLayer, OutputDirections, kronecker_factors
 from lightning_influence.solvers.base import CurvatureOperator, Diagnostics, FactorizedSolver
 from lightning_influence.validation import check_positive_int
 
@@ -117,50 +112,20 @@ class EKFAC(FactorizedSolver):
         self, curvature: CurvatureOperator, damping: float, progress: bool = False
     ) -> tuple[KroneckerInverse, Diagnostics]:
         """Two passes over the training data behind ``curvature``; the inverse of the factors."""
-        from lightning_influence.errors import InfluenceError  # errors imports the solvers
-
-        model, data = getattr(curvature, "model", None), getattr(curvature, "data", None)
-        if model is None or data is None:
-            raise InfluenceError(
-                "EKFAC builds its factors from the model and training data behind the curvature "
-                f"(a lightning_influence Curvature); got {type(curvature).__name__}. Use "
-                "Exact(), CG() or LiSSA() with a curvature given only by its products."
-            )
-        if getattr(curvature, "kind", "gauss_newton") != "gauss_newton":
-            raise InfluenceError(
-                "EKFAC approximates the Gauss-Newton matrix; pass curvature='gauss_newton' "
-                "(the default), or use LiSSA() or Exact() for the Hessian."
-            )
         if not damping > 0:
+            from lightning_influence.errors import InfluenceError  # errors imports the solvers
+
             raise InfluenceError(
                 f"EKFAC needs `damping > 0` (it is {damping:g}): directions that no example's "
                 "gradient reaches have eigenvalue 0. Pass the model's weight decay, or a small "
                 "positive value such as 1e-3."
             )
-        layers, rest = kronecker_layers(model)
-        if rest:
-            keep = sorted({f"{layer.name}.*" for layer in layers})
-            hint = f"`parameters={keep}`" if keep else "`parameters=` naming linear layers"
-            raise InfluenceError(
-                f"EKFAC covers the weights and biases of nn.Linear layers (and linear layers "
-                f"with weights stored [in, out], such as GPT-2's Conv1D), each used by one layer "
-                f"only; these chosen parameters are not: {rest[:20]}"
-                f"{' ...' if len(rest) > 20 else ''}. Pass {hint} to leave them out, or use "
-                "LiSSA(), which covers every parameter."
-            )
-        widest = max(max(layer.n_in_ext, layer.n_out) for layer in layers)
-        info: Diagnostics = dict(
-            eigenvalue_corrected_factors(
-                model,
-                data,
-                layers,
-                int(curvature.n_total),
-                getattr(curvature, "reduce", None),
-                OutputDirections(self.samples, self.seed),
-                progress,
-            )
+        layers, factors_info = kronecker_factors(
+            curvature, OutputDirections(self.samples, self.seed), progress
         )
+        info: Diagnostics = dict(factors_info)
         eigenvalues = torch.cat([layer.eigenvalues.flatten() for layer in layers])
+        widest = max(max(layer.n_in_ext, layer.n_out) for layer in layers)
         info.update(
             layers=float(len(layers)),
             max_eigenvalue=float(eigenvalues.max()),
