@@ -9,6 +9,10 @@ and preconditioned condition number (result diagnostics). One intra-op thread.
     python benchmarks/lissa.py --cnn      # also the digits CNN of the examples at damping 1e-3
     python benchmarks/lissa.py --large    # only the 1M-parameter MLP of scaling.py at damping
                                           # 1e-3 against an exact reference (see `large`)
+    python benchmarks/lissa.py --stopping --n-train 2000 --n-val 8
+                                          # the stopping rule and a budget (see `stopping`)
+    python benchmarks/lissa.py --sketch-memory 1073741824
+                                          # the preconditioner's memory (see `sketch_memory`)
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +83,11 @@ def main() -> None:
         help="only the stopping rule and the budget on the --hidden MLP",
     )
     parser.add_argument("--hidden", type=int, default=2000, help="--stopping: hidden width")
+    parser.add_argument(
+        "--sketch-memory",
+        type=int,
+        help="only the preconditioner's memory at this max_memory (bytes)",
+    )
     parser.add_argument("--trace-only", action="store_true", help="--stopping: only the trace")
     parser.add_argument("--no-trace", action="store_true", help="--stopping: no trace")
     parser.add_argument("--save-trace", help="--stopping: save the trace's probe scores here")
@@ -94,6 +104,9 @@ def main() -> None:
         return
     if args.stopping:
         stopping(args)
+        return
+    if args.sketch_memory:
+        sketch_memory(args)
         return
     model, train, val = float32(*fitted_digits("mlp"))
     for damping in (1e-2, 1e-3, 1e-4):
@@ -418,6 +431,32 @@ def stopping(args: argparse.Namespace) -> None:
     table(trace_rows, list(trace_rows[0]), "each check of LiSSA(tol=1e-9, residual_tol=1e-4)")
     if args.save_trace:  # to try other stopping rules on the same checks
         torch.save({"rows": trace_rows, "probes": probes}, args.save_trace)
+
+
+def sketch_memory(args: argparse.Namespace) -> None:
+    """Peak RSS growth of LiSSA's default preconditioner factorization with
+    ``max_memory=--sketch-memory`` on the ``100 -> --hidden -> 10`` MLP (before training) and
+    2,000 points, after a warm-up product of 8 vectors (the products' own memory is mostly in
+    the baseline then). One process per value: the peak is this process's."""
+    from synthetic import peak_rss_mb, stacked, wide_mlp
+
+    from lightning_influence.core.curvature import Curvature
+    from lightning_influence.core.data import as_indexed
+    from lightning_influence.core.model import FunctionalModel
+    from lightning_influence.core.task import ClassificationTask
+    from lightning_influence.solvers.preconditioner import PRECONDITIONER
+
+    fm = FunctionalModel(wide_mlp(args.hidden).eval(), ClassificationTask())
+    curvature = Curvature(fm, as_indexed(stacked(2000), None, 1024))
+    curvature.matvec(torch.randn(8, fm.n_params))
+    base, cpu = peak_rss_mb(), time.process_time()
+    lowrank = replace(PRECONDITIONER, max_memory=args.sketch_memory)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the rank limited by memory, as intended
+        _, info = lowrank.factorize(curvature, LARGE_DAMPING)
+    print(f"max_memory {args.sketch_memory / 2**20:,.0f} MiB: rank {info['rank']:.0f}, "
+          f"{info['matvecs']:.0f} products, peak RSS +{peak_rss_mb() - base:,.0f} MiB over "
+          f"{base:,.0f} MiB, {time.process_time() - cpu:.1f} CPU s")  # fmt: skip
 
 
 if __name__ == "__main__":
