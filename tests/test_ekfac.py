@@ -174,8 +174,12 @@ def test_self_influence_shares_the_factors_of_the_scores() -> None:
     )
 
 
-def test_unsupported_parameters_are_named() -> None:
+def test_unsupported_parameters_and_the_hessian_are_refused() -> None:
     model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
     curvature = _curvature(model, torch.randn(8, 4), torch.randint(0, 3, (8,)))
     with pytest.raises(InfluenceError, match=r"1\.weight.*parameters=\['0\.\*'\]"):
         EKFAC().factorize(curvature, DAMPING)
+    data = as_indexed(TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))))
+    hessian = Curvature(FunctionalModel(model[0], ClassificationTask()), data, "hessian")
+    with pytest.raises(InfluenceError, match="curvature='gauss_newton'"):
+        EKFAC().factorize(hessian, DAMPING)
