@@ -10,7 +10,8 @@ pass replaces the Kronecker eigenvalues by ``E[sum_s (Q_G^T W_s Q_A)^2]``, ``W_s
 gradient for output direction ``s``: the exact diagonal of the layer's Gauss-Newton block in the
 eigenbasis ``Q_A (x) Q_G``. Blocks are per layer, so cross-layer curvature is left out.
 
-Two passes over the data, one forward and one backward pass per kept output direction each;
+Two passes over the data, one forward and one backward pass per output direction (or per random
+combination of them, :class:`OutputDirections`) each;
 memory holds the factors (``in^2 + out^2 + in out`` numbers per layer), never ``n_train x p``.
 """
 
@@ -295,6 +296,8 @@ def _batch_factors(
     layers: list[KroneckerLayer],
     directions: OutputDirections,
 ) -> tuple[list[Tensor], list[Tensor]]:
+    """One forward pass of a batch and one backward pass per output direction: each layer's
+    inputs and output gradients, as :func:`_passes` yields them."""
     captured: dict[str, tuple[list[Tensor], list[Tensor]]] = {n.name: ([], []) for n in layers}
     size = model.task.batch_size(inputs)
     with torch.enable_grad(), _capture(model.model, captured):
@@ -338,9 +341,14 @@ def _batch_factors(
             a = a[..., :0]
         if layer.bias is not None:
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=2)
-        g = torch.stack(
-            [torch.cat([_rows(d[c], size, layer.n_out) for c in calls], 1) for d in per_direction]
-        )  # [d, B, T, out]
+        g = a.new_zeros(0, size, a.shape[1], layer.n_out)  # [d, B, T, out]: d may be 0 ...
+        if per_direction:  # ... where every output Hessian of the batch vanishes
+            g = torch.stack(
+                [
+                    torch.cat([_rows(d[c], size, layer.n_out) for c in calls], 1)
+                    for d in per_direction
+                ]
+            )
         a_list.append(a)
         g_list.append(g)
     return a_list, g_list
