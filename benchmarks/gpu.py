@@ -164,9 +164,11 @@ SOLVERS: dict[str, Solver] = {
 }
 
 
-def product_time(model: nn.Module, train: TensorDataset, n_val: int, device: torch.device) -> None:
-    """Time one Gauss-Newton product of ``n_val`` vectors on a minibatch of 256 (a step of
-    ``LiSSA()``) and of 1 vector on 1,024 examples (a Nystrom product of its preconditioner),
+def product_time(
+    model: nn.Module, train: TensorDataset, n_val: int, device: torch.device, batch: int = 256
+) -> None:
+    """Time one Gauss-Newton product of ``n_val`` vectors on a minibatch of ``batch`` (256: a step
+    of ``LiSSA()``) and of 1 vector on 1,024 examples (a Nystrom product of its preconditioner),
     each twice (the first call also measures the model's passes), against one forward and
     backward pass on the same examples (summed cross-entropy, plain autograd) in the same run;
     prints seconds and the ratio per vector, in CPU time on a CPU (wall time on a GPU)."""
@@ -179,7 +181,7 @@ def product_time(model: nn.Module, train: TensorDataset, n_val: int, device: tor
 
     fm = FunctionalModel(model, ClassificationTask())
     x, y = train.tensors
-    for n, k in ((min(256, len(train)), n_val), (min(1024, len(train)), 1)):
+    for n, k in ((min(batch, len(train)), n_val), (min(1024, len(train)), 1)):
         start = clock()
         model.zero_grad()
         nn.functional.cross_entropy(model(x[:n]), y[:n], reduction="sum").backward()
@@ -209,7 +211,7 @@ def cpu_run(args: argparse.Namespace) -> None:
     train = synthetic(args.n_train, device, 0)
     solver = SOLVERS[args.solver]
     if args.probe:
-        product_time(model, train, args.n_val, device)
+        product_time(model, train, args.n_val, device, args.probe_batch)
         if args.probe_only:
             return
     clock = Clock()
@@ -253,6 +255,7 @@ def main() -> None:
         "--probe", action="store_true", help="with --n-train: first time one curvature product"
     )
     parser.add_argument("--probe-only", action="store_true", help="with --probe: stop after it")
+    parser.add_argument("--probe-batch", type=int, default=256, help="with --probe: its minibatch")
     parser.add_argument("--self-influence", action="store_true", help="with --n-train")
     args = parser.parse_args()
     setup(threads=1 if args.device == "cpu" else 4)
