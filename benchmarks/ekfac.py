@@ -9,10 +9,12 @@ Two cases, each in this one process (ratios from one run):
   points as ``lissa.py --large`` trains its model, damping 1e-3, 8 validation points, against
   ``lissa.py``'s exact kernel solve in float64 (``Exact()`` would need a 222k x 222k matrix).
 
-Ours is timed as the whole ``compute_influence`` call (validation gradients, factors, scoring);
+Ours (``EKFAC()``, every output-Hessian direction, and ``EKFAC(samples=1)``, one sampled pass)
+is timed as the whole ``compute_influence`` call (validation gradients, factors, scoring);
 kronfluence as ``fit_all_factors`` plus ``compute_pairwise_scores`` (batch 256 both), with
-sampled labels as in ``peers.py``. kronfluence is skipped, with a note, when it is not installed
-(``bash benchmarks/setup_peers.sh`` makes ``benchmarks/.venv-peers``).
+sampled labels as in ``peers.py``; on digits again over ``--seeds`` label samplings.
+kronfluence is skipped, with a note, when it is not installed (``bash benchmarks/setup_peers.sh``
+makes ``benchmarks/.venv-peers``).
 
 Usage::
 
@@ -20,7 +22,7 @@ Usage::
     python benchmarks/ekfac.py --skip-large                        # the digits case only
     python benchmarks/ekfac.py --wide 9000     # only the factors' cost on the 1M-parameter MLP
 
-Prints a markdown table per case and writes ``benchmarks/results/ekfac.json``.
+Prints one markdown table and each run's stages; writes ``benchmarks/results/ekfac.json``.
 """
 
 from __future__ import annotations
