@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -297,3 +298,57 @@ def test_the_preconditioner_sketch_stays_within_max_memory_and_the_estimate_coun
     assert info["preconditioner_rank"] == 4
     stages = estimate_bytes(p, 2, 64, 8, [LiSSA(preconditioner)])
     assert stages["low-rank factorization (LowRank's max_memory)"] == max_memory + 2 * p * 8
+
+
+def _on_two_threads(work: Callable[[int, Callable], object]) -> list[object]:
+    """``work(rank, reduce)`` on two threads standing for two processes, ``reduce`` summing a
+    tensor over them (the all-reduce)."""
+    barrier, slots = threading.Barrier(2, timeout=60), [torch.zeros(0)] * 2
+    results: list[object] = [None, None]
+
+    def reduce_for(rank: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            slots[rank] = t.clone()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+
+        return reduce
+
+    def target(rank: int) -> None:
+        try:
+            results[rank] = work(rank, reduce_for(rank))
+        except Exception as err:  # pragma: no cover - shown by the assertion below
+            results[rank] = err
+
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return results
+
+
+def test_two_processes_probe_the_same_examples_as_one(digits: Callable[..., tuple]) -> None:
+    train, _ = digits(n_train=300)
+    fm = FunctionalModel(_small_mlp(), ClassificationTask())
+    data = as_indexed(train, batch_size=64)
+    v = torch.randn(3, fm.n_params, generator=torch.Generator().manual_seed(0), dtype=fm.dtype)
+
+    lock = threading.Lock()
+
+    def work(rank: int, reduce: Callable | None) -> tuple:
+        shard = data.subset(data.indices[rank::2]) if reduce is not None else data
+        probe = Curvature(fm, shard, reduce=reduce).probe(64, seed=0)
+        with lock:  # torch.func transforms are not thread-safe: one "process" at a time
+            probe.prepare()
+        return probe.indices, probe(v), probe.any(rank == 1)
+
+    one = work(0, None)
+    assert len(one[0]) == 64 and not one[2]
+    for two in _on_two_threads(work):
+        assert isinstance(two, tuple), two
+        assert torch.equal(two[0], one[0])  # the same dataset indices on every process
+        torch.testing.assert_close(two[1], one[1], rtol=1e-10, atol=1e-12)
+        assert two[2]  # one process over its budget stops both

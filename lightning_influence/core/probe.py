@@ -114,8 +114,7 @@ class ScoreProbe:
             self.indices.numel(), vectors.shape[0], dtype=model.dtype, device=model.device
         )
         if len(self.local):
-            if self._gradients is None and self._keep:
-                self._gradients = example_pass(model, self.local, keep_gradients=True).gradients
+            self.prepare()
             part = (
                 -self._gradients @ vectors.to(model.dtype).T
                 if self._gradients is not None
@@ -124,6 +123,12 @@ class ScoreProbe:
             assert part is not None
             scores[self.slots.to(model.device)] = part.to(model.device)
         return self.reduce(scores)
+
+    def prepare(self) -> None:
+        """Compute the gradients of this process's probe examples once, where they are kept
+        (no communication: the first call does it otherwise)."""
+        if self._gradients is None and self._keep and len(self.local):
+            self._gradients = example_pass(self.model, self.local, keep_gradients=True).gradients
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any process (so that all take the same branch)."""
