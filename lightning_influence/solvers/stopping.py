@@ -96,6 +96,7 @@ class Stopping:
     steps: int = 0
     history: list[tuple[int, Tensor]] = field(default_factory=list)
     changes: tuple[float, float] | None = None
+    distance: tuple[float, float] = (math.inf, math.inf)
     residual: float = math.inf
 
     @property
@@ -108,29 +109,34 @@ class Stopping:
         """The probe's scores at the last check that took them."""
         return self.history[-1][1] if self.history else None
 
-    def _before(self, steps: int) -> tuple[int, Tensor] | None:
-        """The last check at least ``span`` steps before ``steps``."""
-        earlier = [h for h in self.history if h[0] <= steps - self.span]
+    def _before(self, steps: int) -> int | None:
+        """Position in the history of the last check at least ``span`` steps before ``steps``."""
+        earlier = [i for i, (done, _) in enumerate(self.history) if done <= steps - self.span]
         return earlier[-1] if earlier else None
+
+    def _measure(self) -> None:
+        """The scores' change over the last span and the distance estimate from it; checks
+        older than the span before are dropped (no later check needs them)."""
+        steps, now = self.history[-1]
+        a = self._before(steps)
+        b = self._before(self.history[a][0]) if a is not None else None
+        if a is None or b is None:
+            return
+        self.history = self.history[b:]
+        (_, then), (_, first) = self.history[a - b], self.history[0]
+        moved, before = (now - then).norm(dim=0), (then - first).norm(dim=0)
+        rate = min(
+            float((moved / before.clamp_min(torch.finfo(before.dtype).tiny)).max()), _MAX_RATE
+        )
+        factor = rate / (1 - rate)
+        self.changes = value_change(now, then), rank_change(now, then)
+        self.distance = self.changes[0] * factor, self.changes[1] * factor
 
     def estimate(self) -> tuple[float, float]:
         """How far the scores still are from converged, values and ranks: their change over the
         last span times ``q / (1 - q)``, ``q`` the contraction from the span before (``inf``
         until two spans were seen)."""
-        if not self.history:
-            return math.inf, math.inf
-        steps, now = self.history[-1]
-        a = self._before(steps)
-        b = self._before(a[0]) if a is not None else None
-        if a is None or b is None:
-            return math.inf, math.inf
-        change = value_change(now, a[1])
-        moved, before = (now - a[1]).norm(dim=0), (a[1] - b[1]).norm(dim=0)
-        ratio = moved / before.clamp_min(torch.finfo(before.dtype).tiny)
-        rate = min(float(ratio.max()), _MAX_RATE)
-        factor = rate / (1 - rate)
-        self.changes = change, rank_change(now, a[1])
-        return change * factor, self.changes[1] * factor
+        return self.distance
 
     def check(self, x: Tensor, relative_residual: Tensor, steps: int, moved: bool = True) -> bool:
         """Record a check of iterate ``x`` (rows) with its relative residuals after ``steps``
@@ -139,7 +145,8 @@ class Stopping:
         self.steps, self.residual = steps, float(relative_residual.max())
         if self.probe is not None and self.tol is not None and moved:
             self.history.append((steps, self.probe(x).double()))
-            values, ranks = self.estimate()
+            self._measure()
+            values, ranks = self.distance
             # a stalled solve moves its scores little: its residual tells it apart
             if max(values, ranks) <= self.tol and self.residual <= self.tol * _RESIDUAL_SHARE:
                 self.reason = "scores"
