@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_influence.core.probe import KEEP_BYTES
 from lightning_influence.solvers import Exact, LiSSA, LowRank, Solver
 from lightning_influence.solvers.lowrank import size_limit
 from lightning_influence.solvers.sketch import bytes_per_vector
@@ -48,6 +49,9 @@ def estimate_bytes(
     }
     if any(isinstance(s, Exact) for s in solvers):
         out["dense curvature (Exact)"] = 3 * p * p * element_size
+    probes = [s.probe_examples for s in solvers if isinstance(s, LiSSA) and s.preconditioner]
+    if probes:  # the probe's gradients, kept where they fit in 64 MiB
+        out["validation gradients and solve"] += min(KEEP_BYTES, max(probes) * p * element_size)
     sketch = max((_sketch_vectors(s, p, element_size) for s in solvers), default=0)
     if sketch:
         name = "low-rank factorization (LowRank's max_memory)"

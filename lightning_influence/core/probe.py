@@ -22,7 +22,7 @@ __all__ = ["ScoreProbe", "draw_by_index"]
 
 Reduce = Callable[[Tensor], Tensor]
 _BATCH = 16
-_KEEP_BYTES = 64 * 2**20
+KEEP_BYTES = 64 * 2**20
 
 
 def _identity(t: Tensor) -> Tensor:
@@ -103,8 +103,8 @@ class ScoreProbe:
         # small batches: their per-sample gradients stay within what the scoring pass holds
         self.local = data.subset(self.indices[held]).rebatched(min(data.batch_size, _BATCH))
         self._epoch_seconds: float | None = None
-        # the gradients are kept when they fit in _KEEP_BYTES, else each call takes a pass
-        self._keep = len(self.local) * model.n_params * model.theta.element_size() <= _KEEP_BYTES
+        # the gradients are kept when they fit in KEEP_BYTES, else each call takes a pass
+        self._keep = len(self.local) * model.n_params * model.theta.element_size() <= KEEP_BYTES
         self._gradients: Tensor | None = None
 
     def __call__(self, vectors: Tensor) -> Tensor:
