@@ -9,6 +9,11 @@ Hessian, and the weight gradients as batched matrix products. The script times b
 batch (CPU time, best of ``--repeat``, one thread), checks that they agree, and prints the
 ratio: what a layer-wise curvature product could gain on dense layers.
 
+With ``--factors`` it also times the products from per-layer factors of
+``output_jacobians.py`` (each layer's inputs and the output Jacobian at its outputs, batched
+matrix products; the factors built for each product, as a minibatch step would) and prints each
+product per vector against one forward and backward pass on the same examples.
+
 With ``--bf16`` it measures instead what bfloat16 products would cost in accuracy: a 100-2000-10
 MLP trained 5 epochs on 1,000 points, 8 validation gradients solved by CG (damping 1e-3) with
 float32 products and with products under ``torch.autocast(bfloat16)`` (float32 sums), and the
@@ -18,6 +23,7 @@ Usage::
 
     python benchmarks/layerwise_products.py                    # 8 and 32 vectors, 1,024 examples
     python benchmarks/layerwise_products.py --vectors 8 --batch 256
+    python benchmarks/layerwise_products.py --vectors 8 --batch 256 1024 --factors
     python benchmarks/layerwise_products.py --bf16              # about 2 minutes
 """
 
@@ -111,32 +117,62 @@ def bf16_accuracy(n: int = 1000, hidden: int = 2000, steps: int = 250) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vectors", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1024])
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--factors", action="store_true", help="also from per-layer factors")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 products' accuracy instead")
     args = parser.parse_args()
     setup(threads=1)
     if args.bf16:
         bf16_accuracy()
         return
-    cpu = time.process_time
     model = wide_mlp(HIDDEN_1M)
+    assert isinstance(model, nn.Sequential)
+    for n in args.batch:
+        compare(model, n, args.vectors, args.repeat, args.factors)
+
+
+def compare(model: nn.Sequential, n: int, counts: list[int], repeat: int, factors: bool) -> None:
+    """Print the products of ``counts`` vectors on ``n`` examples: the package's, by hand and
+    (``factors``) from per-layer factors, each per vector against a forward and backward pass."""
+    cpu = time.process_time
     fm = FunctionalModel(model, ClassificationTask())
-    data = as_indexed(stacked(args.batch))
+    data = as_indexed(stacked(n))
     curvature = Curvature(fm, data)
     batch = data.fetch(data.indices)
-    x = batch[0]
+    x, y = batch
     curvature.batch_matvec(data.fetch(data.indices[:2]), torch.zeros(1, fm.n_params))  # warm-up
-    print(f"1M-parameter MLP ({fm.n_params:,} parameters), {args.batch} examples, one thread")
-    for m in args.vectors:
+    step = timed(lambda: _training_step(model, x, y), repeat, clock=cpu).best
+    print(f"1M-parameter MLP ({fm.n_params:,} parameters), {n} examples, one thread; "
+          f"forward + backward {step:.3f} s")  # fmt: skip
+    from output_jacobians import LayerProducts
+
+    lp = LayerProducts(fm)
+    for m in counts:
         vectors = torch.randn(m, fm.n_params)
-        ours = timed(lambda v=vectors: curvature.batch_matvec(batch, v), args.repeat, clock=cpu)
-        hand = timed(lambda v=vectors: by_hand(model, x, v), args.repeat, clock=cpu)
+        curvature.batch_matvec(batch, vectors)  # the first block also times the passes
+        ours = timed(lambda v=vectors: curvature.batch_matvec(batch, v), repeat, clock=cpu)
+        hand = timed(lambda v=vectors: by_hand(model, x, v), repeat, clock=cpu)
         error = float((hand.value - ours.value).norm() / ours.value.norm())
         print(
-            f"  {m:3d} vectors: torch.func {ours.best:6.2f} s, by hand {hand.best:6.2f} s = "
+            f"  {m:3d} vectors: torch.func {ours.best:6.2f} s ({ours.best / m / step:.2f}x "
+            f"per vector), by hand {hand.best:6.2f} s ({hand.best / m / step:.2f}x) = "
             f"{ours.best / hand.best:.2f}x faster by hand (relative difference {error:.1e})"
         )
+        if factors:
+            built = timed(lambda: lp.factors(x, y), repeat, clock=cpu)
+            fac = timed(lambda v=vectors: lp.products(lp.factors(x, y), v), repeat, clock=cpu)
+            error = float((fac.value - ours.value).norm() / ours.value.norm())
+            print(
+                f"       from per-layer factors {fac.best:6.2f} s ({fac.best / m / step:.2f}x "
+                f"per vector; the factors {built.best:.2f} s; relative difference {error:.1e})"
+            )
+
+
+def _training_step(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+    model.zero_grad()
 
 
 if __name__ == "__main__":

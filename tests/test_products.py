@@ -3,6 +3,9 @@ shared with the reverse-mode graph: the same numbers as dense references, in flo
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -63,3 +66,36 @@ def test_curvature_decides_once_and_its_subsamples_share_the_decision(reference)
     decided = curvature.passes.batched
     child = curvature.subsample(10, None, torch.Generator().manual_seed(0))
     assert child.passes is curvature.passes and decided is not None
+
+
+@pytest.mark.parametrize("case", ["mlp", "mixed", "conv2d"])
+def test_products_from_per_layer_factors_equal_the_forward_and_reverse_ones(case: str) -> None:
+    """benchmarks/output_jacobians.py (measured against the package's products, not used by
+    it): exact on an MLP, on covered layers mixed with others (a Conv1d and a BatchNorm on
+    per-example Jacobians) and on strided, padded convolutions."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from output_jacobians import LayerProducts  # benchmarks/output_jacobians.py
+
+    torch.manual_seed(5)
+    if case == "mlp":
+        model: nn.Module = nn.Sequential(nn.Linear(3, 7), nn.ReLU(), nn.Linear(7, 4))
+        x = torch.randn(9, 3)
+    elif case == "mixed":
+        model, data = _case()
+        x = data.tensors[0][:9]
+    else:
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.ReLU(), nn.Conv2d(3, 2, 2, bias=False),
+            nn.Flatten(), nn.Linear(8, 4),
+        )  # fmt: skip
+        x = torch.randn(9, 2, 6, 6)
+    model, x = model.double(), x.double()
+    y = torch.randint(0, 4, (9,))
+    fm = FunctionalModel(model, ClassificationTask())
+    products = LayerProducts(fm)
+    assert products.covers_any and (products.rest_numel > 0) == (case == "mixed")
+    v = torch.randn(3, fm.n_params)
+    out, pullback = outputs_and_pullback(fm, x)
+    expected = gauss_newton_products(fm, x, y, out, v, pullback=pullback)
+    got = products.products(products.factors(x, y), v)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
