@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import re
 import threading
 import warnings
 from collections.abc import Callable
@@ -276,6 +278,14 @@ def test_the_estimate_is_the_rest_of_a_geometric_series() -> None:
     while not stop.check(torch.zeros(1, 3), residual / 1000, stop.steps + 1):
         pass
     assert stop.reason == "scores" and stop.estimate()[0] <= 0.01
+    # the progress bar shows the estimate and the residual
+    from tqdm.auto import tqdm
+
+    bar = tqdm(file=io.StringIO())
+    stop.show(bar)
+    assert re.fullmatch(
+        r"scores ~0\.\d% from converged \(ranks 0\.0%\), residual 1\.0e-03", bar.postfix
+    )
 
 
 @pytest.mark.slow
