@@ -169,7 +169,8 @@ class Curvature:
             if self.kind == "hessian":
                 return hessian_products(fm, inputs, targets, vectors, chunk, self.passes)
             # one forward pass gives the outputs and the graph a forward-and-reverse product uses
-            out, pullback = outputs_and_pullback(fm, inputs)
+            truncated = self.output_directions is not None and not exact
+            out, pullback = outputs_and_pullback(fm, inputs, graph=not truncated)
             passes = self.passes
             if not isinstance(out, Tensor) or out.ndim == 0:
                 return gauss_newton_products(

@@ -182,10 +182,13 @@ def gauss_newton_products(
     return total
 
 
-def outputs_and_pullback(fm: FunctionalModel, inputs: Any) -> tuple[Any, Pullback | None]:
+def outputs_and_pullback(
+    fm: FunctionalModel, inputs: Any, graph: bool = True
+) -> tuple[Any, Pullback | None]:
     """The model's (detached) outputs on ``inputs`` and the pullback ``u -> J^T u`` of the same
     forward pass, which a forward-and-reverse product would otherwise run again; no pullback
-    where ``torch.func`` refuses the model (its outputs then from a plain forward pass).
+    without ``graph`` or where ``torch.func`` refuses the model (the outputs then from a plain
+    forward pass).
 
     Example:
         >>> import torch
@@ -195,7 +198,7 @@ def outputs_and_pullback(fm: FunctionalModel, inputs: Any) -> tuple[Any, Pullbac
         >>> out.shape, pullback(torch.ones(4, 2))[0].shape
         (torch.Size([4, 2]), torch.Size([8]))
     """
-    if fm.routes.get("curvature_products") is None:
+    if graph and fm.routes.get("curvature_products") is None:
         try:
             out, pullback = vjp(partial(_outputs_of, fm, inputs), fm.theta)  # type: ignore[misc]
             return detach(out), pullback
