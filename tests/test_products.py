@@ -99,3 +99,31 @@ def test_products_from_per_layer_factors_equal_the_forward_and_reverse_ones(case
     expected = gauss_newton_products(fm, x, y, out, v, pullback=pullback)
     got = products.products(products.factors(x, y), v)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["gauss_newton", "hessian"])
+def test_a_batch_in_parts_of_a_few_examples_gives_the_same_products(
+    kind: str, reference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A CPU pass holding three examples' activations splits a batch of 16 into six parts.
+    from lightning_influence.core import curvature as curvature_module
+
+    model, data = _case()
+    x, y = data.tensors
+    full = reference.hessian(model, x, y) if kind == "hessian" else reference.gauss_newton(model, x)
+    fm = FunctionalModel(model, ClassificationTask())
+    curvature = Curvature(fm, as_indexed(data, batch_size=16), kind=kind)  # type: ignore[arg-type]
+    per_example = curvature_module._activation_bytes(fm, x)
+    monkeypatch.setattr(curvature_module, "_PASS_BYTES", 3 * per_example)
+    assert curvature._examples_per_pass(x, 16) == 3
+    sizes: list[int] = []
+    products = curvature._products
+
+    def spy(inputs: torch.Tensor, *rest: object) -> torch.Tensor:
+        sizes.append(len(inputs))
+        return products(inputs, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(curvature, "_products", spy)
+    v = torch.randn(4, fm.n_params)
+    torch.testing.assert_close(curvature.matvec(v, exact=True), v @ full, rtol=1e-9, atol=1e-12)
+    assert sizes == [2, 3, 3, 2, 3, 3, 2, 3, 3, 3, 3]  # batches of 16 and 14, in even parts

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from itertools import pairwise
 from typing import Any, Literal
 
 import torch
@@ -159,13 +160,31 @@ class Curvature:
 
     def batch_matvec(self, batch: Any, vectors: Tensor, exact: bool = False) -> Tensor:
         """Summed curvature of the examples in ``batch`` applied to each row of ``vectors``;
-        ``exact`` ignores ``output_directions``."""
+        ``exact`` ignores ``output_directions``. On a CPU the batch goes through the passes in
+        parts of equal size whose activations stay within 64 MiB (see ``_PASS_BYTES``)."""
         fm = self.model
         prepared = fm.prepare(batch)
-        inputs, targets = prepared.inputs, prepared.targets
+        inputs, targets, size = prepared.inputs, prepared.targets, prepared.size
         vectors = vectors.to(dtype=fm.dtype, device=fm.device)
         with torch.enable_grad():
-            chunk = self._vectors_per_pass(inputs, prepared.size)
+            per_pass = self._examples_per_pass(inputs, size)
+            if per_pass >= size:
+                return self._products(inputs, targets, size, vectors, exact)
+            parts = -(-size // per_pass)
+            bounds = [i * size // parts for i in range(parts + 1)]
+            total = torch.zeros_like(vectors)
+            for start, end in pairwise(bounds):
+                x, y = rows_of((inputs, targets), slice(start, end))
+                total += self._products(x, y, end - start, vectors, exact)
+            return total
+
+    def _products(
+        self, inputs: Any, targets: Any, size: int, vectors: Tensor, exact: bool
+    ) -> Tensor:
+        """:meth:`batch_matvec` of one pass's examples (``size`` of them)."""
+        fm = self.model
+        with torch.enable_grad():
+            chunk = self._vectors_per_pass(inputs, size)
             if self.kind == "hessian":
                 return hessian_products(fm, inputs, targets, vectors, chunk, self.passes)
             # one forward pass gives the outputs and the graph a forward-and-reverse product uses
@@ -194,6 +213,16 @@ class Curvature:
                 )
             del pullback
             return method(fm, inputs, targets, out, vectors)
+
+    def _examples_per_pass(self, inputs: Any, batch_size: int) -> int:
+        """Examples per pass: on a CPU as many as hold ``_PASS_BYTES`` of activations (large
+        tensors cost far more per example there: the ResNet-style CNN's products ran 1.6x faster
+        in passes of 30 examples than of 256), elsewhere the whole batch."""
+        if self.device.type != "cpu":
+            return batch_size
+        if self.activation_bytes is None:
+            self.activation_bytes = _activation_bytes(self.model, inputs)
+        return max(1, _PASS_BYTES // max(1, self.activation_bytes))
 
     def _vectors_per_pass(self, inputs: Any, batch_size: int) -> int:
         """Vectors per forward-mode pass over a batch: their tangents hold about ``vectors x
@@ -435,6 +464,8 @@ class Curvature:
 _JACOBIAN_BYTES = 256 * 2**20
 # Forward-mode tangents of one pass hold about ``vectors x batch`` activations: at most this.
 _TANGENT_BYTES = 2**30
+# On a CPU, one pass's examples hold at most this much activation (their own, not the tangents).
+_PASS_BYTES = 64 * 2**20
 GaussNewtonMethod = Callable[[FunctionalModel, Any, Any, Any, Tensor], Tensor]
 
 
