@@ -12,7 +12,7 @@ from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.products import hessian_available
 from lightning_influence.solvers import EKFAC, Exact, FactorizedSolver, LiSSA, Solver
 from lightning_influence.solvers.definiteness import smallest_eigenvalue
-from lightning_influence.solvers.lowrank import LowRank
+from lightning_influence.solvers.preconditioner import PRECONDITIONER
 
 __all__ = ["choose_curvature", "default_self_influence_solver"]
 
@@ -20,7 +20,8 @@ __all__ = ["choose_curvature", "default_self_influence_solver"]
 def default_self_influence_solver(n_params: int, solver: Solver | None = None) -> FactorizedSolver:
     """``Exact()`` for up to 512 parameters (cheap and exact), else an ``Exact`` or ``EKFAC``
     ``solver`` itself or the preconditioner of a preconditioned ``LiSSA`` ``solver`` (one
-    factorization serves both), else ``LowRank()``.
+    factorization serves both), else the factorization ``LiSSA()`` preconditions with
+    (``PRECONDITIONER``), so that self-influence does not depend on the iterative solver.
 
     Relative influence divides by the square root of self-influence, so its size matters, not
     only its order: where the scores come from an exact inverse, so does self-influence.
@@ -28,6 +29,9 @@ def default_self_influence_solver(n_params: int, solver: Solver | None = None) -
     Example:
         >>> default_self_influence_solver(100).name, default_self_influence_solver(10_000).name
         ('exact', 'lowrank')
+        >>> from lightning_influence import CG
+        >>> default_self_influence_solver(10_000, CG()) is PRECONDITIONER
+        True
         >>> solver = Exact()
         >>> default_self_influence_solver(10_000, solver) is solver
         True
@@ -38,7 +42,7 @@ def default_self_influence_solver(n_params: int, solver: Solver | None = None) -
         return solver
     if isinstance(solver, LiSSA) and solver.preconditioner is not None:
         return solver.preconditioner
-    return LowRank()
+    return PRECONDITIONER
 
 
 def choose_curvature(

@@ -49,8 +49,9 @@ class InfluenceConfig:
             it follows leave-one-out retraining more closely), Gauss-Newton otherwise; the
             result's ``settings["curvature_used"]`` and ``diagnostics`` say which and why.
         self_influence: also compute self-influence (suspected mislabels, outliers).
-        self_influence_solver: a factorizing solver for self-influence (by default ``LowRank()``,
-            or ``Exact()`` for at most 512 parameters).
+        self_influence_solver: a factorizing solver for self-influence (by default the solver's
+            own factorization where it has one, else ``LiSSA()``'s preconditioner, or
+            ``Exact()`` for at most 512 parameters).
         num_val: validation points scored, drawn with ``seed`` (all of them when the set has no
             more than this, or when ``None``).
         val_indices: explicit validation dataset indices; overrides ``num_val``.

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from digits import DigitsCNN, DigitsDataModule
 
-from lightning_influence import InfluenceCallback, InfluenceError, InfluenceResult
+from lightning_influence import InfluenceCallback, InfluenceError, InfluenceResult, LowRank
 from lightning_influence.callback.checkpoint import influence_from_checkpoint
 from lightning_influence.core import curvature
 
@@ -45,7 +45,8 @@ N_TRAIN = 1100
 COMMON: dict[str, Any] = {"num_val": 8, "damping": 1e-3, "perturbation_k": 0, "seed": 0}
 CONFIGS: dict[str, dict[str, Any]] = {
     "lissa": {},  # all defaults: LiSSA, its preconditioner's factorization for self-influence
-    "cg": {"solver": "cg"},  # LowRank() self-influence, one output direction (no stored factors)
+    # LowRank() self-influence, one output direction (no stored factors)
+    "cg": {"solver": "cg", "self_influence_solver": LowRank()},
     # the same factorization serves self-influence; perturbation maps ranked across shards
     "exact": {"solver": "exact", "perturbation_k": 2},
 }
