@@ -21,7 +21,7 @@ from lightning_influence import (
     as_indexed,
     compute_influence,
 )
-from lightning_influence.core.kronecker import KroneckerLayer
+from lightning_influence.core.kronecker_layers import KroneckerLayer
 from lightning_influence.solvers.ekfac import EKFAC, KroneckerInverse
 
 DAMPING = 0.05

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_influence.core.kronecker import KroneckerLayer, OutputDirections, kronecker_factors
+from lightning_influence.core.kronecker import OutputDirections, kronecker_factors
+from lightning_influence.core.kronecker_layers import KroneckerLayer
 from lightning_influence.solvers.base import CurvatureOperator, Diagnostics, FactorizedSolver
 from lightning_influence.validation import check_positive_int
 
@@ -29,7 +30,7 @@ class KroneckerInverse:
     ``Q_G ((Q_G^T V Q_A) / (L + damping)) Q_A^T``.
 
     Example:
-        >>> from lightning_influence.core.kronecker import KroneckerLayer
+        >>> from lightning_influence.core.kronecker_layers import KroneckerLayer
         >>> layer = KroneckerLayer("fc", slice(0, 2), None, n_out=1, n_in=2, a_basis=torch.eye(2),
         ...                        g_basis=torch.eye(1), eigenvalues=torch.tensor([[1.0, 3.0]]))
         >>> inverse = KroneckerInverse([layer], damping=1.0)
