@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_influence import ClassificationTask, Curvature, FunctionalModel, as_indexed
+from lightning_influence.core.passes import VectorPasses
 from lightning_influence.core.products import (
-    VectorPasses,
     gauss_newton_products,
     hessian_products,
     outputs_and_pullback,

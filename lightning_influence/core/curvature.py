@@ -26,9 +26,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_influence.core.data import IndexedData, random_ranks
 from lightning_influence.core.gradients import rows_of
 from lightning_influence.core.model import FunctionalModel
+from lightning_influence.core.passes import VectorPasses
 from lightning_influence.core.probe import ScoreProbe
 from lightning_influence.core.products import (
-    VectorPasses,
     detach,
     example_jacobians,
     gauss_newton_by_jacobians,

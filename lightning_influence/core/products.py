@@ -5,31 +5,34 @@ per-example Jacobians and output Hessians), and the truncated Gauss-Newton rows.
 
 Where ``torch.func`` refuses the model (a layer with no forward-mode derivative such as
 ``nn.LSTM`` on CPU or ``nn.EmbeddingBag``, a classic ``autograd.Function``), each product falls
-back to plain autograd (:mod:`.routes`): a Jacobian-vector product as the derivative of a
-vector-Jacobian product, a Hessian product as the derivative of the gradient, and, where even
-the backward pass has no derivative (``nn.EmbeddingBag``), per-example Jacobians from reverse
-passes, Gauss-Newton only.
+back to plain autograd (the kernels in :mod:`.plain_autograd`, the switch recorded by
+:mod:`.routes`); where even the backward pass has no derivative (``nn.EmbeddingBag``),
+Gauss-Newton products come from per-example Jacobians by reverse passes. Forward-mode passes
+take a block's vectors vmapped together or one per pass, as :mod:`.passes` decides.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from torch.utils._pytree import tree_leaves, tree_map
 
 from lightning_influence.core.gradients import one_example, rows_of
 from lightning_influence.core.model import FunctionalModel
+from lightning_influence.core.passes import VectorPasses, by_chunks
+from lightning_influence.core.plain_autograd import (
+    gauss_newton_double_backward,
+    hessian_double_backward,
+    jacobians_by_reverse_passes,
+)
 from lightning_influence.core.routes import refused
 
 __all__ = [
-    "VectorPasses",
     "detach",
     "example_jacobians",
     "flat_output",
@@ -65,7 +68,7 @@ def hessian_products(
                 raise
             fm.routes.fall_back("curvature_products", "double_backward", err)
     try:
-        return _hessian_double_backward(fm, inputs, targets, vectors)
+        return hessian_double_backward(fm, inputs, targets, vectors)
     except (RuntimeError, NotImplementedError) as err:
         if not refused(err):
             raise
@@ -115,24 +118,7 @@ def _hessian_forward_over_reverse(
     def hv(v: Tensor) -> Tensor:
         return jvp(grad(total), (fm.theta,), (v,))[1]
 
-    return _by_chunks(hv, vectors, chunk, passes)
-
-
-def _hessian_double_backward(
-    fm: FunctionalModel, inputs: Any, targets: Any, vectors: Tensor
-) -> Tensor:
-    """``H v`` as the derivative of the gradient along each ``v``: one reverse pass through the
-    gradient's graph per row, plain autograd only."""
-    theta = fm.theta.detach().requires_grad_(True)
-    total = fm.losses(theta, inputs, targets).sum()
-    (gradient,) = torch.autograd.grad(total, theta, create_graph=True)
-    if not gradient.requires_grad:  # the loss is linear in theta: no curvature
-        return torch.zeros_like(vectors)
-    rows = [
-        torch.autograd.grad(gradient, theta, v, retain_graph=True, materialize_grads=True)[0]
-        for v in vectors
-    ]
-    return torch.stack(rows).detach()
+    return by_chunks(hv, vectors, chunk, passes)
 
 
 def gauss_newton_products(
@@ -165,7 +151,7 @@ def gauss_newton_products(
             fm.routes.fall_back("curvature_products", route := "double_backward", err)
     if route == "double_backward":
         try:
-            return _gauss_newton_double_backward(fm, inputs, targets, vectors)
+            return gauss_newton_double_backward(fm, inputs, targets, vectors)
         except (RuntimeError, NotImplementedError) as err:
             if not refused(err) or not isinstance(out, Tensor):
                 raise
@@ -241,107 +227,7 @@ def _gauss_newton_forward_and_reverse(
         hjv = jvp(grad(loss_of_outputs), (out,), (jv,))[1]
         return pullback(hjv)[0]
 
-    return _by_chunks(gnv, vectors, chunk, passes)
-
-
-def _gauss_newton_double_backward(
-    fm: FunctionalModel, inputs: Any, targets: Any, vectors: Tensor
-) -> Tensor:
-    """``J^T H_out J v`` by plain autograd: ``J v`` as the derivative of ``J^T u`` with respect to
-    ``u`` along ``v`` (needs the backward pass to be differentiable, not forward mode), ``H_out``
-    as the derivative of the output gradient, ``J^T`` one reverse pass; per row of ``vectors``."""
-    theta = fm.theta.detach().requires_grad_(True)
-    leaves, spec = tree_flatten(fm.outputs(theta, inputs))
-    diff = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.is_floating_point()]
-    outs = [leaves[i] for i in diff]
-    dummies = [torch.zeros_like(o, requires_grad=True) for o in outs]
-    pulled = torch.autograd.grad(outs, theta, dummies, create_graph=True, allow_unused=True)[0]
-    if pulled is None:  # the outputs do not depend on theta
-        return torch.zeros_like(vectors)
-    # the loss Hessian in output space, as the derivative of the output gradient
-    free = [o.detach().requires_grad_(True) for o in outs]
-    held = list(leaves)
-    for i, o in zip(diff, free, strict=True):
-        held[i] = o
-    loss = fm.losses_from_outputs(tree_unflatten(held, spec), targets).sum()
-    output_grads = torch.autograd.grad(loss, free, create_graph=True)
-    rows = []
-    for v in vectors:
-        jv = torch.autograd.grad(
-            pulled, dummies, v, retain_graph=True, allow_unused=True, materialize_grads=True
-        )
-        hjv = torch.autograd.grad(
-            output_grads, free, jv, retain_graph=True, allow_unused=True, materialize_grads=True
-        )
-        row = torch.autograd.grad(
-            outs, theta, hjv, retain_graph=True, allow_unused=True, materialize_grads=True
-        )[0]
-        rows.append(row)
-    return torch.stack(rows).detach()
-
-
-@dataclass
-class VectorPasses:
-    """Whether a block of vectors goes through the forward-mode passes vmapped together
-    (``batched``) or one vector per pass, decided by timing both on the first block of three or
-    more vectors (``None`` until then; ``batched_s`` and ``single_s`` keep the seconds per vector
-    measured). ``vmap`` makes dense layers one larger matrix product per pass, which pays; it makes
-    a convolution with batched weights (the tangent of its weight) a grouped convolution and its
-    weight gradient a batched one, which on a CPU cost more than one pass per vector (the
-    ResNet-style CNN of the benchmarks: 2.3 against 1.6 training steps per vector).
-
-    Example:
-        >>> passes = VectorPasses()
-        >>> rows = _by_chunks(lambda v: 2 * v, torch.ones(4, 3), None, passes)
-        >>> rows.shape, passes.batched is not None
-        (torch.Size([4, 3]), True)
-    """
-
-    batched: bool | None = None
-    batched_s: float | None = None
-    single_s: float | None = None
-
-
-def _by_chunks(
-    product: Callable[[Tensor], Tensor],
-    vectors: Tensor,
-    chunk: int | None,
-    passes: VectorPasses | None = None,
-) -> Tensor:
-    """``product`` of each row, vmapped over at most ``chunk`` rows at a time, in chunks of equal
-    size (a last chunk of one row would cost nearly a whole pass); one row per pass where
-    ``passes`` says that is faster, or decides it on this block by timing both."""
-    m = vectors.shape[0]
-    limit = m if chunk is None else max(1, min(chunk, m))
-    if limit == 1 or (passes is not None and passes.batched is False):
-        return torch.stack([product(v) for v in vectors])
-    batched = vmap(product)
-    if passes is None or passes.batched or m < 3:
-        return _in_chunks(batched, vectors, limit)
-    # Undecided: every row but the first vmapped, then the first alone, each timed per vector.
-    start = _now(vectors)
-    rest = _in_chunks(batched, vectors[1:], limit)
-    middle = _now(vectors)
-    first = product(vectors[0])
-    passes.single_s = _now(vectors) - middle
-    passes.batched_s = (middle - start) / (m - 1)
-    passes.batched = passes.batched_s < passes.single_s
-    return torch.cat([first[None], rest])
-
-
-def _in_chunks(batched: Callable[[Tensor], Tensor], vectors: Tensor, limit: int) -> Tensor:
-    m = vectors.shape[0]
-    if limit >= m:
-        return batched(vectors)
-    passes = -(-m // limit)
-    return torch.cat([batched(rows) for rows in vectors.split(-(-m // passes))])
-
-
-def _now(like: Tensor) -> float:
-    """Wall-clock seconds, once the device has finished the work queued so far."""
-    if like.device.type == "cuda":
-        torch.cuda.synchronize(like.device)
-    return time.perf_counter()
+    return by_chunks(gnv, vectors, chunk, passes)
 
 
 def gauss_newton_by_jacobians(
@@ -375,24 +261,7 @@ def example_jacobians(fm: FunctionalModel, inputs: Any) -> Tensor:
             if not refused(err):
                 raise
             fm.routes.fall_back("jacobians", "reverse_passes", err)
-    return _jacobians_by_reverse_passes(fm, inputs)
-
-
-def _jacobians_by_reverse_passes(fm: FunctionalModel, inputs: Any) -> Tensor:
-    """Per-example Jacobians ``[B, k, p]``: one forward pass per example, one reverse pass per
-    output (plain autograd, first derivatives only)."""
-    blocks = []
-    for i in range(fm.task.batch_size(inputs)):
-        theta = fm.theta.detach().requires_grad_(True)
-        out = fm.outputs(theta, one_example(inputs, i)).reshape(-1)
-        rows = [
-            torch.autograd.grad(
-                out[j], theta, retain_graph=True, allow_unused=True, materialize_grads=True
-            )[0]
-            for j in range(out.numel())
-        ]
-        blocks.append(torch.stack(rows))
-    return torch.stack(blocks).detach()
+    return jacobians_by_reverse_passes(fm, inputs)
 
 
 def products_from_factors(jacobians: Tensor, hessians: Tensor, vectors: Tensor) -> Tensor:
