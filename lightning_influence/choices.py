@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from lightning_influence.core.curvature import Curvature, CurvatureChoice, Reduce
+from lightning_influence.core.collective import Reduce
+from lightning_influence.core.curvature import Curvature, CurvatureChoice
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.products import hessian_available

@@ -29,7 +29,8 @@ from lightning_influence import (
     influence_from_checkpoint,
 )
 from lightning_influence.callback.distributed import shard_indices, strategy_reduce
-from lightning_influence.core.curvature import CollectiveFailure, Curvature
+from lightning_influence.core.collective import CollectiveFailure
+from lightning_influence.core.curvature import Curvature
 from lightning_influence.core.data import as_indexed
 from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.task import ClassificationTask

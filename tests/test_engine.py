@@ -34,7 +34,7 @@ from lightning_influence import (
     perturbation_influence,
     select_parameters,
 )
-from lightning_influence.core import curvature as curvature_module
+from lightning_influence.core import passes
 from lightning_influence.core.gradients import per_sample_gradients
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -129,10 +129,10 @@ def test_forward_mode_products_in_chunks_of_vectors_equal_the_dense_matrix(
     x, y = data.tensors
     full = reference.hessian(model, x, y) if kind == "hessian" else reference.gauss_newton(model, x)
     curvature = _curvature(model, data, kind, batch_size=40)
-    per_example = curvature_module._activation_bytes(curvature.model, x)
+    per_example = passes.measure_activation_bytes(curvature.model, x)
     # inputs, tanh outputs and the second layer's inputs, 5 + 6 + 6 float64 numbers at most twice
     assert 11 * 8 <= per_example <= 2 * 17 * 8
-    monkeypatch.setattr(curvature_module, "_TANGENT_BYTES", 2 * 40 * per_example)
+    monkeypatch.setattr(passes, "TANGENT_BYTES", 2 * 40 * per_example)
     assert curvature._vectors_per_pass(x, 40) == 2
     v = torch.randn(5, len(full))
     torch.testing.assert_close(curvature.matvec(v), v @ full, rtol=1e-9, atol=1e-12)

@@ -106,15 +106,15 @@ def test_a_batch_in_parts_of_a_few_examples_gives_the_same_products(
     kind: str, reference, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A CPU pass holding three examples' activations splits a batch of 16 into six parts.
-    from lightning_influence.core import curvature as curvature_module
+    from lightning_influence.core import passes
 
     model, data = _case()
     x, y = data.tensors
     full = reference.hessian(model, x, y) if kind == "hessian" else reference.gauss_newton(model, x)
     fm = FunctionalModel(model, ClassificationTask())
     curvature = Curvature(fm, as_indexed(data, batch_size=16), kind=kind)  # type: ignore[arg-type]
-    per_example = curvature_module._activation_bytes(fm, x)
-    monkeypatch.setattr(curvature_module, "_PASS_BYTES", 3 * per_example)
+    per_example = passes.measure_activation_bytes(fm, x)
+    monkeypatch.setattr(passes, "PASS_BYTES", 3 * per_example)
     assert curvature._examples_per_pass(x, 16) == 3
     sizes: list[int] = []
     products = curvature._products

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_influence.core.curvature import Reduce
+from lightning_influence.core.collective import Reduce
 from lightning_influence.errors import InfluenceError
 from lightning_influence.result import ROW_FIELDS, InfluenceResult
 

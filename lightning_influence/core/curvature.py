@@ -9,60 +9,50 @@ solvers, never here. Under data parallelism ``reduce`` sums across processes, so
 sees the same product; minibatches and subsamples are drawn by dataset index (windows of one
 random order of the training set, :func:`~lightning_influence.core.data.random_ranks`), so they
 hold the same examples whatever the number of processes. A failure while a process computes its
-part of a product travels in the same sum, so the other processes raise too instead of waiting.
+part of a product travels in the same sum (:mod:`.collective`), so the other processes raise too
+instead of waiting. The kernels are in :mod:`.products`, how a batch is cut into passes in
+:mod:`.passes`, and the per-example factors stored where they pay in :mod:`.factors`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from itertools import pairwise
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_influence.core.collective import Reduce, identity, summed
 from lightning_influence.core.data import IndexedData, random_ranks
+from lightning_influence.core.factors import ExampleFactors, example_factors
 from lightning_influence.core.gradients import rows_of
 from lightning_influence.core.model import FunctionalModel
-from lightning_influence.core.passes import VectorPasses
+from lightning_influence.core.passes import (
+    JACOBIAN_BYTES,
+    VectorPasses,
+    examples_per_pass,
+    measure_activation_bytes,
+    measure_flops_per_parameter,
+    vectors_per_pass,
+)
 from lightning_influence.core.probe import ScoreProbe
 from lightning_influence.core.products import (
-    detach,
-    example_jacobians,
-    gauss_newton_by_jacobians,
+    gauss_newton_method,
     gauss_newton_products,
     gauss_newton_rows,
     hessian_products,
-    output_hessians,
     outputs_and_pullback,
     products_from_factors,
 )
 from lightning_influence.validation import check_positive_int
 
-__all__ = [
-    "CollectiveFailure",
-    "Curvature",
-    "CurvatureChoice",
-    "CurvatureKind",
-    "Reduce",
-    "gauss_newton_method",
-]
+__all__ = ["Curvature", "CurvatureChoice", "CurvatureKind"]
 
 CurvatureKind = Literal["gauss_newton", "hessian"]
 # What a user may ask for: a kind, or "auto" (the Hessian where `H + damping I` is measured
 # positive definite, else Gauss-Newton; decided before the solve, see `compute.py`).
 CurvatureChoice = Literal["auto", "gauss_newton", "hessian"]
-Reduce = Callable[[Tensor], Tensor]
-
-
-def _identity(t: Tensor) -> Tensor:
-    return t
-
-
-class CollectiveFailure(RuntimeError):
-    """Another process failed while computing its part of a curvature product this one summed."""
 
 
 class Curvature:
@@ -107,7 +97,7 @@ class Curvature:
         self.model = model
         self.data = data
         self.kind = kind
-        self.reduce = reduce or _identity
+        self.reduce = reduce or identity
         self.output_directions = output_directions
         # Running totals of the output Hessians' trace, kept and overall, over truncated products.
         self.trace_kept = 0.0
@@ -120,9 +110,8 @@ class Curvature:
         # Vectors vmapped together through forward-mode passes, or one per pass: timed on first use.
         self.passes = VectorPasses()
         # Every local example's Jacobian and output Hessian, once worth keeping (see `factors`).
-        self._factors: tuple[Tensor, Tensor] | None = None
+        self._factors: ExampleFactors | None = None
         self._factors_decided = False
-        self._factor_order: Tensor | None = None  # data position of each stored factor row
         local = torch.tensor(float(len(data)), dtype=torch.float64, device=model.device)
         self.n_total = int(self.reduce(local).item())
         if self.n_total == 0:
@@ -204,9 +193,7 @@ class Curvature:
                 return sum(
                     ((block @ vectors.T).T @ block for block in rows), torch.zeros_like(vectors)
                 )
-            if self.flops_per_parameter is None:
-                self.flops_per_parameter = _flops_per_parameter(fm, inputs)
-            method = gauss_newton_method(out, vectors, self.flops_per_parameter)
+            method = gauss_newton_method(out, vectors, self._flops_per_parameter(inputs))
             if method is gauss_newton_products:
                 return gauss_newton_products(
                     fm, inputs, targets, out, vectors, chunk, passes, pullback
@@ -215,21 +202,26 @@ class Curvature:
             return method(fm, inputs, targets, out, vectors)
 
     def _examples_per_pass(self, inputs: Any, batch_size: int) -> int:
-        """Examples per pass: on a CPU as many as hold ``_PASS_BYTES`` of activations (large
-        tensors cost far more per example there: the ResNet-style CNN's products ran 1.6x faster
-        in passes of 30 examples than of 256), elsewhere the whole batch."""
+        """Examples per pass: on a CPU :func:`~.passes.examples_per_pass`, elsewhere the batch."""
         if self.device.type != "cpu":
             return batch_size
-        if self.activation_bytes is None:
-            self.activation_bytes = _activation_bytes(self.model, inputs)
-        return max(1, _PASS_BYTES // max(1, self.activation_bytes))
+        return examples_per_pass(self._activation_bytes(inputs))
 
     def _vectors_per_pass(self, inputs: Any, batch_size: int) -> int:
-        """Vectors per forward-mode pass over a batch: their tangents hold about ``vectors x
-        batch`` activations, kept within 1 GiB (wide layers on large batches)."""
+        """Vectors per forward-mode pass over a batch (:func:`~.passes.vectors_per_pass`)."""
+        return vectors_per_pass(self._activation_bytes(inputs), batch_size)
+
+    def _activation_bytes(self, inputs: Any) -> int:
+        """Bytes a forward pass keeps per example, measured on first use."""
         if self.activation_bytes is None:
-            self.activation_bytes = _activation_bytes(self.model, inputs)
-        return max(1, _TANGENT_BYTES // max(1, batch_size * self.activation_bytes))
+            self.activation_bytes = measure_activation_bytes(self.model, inputs)
+        return self.activation_bytes
+
+    def _flops_per_parameter(self, inputs: Any) -> float:
+        """Forward multiply-adds per example and parameter, counted on first use."""
+        if self.flops_per_parameter is None:
+            self.flops_per_parameter = measure_flops_per_parameter(self.model, inputs)
+        return self.flops_per_parameter
 
     @property
     def output_trace_uniform(self) -> float | None:
@@ -244,7 +236,7 @@ class Curvature:
         if directions is None:
             return None
         outputs = out[0].numel()
-        fits = out.shape[0] * outputs**2 * out.element_size() <= _JACOBIAN_BYTES
+        fits = out.shape[0] * outputs**2 * out.element_size() <= JACOBIAN_BYTES
         if directions < outputs and fits:
             self._uniform_share = directions / outputs
             return directions
@@ -254,9 +246,10 @@ class Curvature:
         """Mean curvature over all training data applied to each row of ``vectors`` ``[m, p]``."""
 
         def fill(acc: Tensor) -> None:
-            factors = self.factors()
+            factors = self._example_factors()
             if factors is not None:
-                acc += products_from_factors(*factors, vectors.to(self.dtype))
+                v = vectors.to(self.dtype)
+                acc += products_from_factors(factors.jacobians, factors.hessians, v)
                 return
             for _, batch in self.data.batches():
                 acc += self.batch_matvec(batch, vectors, exact).detach()
@@ -264,69 +257,37 @@ class Curvature:
         return self._summed(vectors.shape, fill).div_(self.n_total)
 
     def _summed(self, shape: tuple[int, ...], fill: Callable[[Tensor], None]) -> Tensor:
-        """What ``fill`` adds to a zero ``shape`` block, summed over processes, with a failure
-        flag in the same sum: when ``fill`` raises on any process, every process raises (the one
-        that failed its own error, the others :class:`CollectiveFailure`), none waits. The
-        result is a new block, the caller's to change in place."""
-        numel = math.prod(shape)
-        # allocated before the work, so a process out of memory can still join the sum
-        packed = torch.zeros(numel + 1, dtype=self.dtype, device=self.device)
-        error: Exception | None = None
-        try:
-            fill(packed[:numel].view(shape))
-        except Exception as err:
-            if self.reduce is _identity:
-                raise
-            error = err
-            packed[numel] = 1.0
-        total = self.reduce(packed)
-        failed = round(float(total[numel]))
-        if error is not None:
-            raise error
-        if failed:
-            raise CollectiveFailure(
-                f"{failed} other process{'es' if failed > 1 else ''} failed while computing a "
-                "curvature product (its error says why); this process stopped with it."
-            )
-        return total[:numel].view(shape)
+        """What ``fill`` adds to a zero ``shape`` block, summed over processes with a failure
+        flag (:func:`~.collective.summed`): a new block, the caller's to change in place."""
+        return summed(shape, fill, self.reduce, self.dtype, self.device)
 
-    def _decided_factors(self) -> tuple[Tensor, Tensor] | None:
-        """:meth:`factors`, computed (on first use) where a failure is agreed on: every process
-        comes here at the same point, and a failure would otherwise leave the others waiting in
-        their next sum."""
+    def _decided_factors(self) -> ExampleFactors | None:
+        """The stored factors, computed (on first use) where a failure is agreed on: every
+        process comes here at the same point, and a failure would otherwise leave the others
+        waiting in their next sum."""
         if not self._factors_decided:
 
             def decide(_: Tensor) -> None:
-                self.factors()
+                self._example_factors()
 
             self._summed((0,), decide)
-        return self.factors()
+        return self._example_factors()
 
     def _window(self, start: int, size: int) -> Tensor:
         """Data positions of the local examples ranked ``start`` to ``start + size`` (wrapping
         around the end of the order)."""
         return ((self._ranks - start) % self._population < size).nonzero().reshape(-1)
 
-    def _stored(self, start: int, size: int) -> list[slice]:
-        """The rows of the stored factors (sorted by rank) ranked ``start`` to ``start + size``,
-        wrapping around: one or two slices."""
-        assert self._factor_order is not None
-        ranks = self._ranks[self._factor_order]
-        end = start + size
-
-        def row(rank: int) -> int:
-            return int(torch.searchsorted(ranks, rank))
-
-        if end <= self._population:
-            return [slice(row(start), row(end))]
-        return [slice(0, row(end - self._population)), slice(row(start), len(ranks))]
-
     def factors(self) -> tuple[Tensor, Tensor] | None:
         """Every local example's output Jacobian ``[n, k, p]`` and output-loss Hessian
-        ``[n, k, k]``, computed once on first use, when the products are exact Gauss-Newton ones,
-        per-example Jacobians beat forward-and-reverse products (``2 k < 5 r`` in the terms of
-        :func:`gauss_newton_method`: convolutions, typically) and all of them fit in 256 MiB.
+        ``[n, k, k]``, computed once on first use, when the products are exact Gauss-Newton ones
+        and per-example Jacobians are worth storing (:func:`~.factors.example_factors`).
         Products then cost two matrix products, whatever the minibatch. ``None`` otherwise."""
+        factors = self._example_factors()
+        return None if factors is None else (factors.jacobians, factors.hessians)
+
+    def _example_factors(self) -> ExampleFactors | None:
+        """:meth:`factors`, sorted by rank, with the data position of each row."""
         if self._factors_decided:
             return self._factors
         self._factors_decided = True
@@ -339,22 +300,8 @@ class Curvature:
             out = fm.outputs(fm.theta, prepared.inputs)
         if not isinstance(out, Tensor) or out.ndim == 0:
             return None
-        k, itemsize = out[0].numel(), out.element_size()
-        if self.flops_per_parameter is None:
-            self.flops_per_parameter = _flops_per_parameter(fm, prepared.inputs)
-        cheaper = 2 * k < 5 * self.flops_per_parameter
-        if not cheaper or len(self.data) * k * fm.n_params * itemsize > _JACOBIAN_BYTES:
-            return None
-        jacobians, hessians = [], []
-        with torch.enable_grad():
-            for _, batch in self.data.batches():
-                prepared = fm.prepare(batch)
-                out = detach(fm.outputs(fm.theta, prepared.inputs))
-                jacobians.append(example_jacobians(fm, prepared.inputs).detach())
-                hessians.append(output_hessians(fm, prepared.targets, out).detach())
-        order = torch.argsort(self._ranks)  # by rank: a window of ranks is a range of rows
-        self._factors = torch.cat(jacobians)[order], torch.cat(hessians)[order]
-        self._factor_order = order
+        flops = self._flops_per_parameter(prepared.inputs)
+        self._factors = example_factors(fm, self.data, self._ranks, out, flops)
         return self._factors
 
     def minibatch(self, batch_size: int, generator: torch.Generator) -> Callable[[Tensor], Tensor]:
@@ -367,7 +314,8 @@ class Curvature:
         start = int(torch.randint(self._population, (1,), generator=generator))
         factors = self._decided_factors()
         if factors is not None:
-            rows, (jacobians, hessians) = self._stored(start, size), factors
+            rows = factors.rows(self._ranks, self._population, start, size)
+            jacobians, hessians = factors.jacobians, factors.hessians
 
             def from_factors(vectors: Tensor) -> Tensor:
                 def fill(acc: Tensor) -> None:
@@ -411,19 +359,11 @@ class Curvature:
             return self._child(data, directions)
         start = int(torch.randint(self._population, (1,), generator=generator))
         factors = self._decided_factors() if directions is None else None
-        if factors is not None and self._factor_order is not None:
-            rows = self._stored(start, max_examples)
-            stored = torch.cat([torch.arange(len(self._factor_order))[r] for r in rows])
-            chosen, by_position = self._factor_order[stored].sort()
+        if factors is not None:
+            rows = factors.rows(self._ranks, self._population, start, max_examples)
+            chosen, child_factors = factors.select(rows)
             child = self._child(data.subset(data.indices[chosen]), None)
-            parts = [(factors[0][r], factors[1][r]) for r in rows if r.stop > r.start]
-            if len(parts) == 1:  # a view
-                child._factors = parts[0]
-            else:
-                child._factors = torch.cat([j for j, _ in parts]), torch.cat([h for _, h in parts])
-            child._factors_decided = True
-            child._factor_order = torch.empty_like(by_position)
-            child._factor_order[by_position] = torch.arange(len(stored))
+            child._factors, child._factors_decided = child_factors, True
             return child
         data = data.subset(data.indices[self._window(start, max_examples)])
         return self._child(data, directions)
@@ -447,77 +387,8 @@ class Curvature:
         p = self.n_params
         factors = self._decided_factors()
         if factors is not None:
-            jacobians, hessians = factors
-
-            def fill(mat: Tensor) -> None:
-                for j, h in zip(jacobians.split(chunk), hessians.split(chunk), strict=True):
-                    mat.addmm_(torch.bmm(h, j).reshape(-1, p).T, j.reshape(-1, p))
-
-            mat = self._summed((p, p), fill) / self.n_total
+            mat = self._summed((p, p), lambda m: factors.add_dense(m, chunk)) / self.n_total
             return (mat + mat.T) / 2
         eye = torch.eye(p, dtype=self.model.dtype, device=self.model.device)
         mat = torch.cat([self.matvec(eye[i : i + chunk], exact=True) for i in range(0, p, chunk)])
         return (mat + mat.T) / 2
-
-
-# Per-example Jacobians of a batch hold ``batch x outputs x p`` numbers: never more than this.
-_JACOBIAN_BYTES = 256 * 2**20
-# Forward-mode tangents of one pass hold about ``vectors x batch`` activations: at most this.
-_TANGENT_BYTES = 2**30
-# On a CPU, one pass's examples hold at most this much activation (their own, not the tangents).
-_PASS_BYTES = 64 * 2**20
-GaussNewtonMethod = Callable[[FunctionalModel, Any, Any, Any, Tensor], Tensor]
-
-
-def gauss_newton_method(
-    out: Tensor, vectors: Tensor, flops_per_parameter: float = 1.0
-) -> GaussNewtonMethod:
-    """The cheaper way to compute ``J^T H_out J V`` for a batch, by a rule on shapes.
-
-    In multiply-adds per example and parameter, with ``r = flops_per_parameter`` (the forward
-    pass's reuse of each weight: about 1 for dense layers, the number of positions for a
-    convolution), ``k`` outputs and ``m`` vectors: forward-and-reverse products cost about
-    ``5 m r``; per-example Jacobians ``2 k r`` to build plus ``2 k m`` to apply. Jacobians are
-    used only while the batch's ``batch x k x p`` of them fit in 256 MiB.
-
-    Example:
-        >>> import torch
-        >>> gauss_newton_method(torch.zeros(8, 10), torch.zeros(20, 100)).__name__
-        'gauss_newton_products'
-        >>> gauss_newton_method(torch.zeros(8, 10), torch.zeros(20, 100), 30.0).__name__
-        'gauss_newton_by_jacobians'
-    """
-    k, m, r = out[0].numel(), vectors.shape[0], flops_per_parameter
-    jacobian_bytes = out.numel() * vectors.shape[1] * vectors.element_size()
-    if 2 * k * r + 2 * k * m < 5 * m * r and jacobian_bytes <= _JACOBIAN_BYTES:
-        return gauss_newton_by_jacobians
-    return gauss_newton_products
-
-
-def _flops_per_parameter(fm: FunctionalModel, inputs: Any) -> float:
-    """Forward multiply-adds of one example per chosen parameter (1 for a dense layer)."""
-    example = rows_of(inputs, slice(0, 1))
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fm.outputs(fm.theta, example)
-    return max(1.0, counter.get_total_flops() / 2 / fm.n_params)
-
-
-def _activation_bytes(fm: FunctionalModel, inputs: Any) -> int:
-    """Bytes the forward pass saves for its backward, per example: two examples' minus one's
-    (what does not grow with the batch, such as the weights, cancels)."""
-
-    def saved(n: int) -> int:
-        total = 0
-
-        def count(t: Tensor) -> Tensor:
-            nonlocal total
-            total += t.numel() * t.element_size()
-            return t
-
-        head = rows_of(inputs, slice(0, n))
-        theta = fm.theta.detach().requires_grad_()
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
-            fm.outputs(theta, head)
-        return total
-
-    return max(0, saved(2) - saved(1))

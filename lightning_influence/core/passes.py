@@ -1,17 +1,37 @@
-"""How a block of vectors goes through forward-mode passes: vmapped together or one per pass,
-whichever :class:`VectorPasses` timed faster on the first block (:func:`by_chunks`)."""
+"""How a batch and a block of vectors go through the passes of a curvature product.
+
+Sizes from memory budgets: examples per pass on a CPU (:func:`examples_per_pass`), vectors per
+forward-mode pass (:func:`vectors_per_pass`), from what a forward pass keeps per example
+(:func:`measure_activation_bytes`); and, by timing, whether a block's vectors go through the
+passes vmapped together or one per pass (:class:`VectorPasses`, :func:`by_chunks`).
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import vmap
+from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["VectorPasses", "by_chunks"]
+from lightning_influence.core.gradients import rows_of
+from lightning_influence.core.model import FunctionalModel
+
+__all__ = [
+    "JACOBIAN_BYTES",
+    "PASS_BYTES",
+    "TANGENT_BYTES",
+    "VectorPasses",
+    "by_chunks",
+    "examples_per_pass",
+    "measure_activation_bytes",
+    "measure_flops_per_parameter",
+    "vectors_per_pass",
+]
 
 
 @dataclass
@@ -76,3 +96,63 @@ def _now(like: Tensor) -> float:
     if like.device.type == "cuda":
         torch.cuda.synchronize(like.device)
     return time.perf_counter()
+
+
+# Per-example Jacobians of a batch hold ``batch x outputs x p`` numbers: never more than this.
+JACOBIAN_BYTES = 256 * 2**20
+# Forward-mode tangents of one pass hold about ``vectors x batch`` activations: at most this.
+TANGENT_BYTES = 2**30
+# On a CPU, one pass's examples hold at most this much activation (their own, not the tangents).
+PASS_BYTES = 64 * 2**20
+
+
+def examples_per_pass(activation_bytes: int) -> int:
+    """Examples per pass on a CPU: as many as hold ``PASS_BYTES`` of activations (large tensors
+    cost far more per example there: the ResNet-style CNN's products ran 1.6x faster in passes
+    of 30 examples than of 256), given the bytes one example keeps for its backward.
+
+    Example:
+        >>> examples_per_pass(2**20)
+        64
+    """
+    return max(1, PASS_BYTES // max(1, activation_bytes))
+
+
+def vectors_per_pass(activation_bytes: int, batch_size: int) -> int:
+    """Vectors per forward-mode pass over a batch: their tangents hold about ``vectors x batch``
+    activations, kept within ``TANGENT_BYTES`` (wide layers on large batches).
+
+    Example:
+        >>> vectors_per_pass(2**20, batch_size=256)
+        4
+    """
+    return max(1, TANGENT_BYTES // max(1, batch_size * activation_bytes))
+
+
+def measure_flops_per_parameter(fm: FunctionalModel, inputs: Any) -> float:
+    """Forward multiply-adds of one example per chosen parameter (1 for a dense layer)."""
+    example = rows_of(inputs, slice(0, 1))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fm.outputs(fm.theta, example)
+    return max(1.0, counter.get_total_flops() / 2 / fm.n_params)
+
+
+def measure_activation_bytes(fm: FunctionalModel, inputs: Any) -> int:
+    """Bytes the forward pass saves for its backward, per example: two examples' minus one's
+    (what does not grow with the batch, such as the weights, cancels)."""
+
+    def saved(n: int) -> int:
+        total = 0
+
+        def count(t: Tensor) -> Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        head = rows_of(inputs, slice(0, n))
+        theta = fm.theta.detach().requires_grad_()
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            fm.outputs(theta, head)
+        return total
+
+    return max(0, saved(2) - saved(1))

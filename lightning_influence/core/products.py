@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from lightning_influence.core.gradients import one_example, rows_of
 from lightning_influence.core.model import FunctionalModel
-from lightning_influence.core.passes import VectorPasses, by_chunks
+from lightning_influence.core.passes import JACOBIAN_BYTES, VectorPasses, by_chunks
 from lightning_influence.core.plain_autograd import (
     gauss_newton_double_backward,
     hessian_double_backward,
@@ -37,6 +37,7 @@ __all__ = [
     "example_jacobians",
     "flat_output",
     "gauss_newton_by_jacobians",
+    "gauss_newton_method",
     "gauss_newton_products",
     "gauss_newton_rows",
     "hessian_available",
@@ -228,6 +229,34 @@ def _gauss_newton_forward_and_reverse(
         return pullback(hjv)[0]
 
     return by_chunks(gnv, vectors, chunk, passes)
+
+
+GaussNewtonMethod = Callable[[FunctionalModel, Any, Any, Any, Tensor], Tensor]
+
+
+def gauss_newton_method(
+    out: Tensor, vectors: Tensor, flops_per_parameter: float = 1.0
+) -> GaussNewtonMethod:
+    """The cheaper way to compute ``J^T H_out J V`` for a batch, by a rule on shapes.
+
+    In multiply-adds per example and parameter, with ``r = flops_per_parameter`` (the forward
+    pass's reuse of each weight: about 1 for dense layers, the number of positions for a
+    convolution), ``k`` outputs and ``m`` vectors: forward-and-reverse products cost about
+    ``5 m r``; per-example Jacobians ``2 k r`` to build plus ``2 k m`` to apply. Jacobians are
+    used only while the batch's ``batch x k x p`` of them fit in 256 MiB.
+
+    Example:
+        >>> import torch
+        >>> gauss_newton_method(torch.zeros(8, 10), torch.zeros(20, 100)).__name__
+        'gauss_newton_products'
+        >>> gauss_newton_method(torch.zeros(8, 10), torch.zeros(20, 100), 30.0).__name__
+        'gauss_newton_by_jacobians'
+    """
+    k, m, r = out[0].numel(), vectors.shape[0], flops_per_parameter
+    jacobian_bytes = out.numel() * vectors.shape[1] * vectors.element_size()
+    if 2 * k * r + 2 * k * m < 5 * m * r and jacobian_bytes <= JACOBIAN_BYTES:
+        return gauss_newton_by_jacobians
+    return gauss_newton_products
 
 
 def gauss_newton_by_jacobians(
