@@ -150,7 +150,7 @@ class Curvature:
     def batch_matvec(self, batch: Any, vectors: Tensor, exact: bool = False) -> Tensor:
         """Summed curvature of the examples in ``batch`` applied to each row of ``vectors``;
         ``exact`` ignores ``output_directions``. On a CPU the batch goes through the passes in
-        parts of equal size whose activations stay within 64 MiB (see ``_PASS_BYTES``)."""
+        parts of equal size whose activations stay within 64 MiB (``passes.PASS_BYTES``)."""
         fm = self.model
         prepared = fm.prepare(batch)
         inputs, targets, size = prepared.inputs, prepared.targets, prepared.size
