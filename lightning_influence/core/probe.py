@@ -9,24 +9,19 @@ those it holds, and a sum across processes gives every process all of them.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from lightning_influence.core.collective import Reduce, identity
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.scores import example_pass
 
 __all__ = ["ScoreProbe", "draw_by_index"]
 
-Reduce = Callable[[Tensor], Tensor]
 _BATCH = 16
 KEEP_BYTES = 64 * 2**20
-
-
-def _identity(t: Tensor) -> Tensor:
-    return t
 
 
 def draw_by_index(
@@ -47,7 +42,7 @@ def draw_by_index(
         >>> draw_by_index(data.subset(torch.tensor([1, 2, 3])), 20)  # all it holds, in that order
         tensor([1, 3, 2])
     """
-    reduce = reduce or _identity
+    reduce = reduce or identity
     size = len(data.dataset)  # type: ignore[arg-type]  # map-style, checked by as_indexed
     order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
     chunk = max(4 * count, 1024)
@@ -96,7 +91,7 @@ class ScoreProbe:
         reduce: Reduce | None = None,
         seed: int = 0,
     ) -> None:
-        self.model, self.data, self.reduce = model, data, reduce or _identity
+        self.model, self.data, self.reduce = model, data, reduce or identity
         self.indices = draw_by_index(data, count, self.reduce, seed)
         held = torch.isin(self.indices, data.indices)
         self.slots = torch.nonzero(held).flatten()
