@@ -10,6 +10,7 @@ sequence ranks first among the helpful ones. One intra-op thread. Needs ``transf
 (never a package dependency).
 
     python benchmarks/gpt2_facts.py                    # 24 facts, 400 distractors, 150 epochs
+    python benchmarks/gpt2_facts.py --progress         # with the solver's progress bar
 
 The last line printed is a JSON object.
 """
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--damping", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--progress", action="store_true", help="the solver's progress bar")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -112,7 +114,7 @@ def main() -> None:
     started = time.perf_counter()
     result = compute_influence(module, train, queries, task=LanguageModelingTask(),
                                solver=LiSSA(), damping=args.damping, self_influence=False,
-                               progress=False)  # fmt: skip
+                               progress=args.progress)  # fmt: skip
     influence_s = time.perf_counter() - started
     ranks = [rank_of(result.scores[:, j], corpus.stating[j], True)
              for j, ok in enumerate(correct) if ok]  # fmt: skip
