@@ -155,18 +155,25 @@ def test_merged_shards_with_padding_duplicates_equal_one_pass() -> None:
 
 class _Threads:
     """Two "processes" as threads: ``reduce(rank)`` sums a tensor over them (a stand-in for the
-    all-reduce, for fast checks of what each process draws)."""
+    all-reduce, for fast checks of what each process draws). ``torch.func``'s forward-mode
+    levels are global, not per thread, so one thread computes at a time: it holds ``turn``
+    while it works and hands it over while it waits in ``reduce``."""
 
     def __init__(self, world: int = 2) -> None:
         self.world, self.barrier = world, threading.Barrier(world, timeout=20)
         self.slots: list[Tensor | None] = [None] * world
+        self.turn = threading.Lock()
 
     def reduce(self, rank: int) -> Callable[[Tensor], Tensor]:
         def reduce(tensor: Tensor) -> Tensor:
             self.slots[rank] = tensor.clone()
-            self.barrier.wait()
-            total = sum(s for s in self.slots if s is not None)
-            self.barrier.wait()  # everyone has read before the next sum writes
+            self.turn.release()
+            try:
+                self.barrier.wait()
+                total = sum(s for s in self.slots if s is not None)
+                self.barrier.wait()  # everyone has read before the next sum writes
+            finally:
+                self.turn.acquire()
             assert isinstance(total, Tensor)
             return total
 
@@ -177,10 +184,11 @@ class _Threads:
         results: list[Any] = [None] * self.world
 
         def target(rank: int) -> None:
-            try:
-                results[rank] = work(rank, self.reduce(rank))
-            except Exception as err:
-                results[rank] = err
+            with self.turn:
+                try:
+                    results[rank] = work(rank, self.reduce(rank))
+                except Exception as err:
+                    results[rank] = err
 
         threads = [threading.Thread(target=target, args=(r,)) for r in range(self.world)]
         for thread in threads:
