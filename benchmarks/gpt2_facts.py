@@ -7,7 +7,8 @@ sequence among ``--distractors`` others), a ``GPT2LMHeadModel`` from a ``GPT2Con
 query per fact. Prints the influence time in Lightning epochs (the training's seconds per epoch
 in the same run), LiSSA's steps, and for how many of the facts the model answers the stating
 sequence ranks first among the helpful ones. One intra-op thread. Needs ``transformers``
-(never a package dependency).
+(never a package dependency: it is in ``requirements-peers.txt``, so run it with
+``benchmarks/.venv-peers/bin/python``).
 
     python benchmarks/gpt2_facts.py                    # 24 facts, 400 distractors, 150 epochs
     python benchmarks/gpt2_facts.py --progress         # with the solver's progress bar
