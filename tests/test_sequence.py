@@ -288,15 +288,21 @@ def test_decoded_text_in_the_csv_files_and_tensorboard(tmp_path: Path) -> None:
 
     with (tmp_path / "out" / "influence_rankings.csv").open() as f:
         rows = list(csv.DictReader(f))
-    top = int(result.helpful(1).indices[0, 0])
-    first = next(r for r in rows if r["val_index"] == "0" and r["kind"] == "helpful")
-    assert first["train_index"] == str(top) and first["input"] == text(train, top)
-    assert first["val_input"] == text(queries, 0)
+    for ranking, relative in (("raw", False), ("relative", True)):
+        top = int(result.helpful(1, relative=relative).indices[0, 0])
+        first = next(
+            r
+            for r in rows
+            if r["val_index"] == "0" and r["kind"] == "helpful" and r["ranking"] == ranking
+        )
+        assert first["train_index"] == str(top) and first["input"] == text(train, top)
+        assert first["val_input"] == text(queries, 0)
     with (tmp_path / "out" / "influence_outliers.csv").open() as f:
         outlier = next(csv.DictReader(f))
     worst = int(result.outliers(1).indices[0])
     assert outlier["index"] == str(worst) and outlier["input"] == text(train, worst)
     tb_rows = table_rows(tb_text(tensorboard_events(tmp_path / "tb"), "influence/val_0"))
+    top = int(result.helpful(1, relative=True).indices[0, 0])  # the relative table comes first
     assert tb_rows[0][2] == str(top) and tb_rows[0][-1] == f"`{text(train, top)}`"
 
 
