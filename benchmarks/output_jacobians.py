@@ -23,15 +23,14 @@ the products bound by memory traffic.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.core.layerwise import _factors, layerwise_parameters
+from lightning_influence.core.layerwise import _factors, capture_layers, layerwise_parameters
 from lightning_influence.core.model import FunctionalModel
 from lightning_influence.core.products import example_jacobians, output_hessians
 
@@ -203,23 +202,8 @@ class LayerProducts:
             layer.outputs.clear()
         return k * (outputs + self.rest_numel) * fm.theta.element_size()
 
-    @contextmanager
-    def _hooks(self) -> Iterator[None]:
-        def capture(layer: _Layer) -> Any:
-            def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-                if not args or not isinstance(output, Tensor):
-                    raise RuntimeError(f"{type(module).__name__} was called without a tensor input")
-                layer.inputs.append(args[0].detach())
-                layer.outputs.append(output)
-
-            return hook
-
-        handles = [layer.module.register_forward_hook(capture(layer)) for layer in self._layers]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+    def _hooks(self) -> AbstractContextManager[None]:
+        return capture_layers(self._layers)
 
 
 def _output_gradients(flat: Tensor, captured: list[Tensor], units: Tensor) -> list[Tensor | None]:

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -250,23 +250,38 @@ class LayerwiseDots:
         )
         return False
 
-    @contextmanager
-    def _hooks(self) -> Iterator[None]:
-        def capture(layer: _Layer) -> Any:
-            def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-                if not args or not isinstance(output, Tensor):
-                    raise RuntimeError(f"{type(module).__name__} was called without a tensor input")
-                layer.inputs.append(args[0].detach())
-                layer.outputs.append(output)
+    def _hooks(self) -> AbstractContextManager[None]:
+        return capture_layers(self._layers)
 
-            return hook
 
-        handles = [layer.module.register_forward_hook(capture(layer)) for layer in self._layers]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+class CapturedLayer(Protocol):
+    """A layer whose calls :func:`capture_layers` records: its inputs and outputs, per call."""
+
+    module: nn.Module
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+
+
+@contextmanager
+def capture_layers(layers: Sequence[CapturedLayer]) -> Iterator[None]:
+    """Inside the block, every call of ``layer.module`` appends its (detached) input to
+    ``layer.inputs`` and its output to ``layer.outputs``."""
+
+    def capture(layer: CapturedLayer) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not args or not isinstance(output, Tensor):
+                raise RuntimeError(f"{type(module).__name__} was called without a tensor input")
+            layer.inputs.append(args[0].detach())
+            layer.outputs.append(output)
+
+        return hook
+
+    handles = [layer.module.register_forward_hook(capture(layer)) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _block_scales(
