@@ -33,9 +33,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from planted_facts import PaddedSequences, answers, make_corpus, rank_of
+from planted_facts import answers, datasets, make_corpus, rank_of
 
-from lightning_influence import LanguageModelingTask, LiSSA, completion_example, compute_influence
+from lightning_influence import LanguageModelingTask, LiSSA, compute_influence
 
 
 class GPT2Logits(nn.Module):
@@ -92,12 +92,8 @@ def main() -> None:
     L.seed_everything(args.seed, verbose=False)
 
     corpus = make_corpus(args.facts, args.distractors, args.seed)
-    length = max(len(s) for s in corpus.sequences)
-    train = PaddedSequences([{"input_ids": torch.tensor(s)} for s in corpus.sequences], length)
-    queries = PaddedSequences(
-        [completion_example(corpus.prompt(j), [y]) for j, (_, y) in enumerate(corpus.facts)],
-        length,
-    )
+    train, queries = datasets(corpus)
+    length = train.batch["input_ids"].shape[1]
     model = GPT2Logits(len(corpus.vocab), length, args.width, args.layers, args.heads)
     module = LanguageModel(model)
     n_params = sum(p.numel() for p in module.parameters())

@@ -159,6 +159,17 @@ class PaddedSequences(Dataset[dict[str, Tensor]]):
 
 
 # ----------------------------------------------------------------------------------- model
+def datasets(corpus: Corpus) -> tuple[PaddedSequences, PaddedSequences]:
+    """The training sequences and one completion query per fact, padded to one length."""
+    length = max(len(s) for s in corpus.sequences)
+    train = PaddedSequences([{"input_ids": torch.tensor(s)} for s in corpus.sequences], length)
+    queries = PaddedSequences(
+        [completion_example(corpus.prompt(j), [y]) for j, (_, y) in enumerate(corpus.facts)],
+        length,
+    )
+    return train, queries
+
+
 class CausalTransformer(nn.Module):
     """Token and position embeddings, PyTorch's ``nn.TransformerEncoder`` with a causal mask, and
     a linear head: ``forward(input_ids) -> logits [batch, length, vocab]``."""
@@ -302,12 +313,8 @@ def run(args: argparse.Namespace) -> Ranks:
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, verbose=False)
     corpus = make_corpus(args.facts, args.distractors, args.seed)
-    length = max(len(s) for s in corpus.sequences)
-    train = PaddedSequences([{"input_ids": torch.tensor(s)} for s in corpus.sequences], length)
-    queries = PaddedSequences(
-        [completion_example(corpus.prompt(j), [y]) for j, (_, y) in enumerate(corpus.facts)],
-        length,
-    )
+    train, queries = datasets(corpus)
+    length = train.batch["input_ids"].shape[1]
     module = LanguageModel(CausalTransformer(len(corpus.vocab), length))
     trainer = L.Trainer(
         max_epochs=args.epochs,

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from planted_facts import CausalTransformer, PaddedSequences, make_corpus
+from planted_facts import CausalTransformer, datasets, make_corpus
 from report_case import Case
 
-from lightning_influence import LanguageModelingTask, completion_example
+from lightning_influence import LanguageModelingTask
 from lightning_influence.report import LogSettings, log_influence
 
 
@@ -22,12 +22,8 @@ class Facts(Case):
     def __init__(self) -> None:
         torch.manual_seed(0)
         corpus = make_corpus(4, 12, seed=0)
-        length = max(len(s) for s in corpus.sequences)
-        train = PaddedSequences([{"input_ids": torch.tensor(s)} for s in corpus.sequences], length)
-        facts = enumerate(corpus.facts)
-        queries = PaddedSequences(
-            [completion_example(corpus.prompt(j), [y]) for j, (_, y) in facts], length
-        )
+        train, queries = datasets(corpus)
+        length = train.batch["input_ids"].shape[1]
         model = CausalTransformer(len(corpus.vocab), length, width=16, layers=1, heads=2)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         ids, labels = train.batch["input_ids"], train.batch["labels"]
