@@ -288,6 +288,70 @@ def test_the_estimate_is_the_rest_of_a_geometric_series() -> None:
     )
 
 
+def test_each_row_settles_on_its_own_scores() -> None:
+    from lightning_influence.solvers.stopping import Stopping
+
+    # column 0 converges at once, column 1 moves by a tenth of its size at every check
+    checks = iter(torch.tensor([[1.0, 1.0 + 0.1 * k], [2.0, -1.0 - 0.1 * k]]) for k in range(9))
+
+    class Probe:
+        indices = torch.arange(2)
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            return next(checks)
+
+    stop = Stopping(tol=0.05, residual_tol=1e-9, probe=Probe(), span=2)  # type: ignore[arg-type]
+    residual = torch.tensor([1e-3, 1e-3])
+    for k in range(5):
+        stop.check(torch.zeros(2, 3), residual, k)
+    assert stop.settled is not None and stop.settled.tolist() == [True, False]
+    assert not stop.done and stop.row_distance is not None
+    assert float(stop.row_distance[0].max()) == 0.0 and float(stop.row_distance[1, 0]) > 0.05
+    # a settled row stays settled; the solve stops once every row is
+    for k in range(5, 9):
+        stop.check(torch.zeros(2, 3), torch.tensor([1e-3, 1e-12]), k)
+    assert stop.settled.tolist() == [True, True] and stop.reason == "scores"
+
+
+def test_conjugate_gradients_multiply_only_the_rows_not_done() -> None:
+    from types import SimpleNamespace
+
+    from tqdm.auto import tqdm
+
+    from lightning_influence.solvers.cg import conjugate_gradients
+
+    torch.manual_seed(0)
+    q = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
+    matrix = q @ torch.diag(torch.logspace(0, 2, 6, dtype=torch.float64)) @ q.T
+    rows_seen: list[int] = []
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        rows_seen.append(v.shape[0])
+        return v @ matrix
+
+    b = torch.randn(2, 6, dtype=torch.float64)
+    done_after_one = torch.tensor([True, False])
+
+    def run(
+        on_step: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None,
+    ) -> torch.Tensor:
+        return conjugate_gradients(
+            SimpleNamespace(matvec=matvec), 0.0, torch.zeros_like(b), b.clone(),
+            b.norm(dim=1), 1e-12, 20, tqdm(disable=True), on_step=on_step,
+        )[0]  # fmt: skip
+
+    x = run(lambda x, rel, steps: done_after_one)
+    assert rows_seen[0] == 2 and set(rows_seen[1:]) == {1}
+    expected = torch.linalg.solve(matrix, b.T).T
+    assert torch.allclose(x[1], expected[1], rtol=1e-9, atol=1e-12)
+    # the finished row stays at its first step's iterate, as an unfinished run had it then
+    first = conjugate_gradients(
+        SimpleNamespace(matvec=matvec), 0.0, torch.zeros_like(b), b.clone(), b.norm(dim=1),
+        1e-12, 1, tqdm(disable=True),
+    )[0]  # fmt: skip
+    assert torch.equal(x[0], first[0]) and not torch.allclose(x[0], expected[0], rtol=1e-3)
+
+
 @pytest.mark.slow
 def test_the_preconditioner_sketch_stays_within_max_memory_and_the_estimate_counts_it(
     digits: Callable[..., tuple],

@@ -62,13 +62,14 @@ def conjugate_gradients(
     bar: tqdm,
     precondition: Callable[[Tensor], Tensor] | None = None,
     name: str = "CG",
-    on_step: Callable[[Tensor, Tensor, int], bool] | None = None,
+    on_step: Callable[[Tensor, Tensor, int], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     """Conjugate gradients on ``(H + damping I) x = b`` from ``x`` with residual ``r``, each row
     its own system, preconditioned by ``precondition`` when given, until every relative
     residual ``|P^-1 r| / target`` is below ``tol`` (``P = I`` without one) or ``on_step``
-    (called with ``x``, the residuals and the steps after each step) returns True; returns
-    ``x``, those residuals (recurred, not recomputed) and the steps (full-data products).
+    (called with ``x``, the residuals and the steps after each step) returns True for every
+    row; returns ``x``, those residuals (recurred, not recomputed) and the steps (full-data
+    products). A row that is done takes no more products: only the others are multiplied.
 
     Example:
         >>> from types import SimpleNamespace
@@ -85,11 +86,16 @@ def conjugate_gradients(
     rel = z.norm(dim=1) / target
     p, rz = z, (r * z).sum(1)
     steps = 0
+    finished = torch.zeros_like(rel, dtype=torch.bool)
     while steps < max_steps:
-        active = rel > tol
+        active = (rel > tol) & ~finished
         if not bool(active.any()):
             break
-        ap = curvature.matvec(p).add_(p, alpha=damping)
+        if bool(active.all()):
+            ap = curvature.matvec(p).add_(p, alpha=damping)
+        else:  # rows that are done take no products
+            ap = torch.zeros_like(p)
+            ap[active] = curvature.matvec(p[active]).add_(p[active], alpha=damping)
         curv = (p * ap).sum(1)
         if bool((curv[active] <= 0).any()):
             raise_diverged(name, damping, None, "met a direction of non-positive curvature")
@@ -106,6 +112,6 @@ def conjugate_gradients(
         rz = rz_new
         steps += 1
         bar.update()
-        if on_step is not None and on_step(x, rel, steps):
-            break
+        if on_step is not None:
+            finished = on_step(x, rel, steps).to(finished.device)
     return x, rel, steps

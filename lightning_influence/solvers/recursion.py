@@ -149,6 +149,8 @@ def preconditioned(
         bar.update(window)
         new_x = avg.div_(n_avg)
         del h, prev, diff
+        if stop.settled is not None and bool(stop.settled.any()):  # settled rows stay as they are
+            new_x[stop.settled.to(new_x.device)] = x[stop.settled.to(x.device)]
         check_finite(new_x, "LiSSA", damping, scale)
         new_r, new_rel = residual(new_x)
         checks += 1
@@ -173,11 +175,12 @@ def preconditioned(
         stop.check(x, rel, steps, moved)
         stop.show(bar)
 
-    def watch(x: Tensor, cg_rel: Tensor, n: int) -> bool:
-        """The stopping rule after each conjugate-gradient step."""
+    def watch(x: Tensor, cg_rel: Tensor, n: int) -> Tensor:
+        """The stopping rule after each conjugate-gradient step: the rows that are done."""
         done = stop.check(x, cg_rel, steps + n)
         stop.show(bar)
-        return done
+        settled = stop.settled
+        return torch.ones_like(cg_rel, dtype=torch.bool) if done or settled is None else settled
 
     # All the data: the system is deterministic, and conjugate gradients need neither a scale
     # nor momentum; their recurred residual is checked against a full one at the end.

@@ -9,6 +9,10 @@ estimate is below ``tol`` for both the values (relative, per validation point) a
 (``1 - Spearman``), with every relative residual below ``tol / 2`` (a stalled solve also moves
 its scores little); or once every relative residual is below ``residual_tol``; or at the
 budget, keeping the best iterate so far.
+
+The same test holds row by row: a validation row whose own scores are within ``tol`` (and whose
+residual is below ``tol / 2``, or below ``residual_tol``) is settled, and conjugate gradients
+stop taking products for it while the others go on (:attr:`Stopping.settled`).
 """
 
 from __future__ import annotations
@@ -33,35 +37,35 @@ _MAX_RATE = 0.9
 _RESIDUAL_SHARE = 0.5
 
 
-def value_change(new: Tensor, old: Tensor) -> float:
-    """The largest relative change of a column of scores: ``|new_j - old_j| / |new_j|``.
+def value_change(new: Tensor, old: Tensor) -> Tensor:
+    """The relative change of each column of scores: ``|new_j - old_j| / |new_j|``.
 
     Example:
-        >>> round(value_change(torch.tensor([[2.0], [0.0]]), torch.tensor([[1.5], [0.0]])), 6)
-        0.25
+        >>> value_change(torch.tensor([[2.0], [0.0]]), torch.tensor([[1.5], [0.0]]))
+        tensor([0.2500])
     """
     norms = new.norm(dim=0).clamp_min(torch.finfo(new.dtype).tiny)
-    return float(((new - old).norm(dim=0) / norms).max())
+    return (new - old).norm(dim=0) / norms
 
 
-def rank_change(new: Tensor, old: Tensor) -> float:
-    """The largest ``1 - Spearman`` correlation between a column of ``new`` and of ``old``.
+def rank_change(new: Tensor, old: Tensor) -> Tensor:
+    """``1 - Spearman`` correlation between each column of ``new`` and of ``old``.
 
     Example:
         >>> new, old = torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([[1.0], [3.0], [2.0]])
-        >>> round(rank_change(new, old), 6)
-        0.5
+        >>> rank_change(new, old)
+        tensor([0.5000], dtype=torch.float64)
     """
     if new.shape[0] < 2:
-        return 0.0
+        return torch.zeros(new.shape[1], dtype=torch.float64)
 
     def centred_ranks(t: Tensor) -> Tensor:
         ranks = t.argsort(dim=0).argsort(dim=0).to(torch.float64)
         return ranks - ranks.mean(dim=0)
 
     a, b = centred_ranks(new), centred_ranks(old)
-    corr = (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0))
-    return float((1 - corr).max())
+    norms = (a.norm(dim=0) * b.norm(dim=0)).clamp_min(torch.finfo(torch.float64).tiny)
+    return 1 - (a * b).sum(0) / norms
 
 
 @dataclass
@@ -98,6 +102,8 @@ class Stopping:
     changes: tuple[float, float] | None = None
     distance: tuple[float, float] = (math.inf, math.inf)
     residual: float = math.inf
+    row_distance: Tensor | None = None  # [rows, 2]: each row's estimate (values, ranks)
+    settled: Tensor | None = None  # [rows]: rows whose scores are within tol; they stay so
 
     @property
     def done(self) -> bool:
@@ -125,12 +131,12 @@ class Stopping:
         self.history = self.history[b:]
         (_, then), (_, first) = self.history[a - b], self.history[0]
         moved, before = (now - then).norm(dim=0), (then - first).norm(dim=0)
-        rate = min(
-            float((moved / before.clamp_min(torch.finfo(before.dtype).tiny)).max()), _MAX_RATE
-        )
-        factor = rate / (1 - rate)
-        self.changes = value_change(now, then), rank_change(now, then)
-        self.distance = self.changes[0] * factor, self.changes[1] * factor
+        rate = (moved / before.clamp_min(torch.finfo(before.dtype).tiny)).clamp_max(_MAX_RATE)
+        changes = torch.stack([value_change(now, then), rank_change(now, then)], dim=1)
+        self.row_distance = (changes * (rate / (1 - rate))[:, None]).cpu()
+        self.changes = float(changes[:, 0].max()), float(changes[:, 1].max())
+        values, ranks = self.row_distance.max(dim=0).values.tolist()
+        self.distance = values, ranks
 
     def estimate(self) -> tuple[float, float]:
         """How far the scores still are from converged, values and ranks: their change over the
@@ -142,16 +148,20 @@ class Stopping:
         """Record a check of iterate ``x`` (rows) with its relative residuals after ``steps``
         steps (``moved``: whether ``x`` changed since the last check); True once the solve
         should stop."""
-        self.steps, self.residual = steps, float(relative_residual.max())
+        residual = relative_residual.detach().cpu()
+        self.steps, self.residual = steps, float(residual.max())
+        settled = residual <= self.residual_tol
         if self.probe is not None and self.tol is not None and moved:
             self.history.append((steps, self.probe(x).double()))
             self._measure()
-            values, ranks = self.distance
-            # a stalled solve moves its scores little: its residual tells it apart
-            if max(values, ranks) <= self.tol and self.residual <= self.tol * _RESIDUAL_SHARE:
-                self.reason = "scores"
-        if not self.reason and self.residual <= self.residual_tol:
-            self.reason = "residual"
+            if self.row_distance is not None:
+                # a stalled solve moves its scores little: its residual tells it apart
+                near = residual <= self.tol * _RESIDUAL_SHARE
+                settled |= (self.row_distance.max(dim=1).values <= self.tol) & near
+        self.settled = settled if self.settled is None else self.settled | settled
+        if bool(self.settled.all()):
+            scores = self.probe is not None and self.tol is not None
+            self.reason = "scores" if scores and self.residual > self.residual_tol else "residual"
         if not self.reason and self.deadline is not None:
             over = time.perf_counter() > self.deadline
             if self.probe is not None:
