@@ -20,9 +20,9 @@ from lightning_influence.solvers.base import (
     check_finite,
     raise_diverged,
 )
-from lightning_influence.solvers.cg import conjugate_gradients
 from lightning_influence.solvers.lowrank import LowRankInverse
 from lightning_influence.solvers.preconditioner import Preconditioner
+from lightning_influence.solvers.refinement import all_data, product_dtype
 from lightning_influence.solvers.stopping import Stopping
 
 if TYPE_CHECKING:
@@ -183,21 +183,13 @@ def preconditioned(
         return torch.ones_like(cg_rel, dtype=torch.bool) if done or settled is None else settled
 
     # All the data: the system is deterministic, and conjugate gradients need neither a scale
-    # nor momentum; their recurred residual is checked against a full one at the end.
-    tol = lissa.residual_limit
-    while not stop.done and steps < depth:
-        x, cg_rel, n = conjugate_gradients(
-            curvature, damping, x, r, target, tol, depth - steps, bar, precondition, "LiSSA", watch
-        )
-        steps, cg_steps = steps + n, cg_steps + n
-        check_finite(x, "LiSSA", damping, None)
-        r, rel = residual(x)
-        checks += 1
-        stop.residual = float(rel.max())
-        if stop.reason == "residual" and stop.residual > tol:
-            stop.reason = ""  # the recurred residual was below, the true one is not: go on
-        if n == 0 or stop.residual > 2 * max(float(cg_rel.max()), tol):
-            break  # no progress, or rounding holds the true residual above the recurred one
+    # nor momentum; most of their products in bfloat16 where that is fast (:mod:`.refinement`).
+    dtype = product_dtype(lissa.product_dtype, curvature)
+    x, n, n_checks, precision = all_data(
+        curvature, damping, (x, r, rel), target, lissa.residual_limit, depth - steps, bar,
+        precondition, watch, residual, stop, dtype,
+    )  # fmt: skip
+    steps, cg_steps, checks = steps + n, cg_steps + n, checks + n_checks
     bar.close()
     stop.warn(lissa.budget_text())
     info: Diagnostics = {
@@ -207,6 +199,7 @@ def preconditioned(
         "residual_checks": float(checks),
         **stop.diagnostics(),
         "final_batch_size": float(batch_size),
+        **precision,
         **{f"preconditioner_{k}": val for k, val in factor_info.items()},
     }
     return x, info
