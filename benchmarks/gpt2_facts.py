@@ -24,6 +24,7 @@ import logging
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from planted_facts import answers, datasets, make_corpus, rank_of
+from planted_facts import Corpus, PaddedSequences, answers, datasets, make_corpus, rank_of
 
 from lightning_influence import LanguageModelingTask, LiSSA, compute_influence
 
@@ -74,8 +75,23 @@ class LanguageModel(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.0)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@dataclass
+class Trained:
+    """The corpus, its padded datasets and the trained model, with the training's epoch time."""
+
+    corpus: Corpus
+    train: PaddedSequences
+    queries: PaddedSequences
+    module: LanguageModel
+    epoch_s: float  # seconds per Lightning epoch, timed over the training
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The corpus, model and damping arguments (``build`` reads them)."""
     parser.add_argument("--facts", type=int, default=24)
     parser.add_argument("--distractors", type=int, default=400)
     parser.add_argument("--epochs", type=int, default=150)
@@ -84,29 +100,49 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--damping", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--progress", action="store_true", help="the solver's progress bar")
-    args = parser.parse_args()
+
+
+def build(args: argparse.Namespace, weights: Path | None = None) -> Trained:
+    """The corpus and GPT-2 of ``args`` (see ``add_arguments``), trained with Lightning on one
+    intra-op thread; the model is left in evaluation mode. With ``weights``: the trained weights
+    and epoch time are loaded from that file when it exists, else saved there after training
+    (several runs then score one model)."""
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     torch.set_num_threads(1)
     L.seed_everything(args.seed, verbose=False)
-
     corpus = make_corpus(args.facts, args.distractors, args.seed)
     train, queries = datasets(corpus)
     length = train.batch["input_ids"].shape[1]
     model = GPT2Logits(len(corpus.vocab), length, args.width, args.layers, args.heads)
     module = LanguageModel(model)
-    n_params = sum(p.numel() for p in module.parameters())
+    if weights is not None and weights.exists():
+        saved = torch.load(weights)
+        module.load_state_dict(saved["state_dict"])
+        return Trained(corpus, train, queries, module.eval(), saved["epoch_s"])
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=False)  # fmt: skip
     started = time.perf_counter()
     trainer.fit(module, DataLoader(train, batch_size=32, shuffle=True))
     epoch_s = (time.perf_counter() - started) / args.epochs
+    module.eval()
+    if weights is not None:
+        torch.save({"state_dict": module.state_dict(), "epoch_s": epoch_s}, weights)
+    return Trained(corpus, train, queries, module, epoch_s)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    parser.add_argument("--progress", action="store_true", help="the solver's progress bar")
+    args = parser.parse_args()
+    built = build(args)
+    corpus, train, queries, module = built.corpus, built.train, built.queries, built.module
+    n_params, epoch_s, length = built.n_params, built.epoch_s, train.batch["input_ids"].shape[1]
     print(f"{n_params:,} parameters, {len(train)} sequences of {length} tokens; "
           f"{args.epochs} Lightning epochs, {epoch_s:.3f} s each", flush=True)  # fmt: skip
 
-    module.eval()
     correct = answers(module, corpus, queries)
     started = time.perf_counter()
     result = compute_influence(module, train, queries, task=LanguageModelingTask(),
