@@ -55,19 +55,26 @@ def problem(
 
 class _Curvature(Curvature):
     """The package's curvature; under autocast, products scaled by ``wrong`` after the first
-    ``honest`` of them (a model where autocast misbehaves)."""
+    ``honest`` of them (a model where autocast misbehaves); ``lowered`` counts full-data ones."""
 
     def __init__(self, *args: Any, wrong: float = 1.0, honest: int = 0) -> None:
         super().__init__(*args)
-        self.wrong, self.honest, self.lowered = wrong, honest, 0
+        self.wrong, self.honest, self.calls, self.lowered = wrong, honest, 0, 0
 
-    def matvec(self, vectors: Tensor, exact: bool = False) -> Tensor:
-        out = super().matvec(vectors, exact)
-        if torch.is_autocast_enabled(vectors.device.type):
-            self.lowered += 1
-            if self.lowered > self.honest:
+    def _scaled(self, out: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(out.device.type):
+            self.calls += 1
+            if self.calls > self.honest:
                 out.mul_(self.wrong)
         return out
+
+    def matvec(self, vectors: Tensor, exact: bool = False) -> Tensor:
+        self.lowered += torch.is_autocast_enabled(vectors.device.type)
+        return self._scaled(super().matvec(vectors, exact))
+
+    def minibatch(self, batch_size: int, generator: torch.Generator) -> Callable[[Tensor], Tensor]:
+        product = super().minibatch(batch_size, generator)
+        return lambda vectors: self._scaled(product(vectors))
 
 
 def _curvature(problem: dict[str, Any], **kwargs: Any) -> _Curvature:
@@ -113,13 +120,14 @@ def test_bfloat16_products_keep_float32_accuracy(problem: dict[str, Any]) -> Non
 def test_products_that_do_not_serve_fall_back_to_float32(
     problem: dict[str, Any], wrong: float, honest: int
 ) -> None:
-    """Lowered products 30% off from the start (the first step's check sees it), or honest at
-    the check and then 10x off (the first update fails to gain) or of the wrong sign (a
+    """Lowered products 30% off from the start (the measured rounding shows it), or honest at
+    that check and then 10x off (the first update fails to gain) or of the wrong sign (a
     direction of negative curvature): float32 finishes."""
     curvature = _curvature(problem, wrong=wrong, honest=honest)
     solved, info = LiSSA(product_dtype="bfloat16", **SOLVER).solve(curvature, problem["v"], DAMPING)
     assert info["bfloat16_fell_back"] == 1
-    assert curvature.lowered == info["bfloat16_products"] > 0
+    assert curvature.lowered == info["bfloat16_products"]
+    assert (info["bfloat16_products"] > 0) == (honest > 0)
     assert _score_error(problem, solved) < SCORE_TOL
     assert info["relative_residual"] <= 1e-4
 
