@@ -110,6 +110,10 @@ def preconditioned(
         passes = window * batch_size / n_total + 1
         return gain / passes >= expected_contraction(window) / (window + 1)
 
+    if n_total < lissa.check_every * batch_size:
+        # A window of `check_every` minibatch steps would cost more products than a pass over
+        # the data, for less than as many full-data steps gain: all the data from the start.
+        batch_size = n_total
     if batch_size < n_total:
         scale, kappa, beta, step = tuned(batch_size)
         window = window_length(batch_size)
