@@ -313,6 +313,74 @@ def test_each_row_settles_on_its_own_scores() -> None:
     assert stop.settled.tolist() == [True, True] and stop.reason == "scores"
 
 
+def test_a_row_settles_once_its_rankings_stay_the_same() -> None:
+    from lightning_influence.solvers.stopping import Stopping
+
+    passes: list[int] = []
+
+    class Probe:
+        indices = torch.arange(2)
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.randn(2, x.shape[0])  # scores that never settle
+
+        def rankings(self, x: torch.Tensor, k: int) -> torch.Tensor:
+            passes.append(k)
+            moving = len(passes) if len(passes) < 4 else 4  # row 1's lists settle at pass 4
+            return torch.tensor([[0, 1, 2, 3], [moving, 9, 8, 7]])
+
+    stop = Stopping(tol=1e-3, residual_tol=1e-9, probe=Probe(), span=4, rankings_k=2)  # type: ignore[arg-type]
+    residual = torch.ones(2)
+    for k in range(7):  # passes every span // 2 = 2 steps: at steps 0, 2, 4, 6
+        stop.check(torch.zeros(2, 3), residual, k)
+    assert passes == [2, 2, 2, 2]
+    assert stop.settled is not None and stop.settled.tolist() == [True, False] and not stop.done
+    while not stop.check(torch.zeros(2, 3), residual, stop.steps + 1):
+        pass
+    assert stop.reason == "rankings" and stop.steps == 8
+    info = stop.diagnostics()
+    assert info["stopped_on_rankings"] == 1 and info["rows_settled_on_rankings"] == 2
+
+
+def test_the_probe_rankings_are_the_top_of_every_training_score(
+    digits: Callable[..., tuple],
+) -> None:
+    from lightning_influence.core.scores import example_pass
+
+    train, _ = digits(n_train=300)
+    fm = FunctionalModel(_small_mlp(), ClassificationTask())
+    data = as_indexed(train, batch_size=64)
+    data = data.subset(
+        data.indices[torch.randperm(300, generator=torch.Generator().manual_seed(0))[:200]]
+    )
+    v = torch.randn(3, fm.n_params, generator=torch.Generator().manual_seed(1), dtype=fm.dtype)
+    lists = Curvature(fm, data).probe(16).rankings(v, 5)
+    scores = example_pass(fm, data, v).scores
+    assert scores is not None
+    helpful = data.indices[scores.topk(5, dim=0, largest=False).indices].T
+    harmful = data.indices[scores.topk(5, dim=0).indices].T
+    assert torch.equal(lists, torch.cat([helpful, harmful], dim=1))
+
+
+@pytest.mark.slow
+def test_stopping_on_rankings_finds_the_exact_top_examples_in_fewer_steps(
+    digits: Callable[..., tuple],
+) -> None:
+    exact, _ = _fitted_scores(digits, Exact())
+    tight, _ = _fitted_scores(digits, LiSSA(tol=1e-3))
+    ranked, caught = _fitted_scores(digits, LiSSA(stop_on="rankings", tol=1e-3))
+    d = ranked.diagnostics
+    assert not caught and d["solver_stopped_on_rankings"] == 1
+    assert d["solver_steps"] < 0.7 * tight.diagnostics["solver_steps"]  # 35 against 63
+    for lists in ("helpful", "harmful"):  # the top 8 of each, the first in place
+        got, want = getattr(ranked, lists)(8).indices, getattr(exact, lists)(8).indices
+        first = float((got[:, 0] == want[:, 0]).double().mean())
+        overlap = sum(
+            len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, want, strict=True)
+        )
+        assert first == 1.0 and overlap / want.numel() >= 0.9
+
+
 def test_conjugate_gradients_multiply_only_the_rows_not_done() -> None:
     from types import SimpleNamespace
 
