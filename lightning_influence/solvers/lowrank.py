@@ -236,6 +236,9 @@ class LowRank(FactorizedSolver):
             if stop:
                 break
             dim = min(p, 2 * dim, budget, size_cap)
+        if evecs is None:  # a sketch's eigenvectors: one pass over the parameters, at the end
+            assert sketch is not None
+            evals, evecs = _descending(*sketch.eigenpairs())
         evals, evecs = evals[:keep], evecs[:keep]
         if not curvature.positive_semidefinite and dim < p:  # an incomplete sketch
             # The sketch resolves the top of the spectrum; single-vector Lanczos on all the data
@@ -304,19 +307,26 @@ class LowRank(FactorizedSolver):
         generator: torch.Generator,
         progress: bool,
         sketch: NystromSketch | None,
-    ) -> tuple[Tensor, Tensor, float, int, int]:
-        """Eigenpairs from ``dim`` products (Nystrom when ``sketch`` is given, reusing its
-        products), largest first; the most negative eigenvalue found, the new products and the
+    ) -> tuple[Tensor, Tensor | None, float, int, int]:
+        """Eigenvalues from ``dim`` products, largest first, with their eigenvectors from
+        Lanczos (``None`` from a Nystrom ``sketch``, which reuses its products and gives its
+        eigenvectors apart); the most negative eigenvalue found, the new products and the
         passes over the data."""
         if sketch is not None:
             products, passes = sketch.grow(dim, self.block_size or dim, progress)
-            evals, evecs = sketch.eigenpairs()
-        else:
-            # plain Lanczos, or for "auto" block Lanczos in two passes
-            block_size = self.block_size or (-(-dim // 2) if self.method == "auto" else 1)
-            evals, evecs, products, passes = lanczos(curv, dim, block_size, generator, progress)
-        order = torch.argsort(evals, descending=True)
-        return evals[order], evecs[order], min(0.0, float(evals.min())), products, passes
+            evals = sketch.eigenvalues().flip(0)
+            return evals, None, min(0.0, float(evals.min())), products, passes
+        # plain Lanczos, or for "auto" block Lanczos in two passes
+        block_size = self.block_size or (-(-dim // 2) if self.method == "auto" else 1)
+        evals, evecs, products, passes = lanczos(curv, dim, block_size, generator, progress)
+        evals, evecs = _descending(evals, evecs)
+        return evals, evecs, min(0.0, float(evals.min())), products, passes
+
+
+def _descending(evals: Tensor, evecs: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenpairs sorted by eigenvalue, largest first."""
+    order = torch.argsort(evals, descending=True)
+    return evals[order], evecs[order]
 
 
 def size_limit(p: int) -> int:

@@ -67,7 +67,10 @@ class NystromSketch:
 
     Eigenpairs in the stable form of Tropp et al. (2017): shift ``Y`` by ``nu * Omega`` with a
     tiny ``nu``, take a Cholesky factor ``C`` of ``Omega^T Y_nu`` and the SVD of ``C^-1 Y_nu``
-    (from its Gram matrix); eigenvalues are the squared singular values minus ``nu``.
+    (from its Gram matrix); eigenvalues are the squared singular values minus ``nu``. The small
+    Gram matrices ``Y Y^T`` and ``Omega Y^T`` grow with the sketch (only the new rows' inner
+    products are taken), so the eigenvalues of a grown sketch cost no pass over the parameters;
+    the eigenvectors take one.
 
     Example:
         >>> import torch
@@ -81,15 +84,17 @@ class NystromSketch:
         >>> sketch = NystromSketch(Curvature(fm, data), torch.Generator().manual_seed(0))
         >>> sketch.grow(5, block_size=5, progress=False), sketch.grow(10, 10, False)
         ((5, 1), (5, 1))
-        >>> sketch.eigenpairs()[1].shape
-        torch.Size([10, 15])
+        >>> sketch.eigenvalues().shape, sketch.eigenpairs()[1].shape
+        (torch.Size([10]), torch.Size([10, 15]))
     """
 
     def __init__(self, curvature: CurvatureOperator, generator: torch.Generator) -> None:
         self.curvature, self.generator = curvature, generator
-        p, dtype = curvature.n_params, curvature.dtype
-        self.omega = torch.zeros(0, p, dtype=dtype, device=curvature.device)
-        self.images = torch.zeros(0, p, dtype=torch.float64, device=curvature.device)
+        p, dtype, device = curvature.n_params, curvature.dtype, curvature.device
+        self.omega = torch.zeros(0, p, dtype=dtype, device=device)
+        self.images = torch.zeros(0, p, dtype=torch.float64, device=device)
+        self.yy = torch.zeros(0, 0, dtype=torch.float64, device=device)  # Y Y^T
+        self.oy = torch.zeros(0, 0, dtype=torch.float64, device=device)  # Omega Y^T
 
     @property
     def dim(self) -> int:
@@ -112,25 +117,30 @@ class NystromSketch:
         bar.close()
         self.omega = torch.cat([self.omega, fresh])
         self.images = torch.cat([self.images, *images])
+        self._extend_grams(new)
         return new, -(-new // block_size)
 
-    def eigenpairs(self) -> tuple[Tensor, Tensor]:
-        """Eigenvalues ``[dim]`` and eigenvectors as rows ``[dim, p]`` of the approximation.
+    def _extend_grams(self, new: int) -> None:
+        """Add the inner products of the ``new`` last rows to ``Y Y^T`` and ``Omega Y^T``."""
+        dim, old = self.dim, self.dim - new
+        yy = torch.zeros(dim, dim, dtype=torch.float64, device=self.images.device)
+        oy = torch.zeros_like(yy)
+        yy[:old, :old], oy[:old, :old] = self.yy, self.oy
+        for cols in column_chunks(self.curvature.n_params, dim):
+            y, om = self.images[:, cols], self.omega[:, cols].double()
+            yy[:, old:] += y @ y[old:].T
+            oy[:, old:] += om @ y[old:].T
+            oy[old:, :old] += om[old:] @ y[:old].T
+        yy[old:, :old] = yy[:old, old:].T
+        self.yy, self.oy = yy, oy
 
-        Every ``[dim, p]`` step runs over chunks of columns (:func:`column_chunks`), so the
-        working memory beyond the sketch is the eigenvectors returned and one chunk.
-        """
+    def _factors(self) -> tuple[float, Tensor, Tensor, Tensor]:
+        """``nu``, the Cholesky factor ``C`` of ``Omega Y_nu^T``, and the eigenvalues ``s^2`` and
+        eigenvectors ``u`` of the Gram matrix ``C^-1 Y_nu Y_nu^T C^-T``."""
         dim, p, dtype = self.dim, self.curvature.n_params, self.curvature.dtype
-        y, om = self.images, self.omega
-        nu = math.sqrt(p) * torch.finfo(dtype).eps * float(y.norm())
-
-        def shifted(cols: slice) -> Tensor:
-            """Columns of ``Y_nu = Y + nu Omega`` in float64."""
-            return y[:, cols] + nu * om[:, cols].double()
-
-        core = torch.zeros(dim, dim, dtype=torch.float64, device=y.device)
-        for cols in column_chunks(p, dim):
-            core += om[:, cols].double() @ shifted(cols).T
+        nu = math.sqrt(p) * torch.finfo(dtype).eps * math.sqrt(float(self.yy.trace().clamp_min(0)))
+        eye = torch.eye(dim, dtype=torch.float64, device=self.yy.device)
+        core = self.oy + nu * eye  # Omega Y_nu^T, Omega's rows orthonormal
         factor, info = torch.linalg.cholesky_ex((core + core.T) / 2)
         if int(info) != 0:
             raise ValueError(
@@ -138,26 +148,34 @@ class NystromSketch:
                 "one has negative curvature (the Hessian of a non-convex model). Use "
                 "curvature='gauss_newton' or `LowRank(method='lanczos')`."
             )
+        outer = self.yy + nu * (self.oy + self.oy.T) + nu**2 * eye  # Y_nu Y_nu^T
+        half = torch.linalg.solve_triangular(factor, outer, upper=False)
+        gram = torch.linalg.solve_triangular(factor, half.T, upper=False)
+        squares, u = torch.linalg.eigh((gram + gram.T) / 2)
+        return nu, factor, squares.clamp_min(0.0), u
 
-        def b_part(cols: slice) -> Tensor:
-            """Columns of ``b = C^-1 Y_nu``."""
-            return torch.linalg.solve_triangular(factor, shifted(cols), upper=False)
+    def eigenvalues(self) -> Tensor:
+        """The approximation's eigenvalues ``[dim]`` (ascending), from the small Gram matrices
+        alone: no pass over the parameters."""
+        nu, _, squares, _ = self._factors()
+        return (squares - nu).clamp_min(0.0).to(self.curvature.dtype)
 
-        # The SVD of the short, wide ``b`` from the eigenpairs of its small Gram matrix ``b b^T``
-        # (eigenvalues ``s^2``, right singular vectors ``U^T b / s``): a fraction of the SVD's
-        # cost.
-        gram = torch.zeros(dim, dim, dtype=torch.float64, device=y.device)
-        for cols in column_chunks(p, dim):
-            part = b_part(cols)
-            gram += part @ part.T
-        squares, u = torch.linalg.eigh(gram)
-        squares = squares.clamp_min(0.0)
+    def eigenpairs(self) -> tuple[Tensor, Tensor]:
+        """Eigenvalues ``[dim]`` and eigenvectors as rows ``[dim, p]`` of the approximation.
+
+        The eigenvectors ``U^T C^-1 Y_nu / s`` take one pass over chunks of columns
+        (:func:`column_chunks`), so the working memory beyond the sketch is the eigenvectors
+        returned and one chunk.
+        """
+        dim, p, dtype = self.dim, self.curvature.n_params, self.curvature.dtype
+        nu, factor, squares, u = self._factors()
         sing = squares.sqrt()
         kept = sing > torch.finfo(sing.dtype).eps * sing.max().clamp_min(1e-300) * dim
         weights = torch.where(kept[:, None], u.T / sing.clamp_min(1e-300)[:, None], 0.0)
-        vh = torch.empty(dim, p, dtype=dtype, device=om.device)
+        vh = torch.empty(dim, p, dtype=dtype, device=self.omega.device)
         for cols in column_chunks(p, dim):
-            vh[:, cols] = weights @ b_part(cols)
+            shifted = self.images[:, cols] + nu * self.omega[:, cols].double()
+            vh[:, cols] = weights @ torch.linalg.solve_triangular(factor, shifted, upper=False)
         evals = (squares - nu).clamp_min(0.0)
         return evals.to(dtype), vh
 
