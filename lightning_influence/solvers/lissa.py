@@ -62,7 +62,9 @@ class LiSSA(Solver):
     estimates how far they still are from converged; the solve stops once that is below ``tol``
     for the values (relative, per validation point) and the ranks (``1 - Spearman``), or once
     every relative residual is below ``residual_tol``. Scores converge well before the vectors
-    do. ``budget_seconds`` or ``budget_epochs`` stop it earlier with the best iterate so far, a
+    do. Each validation point settles on its own and then takes no more products;
+    ``stop_on="rankings"`` also settles it once its top helpful and harmful examples stay put.
+    ``budget_seconds`` or ``budget_epochs`` stop it earlier with the best iterate so far, a
     warning and the estimate in the diagnostics (``score_distance``, ``score_rank_distance``,
     ``stopped_by_budget``).
 
