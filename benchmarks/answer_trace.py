@@ -20,6 +20,7 @@ each query's top-1 and top-5 stop changing. One intra-op thread; needs ``transfo
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> None:
                                  max_memory=args.sketch_memory or 2**30,
                                  rank=args.rank or "auto")  # fmt: skip
     solver = LiSSA(preconditioner=preconditioner, depth=args.max_steps,
-                   budget_seconds=args.max_seconds)  # fmt: skip
+                   budget_seconds=args.max_seconds, batch_size=args.batch_size)  # fmt: skip
 
     rows: list[dict[str, Any]] = []
     scores: list[Tensor] = []
@@ -212,21 +213,33 @@ def trace_table(run: dict[str, Any], ref: dict[str, Any]) -> list[dict[str, Any]
 def summary(
     run: dict[str, Any], ref: dict[str, Any], table: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """Where each criterion is reached for good (steps and epochs), and when tops settle."""
+    """Where each criterion is reached for good (steps, epochs, and seconds in units of the run's
+    median one-step check interval: comparable across runs on a loaded machine), and when tops
+    settle."""
+    gaps = [b["seconds"] - a["seconds"] for a, b in itertools.pairwise(table)
+            if b["steps"] == a["steps"] + 1]  # fmt: skip
+    step_s = float(torch.tensor(gaps).median()) if gaps else float("nan")
 
     def at(ok: list[bool]) -> dict[str, Any] | None:
         i = _for_good(ok)
-        return None if i is None else {"steps": table[i]["steps"],
-                                       "epochs": round(table[i]["epochs"])}  # fmt: skip
+        if i is None:
+            return None
+        row = table[i]
+        return {"steps": row["steps"], "epochs": round(row["epochs"]),
+                "step_equivalents": round(row["seconds"] / step_s, 1)}  # fmt: skip
 
     scores = run["scores"].double()
     den = denominators(run, ref)[None, :, None]
     out: dict[str, Any] = {
+        "step_seconds": step_s,
+        "start_step_equivalents": round(table[0]["seconds"] / step_s, 1),
         "first>=0.9": at([r["first"] >= 0.9 for r in table]),
         "first_relative>=0.9": at([r["first_relative"] >= 0.9 for r in table]),
+        "top5_vs_reference>=0.9": at([r["top5"] >= 0.9 for r in table]),
         "top5_vs_reference=1": at([r["top5"] == 1.0 for r in table]),
         "top5_relative_vs_reference=1": at([r["top5_relative"] == 1.0 for r in table]),
         f"spearman_min>={SPEARMAN}": at([r["spearman_min"] >= SPEARMAN for r in table]),
+        f"spearman_mean>={SPEARMAN}": at([r["spearman_mean"] >= SPEARMAN for r in table]),
         f"pearson_min>={PEARSON}": at([r["pearson_min"] >= PEARSON for r in table]),
     }
     steps = [r["steps"] for r in table]
@@ -240,7 +253,24 @@ def summary(
     ranks = (scores < scores[:, stating, torch.arange(len(stating))][:, None]).sum(1) + 1
     out["stating_rank_settled_per_row"] = [steps[i] for i in _stable_from(ranks[:, None])]
     out["final_stating_rank"] = ranks[-1].tolist()
+    # Rows that stopped at their own residual tolerance: the steps each takes, and the share of
+    # the products (rows x steps) that would save against running every row to the slowest.
+    res = run["residuals"]
+    for tol in (1e-1, 3e-2, 1e-2):
+        below = [_first_below(res[:, j].tolist(), tol) for j in range(res.shape[1])]
+        if all(i is not None for i in below):
+            per = [steps[i] for i in below if i is not None]
+            start = steps[0] if len(steps) < 2 else steps[1] - 1  # the first step that is CG
+            work = [max(p - start, 0) for p in per]
+            saved = 1 - sum(work) / (len(work) * max(max(work), 1))
+            out[f"rows_residual<={tol:g}"] = {"slowest": max(per), "fastest": min(per),
+                                              "products_saved": round(saved, 3)}  # fmt: skip
+            out[f"rows_residual<={tol:g}_per_row"] = per
     return out
+
+
+def _first_below(values: list[float], tol: float) -> int | None:
+    return next((i for i, v in enumerate(values) if v <= tol), None)
 
 
 def per_row(run: dict[str, Any], s: dict[str, Any], marks: list[int]) -> None:
@@ -278,7 +308,8 @@ def table(args: argparse.Namespace) -> None:
             print(" ".join(f"{r[c]:9.0f}" if c in ("steps", "epochs") else f"{r[c]:9.3g}"
                            for c in cols))  # fmt: skip
         for k, v in s.items():
-            if not k.endswith("per_row") and k != "final_stating_rank":
+            shown = k.startswith("rows_residual") or not k.endswith("per_row")
+            if shown and k != "final_stating_rank":
                 print(f"  {k}: {v}")
         marks = sorted({0, *range(0, len(rows), max(1, len(rows) // 6)), len(rows) - 1})
         per_row(run, s, marks)
@@ -305,6 +336,9 @@ def main() -> None:
                    "training")  # fmt: skip
     r.add_argument("--sketch-memory", type=int, default=0, help="preconditioner max_memory")
     r.add_argument("--rank", type=int, default=0, help="preconditioner rank (0: auto)")
+    r.add_argument("--batch-size", type=int, default=256,
+                   help="LiSSA batch_size (above the 424 sequences: conjugate gradients from the "
+                   "start)")  # fmt: skip
     r.add_argument("--max-steps", type=int, default=1000, help="LiSSA depth")
     r.add_argument("--max-seconds", type=float, default=1500.0, help="LiSSA budget_seconds")
     r.add_argument("--save", type=Path, required=True)
