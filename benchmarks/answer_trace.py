@@ -295,7 +295,7 @@ def table(args: argparse.Namespace) -> None:
     ref = runs.get(ref_path) or torch.load(ref_path, weights_only=False)
     print(f"reference: final scores of {ref_path} ({ref['rows'][-1]['steps']} steps, residual "
           f"{ref['rows'][-1]['residual']:.2e})")  # fmt: skip
-    report: dict[str, Any] = {"reference": ref_path}
+    report: dict[str, Any] = {"reference": Path(ref_path).stem}
     cols = ["steps", "epochs", "first", "first_relative", "top1", "top5", "top5_relative",
             "spearman_min", "spearman_mean", "pearson_min", "residual", "estimate"]  # fmt: skip
     for path, run in runs.items():
@@ -313,8 +313,9 @@ def table(args: argparse.Namespace) -> None:
                 print(f"  {k}: {v}")
         marks = sorted({0, *range(0, len(rows), max(1, len(rows) // 6)), len(rows) - 1})
         per_row(run, s, marks)
-        report[path] = {"args": run["args"], "epoch_s": run["epoch_s"], "summary": s,
-                        "rows": [{c: r[c] for c in cols} for r in rows]}  # fmt: skip
+        report[Path(path).stem] = {"args": run["args"], "epoch_s": run["epoch_s"],
+                                   "diagnostics": run.get("diagnostics"), "summary": s,
+                                   "rows": [{c: r[c] for c in cols} for r in rows]}  # fmt: skip
     finals = {p: r["scores"][-1].double() for p, r in runs.items()}
     for p, f in finals.items():
         if p != ref_path and ref_path in finals:
