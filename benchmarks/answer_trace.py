@@ -313,9 +313,14 @@ def table(args: argparse.Namespace) -> None:
                 print(f"  {k}: {v}")
         marks = sorted({0, *range(0, len(rows), max(1, len(rows) // 6)), len(rows) - 1})
         per_row(run, s, marks)
+        kept = ("preconditioner_rank", "preconditioner_matvecs", "condition_beyond_rank",
+                "preconditioned_condition_number", "solver_steps")  # fmt: skip
+        diagnostics = {k: v for k, v in (run.get("diagnostics") or {}).items()
+                       if k.startswith("solver_") and k.endswith(kept)}  # fmt: skip
+        shown = [r for i, r in enumerate(rows) if i % args.every == 0 or i == len(rows) - 1]
         report[Path(path).stem] = {"args": run["args"], "epoch_s": run["epoch_s"],
-                                   "diagnostics": run.get("diagnostics"), "summary": s,
-                                   "rows": [{c: r[c] for c in cols} for r in rows]}  # fmt: skip
+                                   "diagnostics": diagnostics, "summary": s,
+                                   "rows": [{c: r[c] for c in cols} for r in shown]}  # fmt: skip
     finals = {p: r["scores"][-1].double() for p, r in runs.items()}
     for p, f in finals.items():
         if p != ref_path and ref_path in finals:
@@ -348,7 +353,8 @@ def main() -> None:
     t.add_argument("runs", nargs="+")
     t.add_argument("--reference", help="run whose final scores are the reference (default: "
                    "the one with the most steps)")  # fmt: skip
-    t.add_argument("--every", type=int, default=5, help="print every n-th check")
+    t.add_argument("--every", type=int, default=5,
+                   help="print (and write to --json) every n-th check")  # fmt: skip
     t.add_argument("--json", type=Path, help="write the tables and summaries here")
     args = parser.parse_args()
     run(args) if args.command == "run" else table(args)
