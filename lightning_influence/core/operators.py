@@ -29,11 +29,6 @@ class Probe(Protocol):
         """Scores ``-g_i . v``, ``[examples, rows]``, the same on every process."""
         ...
 
-    def rankings(self, vectors: Tensor, k: int) -> Tensor:
-        """Dataset indices of the ``k`` most helpful then ``k`` most harmful training examples
-        per row, ``[rows, 2k]``, from all the training data, the same on every process."""
-        ...
-
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any process."""
         ...

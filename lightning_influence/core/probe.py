@@ -119,26 +119,6 @@ class ScoreProbe:
             scores[self.slots.to(model.device)] = part.to(model.device)
         return self.reduce(scores)
 
-    def rankings(self, vectors: Tensor, k: int) -> Tensor:
-        """The dataset indices of the ``k`` most helpful (most negative scores) then the ``k``
-        most harmful training examples for each row of ``vectors``, ``[rows, 2k]`` in rank
-        order, from a scoring pass over all the training data (each process scores the
-        examples it holds; a sum gives every process the whole ranking)."""
-        model, data = self.model, self.data
-        size = len(data.dataset)  # type: ignore[arg-type]  # map-style, checked by as_indexed
-        scores = torch.zeros(size, vectors.shape[0], dtype=model.dtype, device=model.device)
-        held = torch.zeros(size, 1, dtype=model.dtype, device=model.device)
-        if len(data):
-            part = example_pass(model, data, vectors.to(model.dtype)).scores
-            assert part is not None
-            slots = data.indices.to(model.device)
-            scores[slots], held[slots] = part.to(model.device), 1.0
-        scores, present = self.reduce(scores), self.reduce(held) > 0
-        k = min(k, int(present.sum()))
-        helpful = scores.masked_fill(~present, torch.inf).topk(k, dim=0, largest=False).indices
-        harmful = scores.masked_fill(~present, -torch.inf).topk(k, dim=0).indices
-        return torch.cat([helpful, harmful]).T.cpu()
-
     def prepare(self) -> None:
         """Compute the gradients of this process's probe examples once, where they are kept
         (no communication: the first call does it otherwise)."""

@@ -62,8 +62,7 @@ class LiSSA(Solver):
     estimates how far they still are from converged; the solve stops once that is below ``tol``
     for the values (relative, per validation point) and the ranks (``1 - Spearman``), or once
     every relative residual is below ``residual_tol``. Scores converge well before the vectors
-    do. Each validation point settles on its own and then takes no more products;
-    ``stop_on="rankings"`` also settles it once its top helpful and harmful examples stay put.
+    do. Each validation point settles on its own and then takes no more products.
     ``budget_seconds`` or ``budget_epochs`` stop it earlier with the best iterate so far, a
     warning and the estimate in the diagnostics (``score_distance``, ``score_rank_distance``,
     ``stopped_by_budget``).
@@ -96,14 +95,6 @@ class LiSSA(Solver):
         residual_tol: preconditioned: stop once every relative residual
             ``|P^-1 r| / |P^-1 v|`` is below this, whatever the scores; plain: once the
             relative change of the averaged estimate is. ``None``: ``min(3e-3, tol / 10)``.
-        stop_on: preconditioned: ``"scores"`` settles a validation point once its probe scores
-            are within ``tol``; ``"rankings"`` also once its ``rankings_k`` most helpful and
-            most harmful training examples are the same, in order, at two scoring passes over
-            all the training data ``check_every // 2`` steps apart (a pass costs about one
-            epoch). The lists users read settle long before a long tail of near-zero scores
-            does (a language model's unrelated sequences), but the values may still move: use
-            it for the rankings, not for the scores or "if removed".
-        rankings_k: with ``stop_on="rankings"``, the length of the lists watched.
         probe_examples: training examples whose scores ``tol`` watches; 0 stops on the
             residual alone.
         budget_seconds: stop after this many seconds of the solve (the preconditioner's
@@ -151,15 +142,10 @@ class LiSSA(Solver):
     check_every: int = 10
     max_block_memory: int = 2**30
     product_dtype: ProductDType = "auto"
-    stop_on: Literal["scores", "rankings"] = "scores"
-    rankings_k: int = 8
     name = "lissa"
 
     def __post_init__(self) -> None:
-        if self.stop_on not in ("scores", "rankings"):
-            raise ValueError(f"`stop_on` must be 'scores' or 'rankings', got {self.stop_on!r}.")
-        for arg in ("depth", "repeats", "batch_size", "check_every", "max_block_memory",
-                    "rankings_k"):  # fmt: skip
+        for arg in ("depth", "repeats", "batch_size", "check_every", "max_block_memory"):
             check_positive_int(arg, getattr(self, arg), allow_none=arg == "depth")
         if self.scale is not None and not self.scale > 0:
             raise ValueError(f"`scale` must be positive (or None to estimate), got {self.scale}.")
@@ -251,9 +237,8 @@ class LiSSA(Solver):
         chunks = []
         for block in vectors.split(rows):
             stop = Stopping(
-                self.tol, self.residual_limit, probe, deadline, started, epoch, self.check_every,
-                rankings_k=self.rankings_k if self.stop_on == "rankings" else 0,
-            )  # fmt: skip
+                self.tol, self.residual_limit, probe, deadline, started, epoch, self.check_every
+            )
             chunks.append(
                 preconditioned(self, curvature, block, damping, progress, *factorization, stop)
             )

@@ -10,12 +10,6 @@ estimate is below ``tol`` for both the values (relative, per validation point) a
 its scores little); or once every relative residual is below ``residual_tol``; or at the
 budget, keeping the best iterate so far.
 
-With ``rankings_k`` a row also settles once its rankings do: the ``rankings_k`` most helpful and
-most harmful training examples, from a scoring pass over all the training data every
-``span // 2`` steps, the same and in the same order at two passes in a row. Rankings settle
-long before the long tail of near-zero scores does (a language model's thousands of unrelated
-sequences), so this stops on the lists users read, with the scores' values still moving.
-
 The same test holds row by row: a validation row whose own scores are within ``tol`` (and whose
 residual is below ``tol / 2``, or below ``residual_tol``) is settled, and conjugate gradients
 stop taking products for it while the others go on (:attr:`Stopping.settled`).
@@ -86,8 +80,6 @@ class Stopping:
         started: when the solve started.
         epoch_seconds: one training epoch's seconds, when known (the diagnostics count epochs).
         span: the steps over which the scores' change is measured.
-        rankings_k: also settle a row once its ``rankings_k`` most helpful and most harmful
-            training examples stay the same (0: on the scores alone).
 
     Example:
         >>> stop = Stopping(tol=None, residual_tol=1e-3, probe=None)
@@ -104,7 +96,6 @@ class Stopping:
     started: float = field(default_factory=time.perf_counter)
     epoch_seconds: float | None = None
     span: int = 10
-    rankings_k: int = 0
     reason: str = ""
     steps: int = 0
     history: list[tuple[int, Tensor]] = field(default_factory=list)
@@ -113,8 +104,6 @@ class Stopping:
     residual: float = math.inf
     row_distance: Tensor | None = None  # [rows, 2]: each row's estimate (values, ranks)
     settled: Tensor | None = None  # [rows]: rows whose scores are within tol; they stay so
-    rankings: tuple[int, Tensor] | None = None  # the last rankings pass: its steps and lists
-    settled_on_rankings: int = 0  # rows settled because their rankings did
 
     @property
     def done(self) -> bool:
@@ -169,15 +158,10 @@ class Stopping:
                 # a stalled solve moves its scores little: its residual tells it apart
                 near = residual <= self.tol * _RESIDUAL_SHARE
                 settled |= (self.row_distance.max(dim=1).values <= self.tol) & near
-        before = settled.clone() if self.settled is None else settled | self.settled
-        if self.probe is not None and self.rankings_k and moved:
-            settled |= self._rankings_settled(x, steps)
         self.settled = settled if self.settled is None else self.settled | settled
-        self.settled_on_rankings += int((self.settled & ~before).sum())
         if bool(self.settled.all()):
             scores = self.probe is not None and self.tol is not None
             self.reason = "scores" if scores and self.residual > self.residual_tol else "residual"
-            self.reason = "rankings" if self.settled_on_rankings else self.reason
         if not self.reason and self.deadline is not None:
             over = time.perf_counter() > self.deadline
             if self.probe is not None:
@@ -185,18 +169,6 @@ class Stopping:
             if over:
                 self.reason = "budget"
         return self.done
-
-    def _rankings_settled(self, x: Tensor, steps: int) -> Tensor:
-        """Rows whose rankings are those of the last pass, when a pass is due (else none)."""
-        same = torch.zeros(x.shape[0], dtype=torch.bool)
-        if self.rankings is not None and steps - self.rankings[0] < max(1, self.span // 2):
-            return same
-        assert self.probe is not None
-        lists = self.probe.rankings(x, self.rankings_k)
-        if self.rankings is not None:
-            same = (lists == self.rankings[1]).all(dim=1)
-        self.rankings = steps, lists
-        return same
 
     def show(self, bar: tqdm) -> None:
         """The estimate and the residual on the progress bar."""
@@ -224,9 +196,6 @@ class Stopping:
                 info["score_change"], info["score_rank_change"] = self.changes
             if math.isfinite(values):
                 info["score_distance"], info["score_rank_distance"] = values, ranks
-        if self.rankings_k:
-            info["stopped_on_rankings"] = float(self.reason == "rankings")
-            info["rows_settled_on_rankings"] = float(self.settled_on_rankings)
         if self.epoch_seconds:
             info["solve_epochs"] = seconds / self.epoch_seconds
         return info
@@ -234,7 +203,7 @@ class Stopping:
     def warn(self, budget: str) -> None:
         """Warn when the solve stopped before the answer converged: at the budget (described by
         ``budget``) or at the step limit."""
-        if self.reason in ("scores", "rankings", "residual"):
+        if self.reason in ("scores", "residual"):
             return
         values, ranks = self.estimate()
         if self.tol is not None and self.probe is not None:
