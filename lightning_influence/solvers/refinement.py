@@ -161,9 +161,7 @@ def all_data(
         r, rel = residual(x)
         checks += 1
         counts.full += 1
-        stop.residual = float(rel.max())
-        if stop.reason == "residual" and stop.residual > tol:
-            stop.reason = ""  # the recurred residual was below, the true one is not: go on
+        stop.reopen(rel, tol)  # where the recurred residual was below and the true one is not
         if n == 0 or stop.residual > 2 * max(float(cg_rel.max()), tol):
             break  # no progress, or rounding holds the true residual above the recurred one
     return x, steps, checks, counts.diagnostics(dtype)
@@ -219,9 +217,7 @@ def _refined(
         x, r = new_x, new_r
         gained = float(new_rel.max()) <= MIN_GAIN * float(rel.max())
         rel = new_rel
-        stop.residual = float(rel.max())
-        if stop.reason == "residual" and stop.residual > stop.residual_tol:
-            stop.reason = ""  # the bound was below, the true residual is not: go on
+        stop.reopen(rel, stop.residual_tol)  # where the bound was below, the true one is not
         if not gained and not stop.done:
             counts.fell_back = True  # rounding holds the updates back: float32 from here
         if n == 0 or counts.fell_back:

@@ -170,6 +170,21 @@ class Stopping:
                 self.reason = "budget"
         return self.done
 
+    def reopen(self, relative_residual: Tensor, tol: float) -> None:
+        """Take the true relative residuals measured after a stop on recurred ones: rows above
+        ``tol`` that had settled on their residual alone are no longer settled, and a stop on
+        the residual is taken back while any row is above."""
+        residual = relative_residual.detach().cpu()
+        self.residual = float(residual.max())
+        if self.reason != "residual" or self.residual <= tol:
+            return
+        self.reason = ""
+        if self.settled is not None:
+            on_scores = torch.zeros_like(self.settled)
+            if self.row_distance is not None and self.tol is not None:
+                on_scores = self.row_distance.max(dim=1).values <= self.tol
+            self.settled &= (residual <= tol) | on_scores
+
     def show(self, bar: tqdm) -> None:
         """The estimate and the residual on the progress bar."""
         values, ranks = self.estimate()
