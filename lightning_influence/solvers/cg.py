@@ -17,7 +17,7 @@ from lightning_influence.solvers.base import (
     raise_diverged,
 )
 
-__all__ = ["CG", "conjugate_gradients"]
+__all__ = ["CG", "advance", "conjugate_gradients"]
 
 
 @dataclass(frozen=True)
@@ -101,17 +101,39 @@ def conjugate_gradients(
             raise_diverged(name, damping, None, "met a direction of non-positive curvature")
         alpha = torch.where(active, rz / curv.where(active, torch.ones_like(curv)), 0.0)
         check_finite(alpha, name, damping, None)
-        x = x + alpha[:, None] * p
-        r = r - alpha[:, None] * ap
+        x, r, z, p, rz = advance(x, r, p, ap, alpha, rz, active, precondition)
         del ap
-        z = r if precondition is None else precondition(r)
         rel = z.norm(dim=1) / target
-        rz_new = (r * z).sum(1)
-        beta = torch.where(active, rz_new / rz.clamp_min(torch.finfo(rz.dtype).tiny), 0.0)
-        p = z + beta[:, None] * p
-        rz = rz_new
         steps += 1
         bar.update()
         if on_step is not None:
             finished = on_step(x, rel, steps).to(finished.device)
     return x, rel, steps
+
+
+def advance(
+    x: Tensor,
+    r: Tensor,
+    p: Tensor,
+    ap: Tensor,
+    alpha: Tensor,
+    rz: Tensor,
+    active: Tensor,
+    precondition: Callable[[Tensor], Tensor] | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One conjugate-gradient update of every row from the step sizes ``alpha`` and the products
+    ``ap = (H + damping I) p``: the new iterate, residual, preconditioned residual ``z``,
+    direction and ``r . z``; rows not ``active`` keep their direction's weight at zero.
+
+    Example:
+        >>> one = torch.ones(1, 2)
+        >>> advance(0 * one, one, one, 2 * one, torch.tensor([0.5]), torch.tensor([2.0]),
+        ...         torch.tensor([True]), None)[0]
+        tensor([[0.5000, 0.5000]])
+    """
+    x = x + alpha[:, None] * p
+    r = r - alpha[:, None] * ap
+    z = r if precondition is None else precondition(r)
+    rz_new = (r * z).sum(1)
+    beta = torch.where(active, rz_new / rz.clamp_min(torch.finfo(rz.dtype).tiny), 0.0)
+    return x, r, z, z + beta[:, None] * p, rz_new

@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_influence.solvers.base import CurvatureOperator, Diagnostics, check_finite
-from lightning_influence.solvers.cg import conjugate_gradients
+from lightning_influence.solvers.cg import advance, conjugate_gradients
 from lightning_influence.solvers.stopping import Stopping
 
 __all__ = ["ProductDType", "all_data", "fast_bfloat16", "product_dtype"]
@@ -266,15 +266,9 @@ def _inner(
             return d, steps
         step_size = precondition(ap).norm(dim=1) * alpha.abs() / scale
         rounding += (counts.error * step_size) ** 2
-        d.add_(alpha[:, None] * p)
-        s.sub_(alpha[:, None] * ap)
+        d, s, z, p, rz = advance(d, s, p, ap, alpha, rz, active, precondition)
         del ap
-        z = precondition(s)
         recurred = z.norm(dim=1) / scale
-        rz_new = (s * z).sum(1)
-        beta = torch.where(active, rz_new / rz.clamp_min(torch.finfo(rz.dtype).tiny), 0.0)
-        p = z + beta[:, None] * p
-        rz = rz_new
         steps += 1
         bar.update()
         done |= _rows_done(watch(d, recurred + rounding.sqrt(), steps), recurred)
