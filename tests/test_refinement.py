@@ -57,12 +57,17 @@ class _Curvature(Curvature):
     """The package's curvature; under autocast, products scaled by ``wrong`` after the first
     ``honest`` of them (a model where autocast misbehaves); ``lowered`` counts full-data ones."""
 
-    def __init__(self, *args: Any, wrong: float = 1.0, honest: int = 0) -> None:
+    def __init__(
+        self, *args: Any, wrong: float = 1.0, honest: int = 0, fails: bool = False
+    ) -> None:
         super().__init__(*args)
         self.wrong, self.honest, self.calls, self.lowered = wrong, honest, 0, 0
+        self.fails = fails  # under autocast, raise as a kernel with mixed input dtypes does
 
     def _scaled(self, out: Tensor) -> Tensor:
         if torch.is_autocast_enabled(out.device.type):
+            if self.fails:
+                raise RuntimeError("Input type (torch.FloatTensor) and weight type (BFloat16)")
             self.calls += 1
             if self.calls > self.honest:
                 out.mul_(self.wrong)
@@ -130,6 +135,17 @@ def test_products_that_do_not_serve_fall_back_to_float32(
     assert (info["bfloat16_products"] > 0) == (honest > 0)
     assert _score_error(problem, solved) < SCORE_TOL
     assert info["relative_residual"] <= 1e-4
+
+
+def test_products_that_fail_to_run_in_bfloat16_fall_back_to_float32(
+    problem: dict[str, Any],
+) -> None:
+    """A kernel that raises under autocast (a ResNet's convolutions under forward-mode
+    differentiation did): the check's product fails, and float32 solves it all."""
+    curvature = _curvature(problem, fails=True)
+    solved, info = LiSSA(product_dtype="bfloat16", **SOLVER).solve(curvature, problem["v"], DAMPING)
+    assert info["bfloat16_fell_back"] == 1 and info["bfloat16_products"] == 0
+    assert _score_error(problem, solved) < SCORE_TOL
 
 
 def test_float64_models_keep_their_precision(problem: dict[str, Any]) -> None:

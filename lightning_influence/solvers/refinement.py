@@ -285,12 +285,17 @@ def _rounding(
 ) -> float:
     """The largest relative error ``|P^-1 (low - exact)| / |P^-1 (H_B + damping I) v|`` over
     the rows of ``v`` of a lower-precision product, measured on one minibatch of ``batch_size``
-    examples (the kernels are the full product's, at a few percent of its cost)."""
+    examples (the kernels are the full product's, at a few percent of its cost); infinite
+    where the lower precision fails to run (a layer autocast leaves in float32 meeting one it
+    lowers, under forward-mode differentiation), so the solve stays in float32."""
     generator = torch.Generator().manual_seed(0)
     product = curvature.minibatch(min(batch_size, curvature.n_total), generator)
     exact = product(v)
-    with torch.autocast(curvature.device.type, dtype=dtype):
-        lowered = product(v).to(v.dtype)
+    try:
+        with torch.autocast(curvature.device.type, dtype=dtype):
+            lowered = product(v).to(v.dtype)
+    except RuntimeError:  # a kernel autocast cannot serve here (or another process's did not)
+        return math.inf
     error = precondition(lowered - exact).norm(dim=1)
     size = precondition(exact.add_(v, alpha=damping)).norm(dim=1)
     return float((error / size.clamp_min(torch.finfo(size.dtype).tiny)).max())
