@@ -63,13 +63,15 @@ def conjugate_gradients(
     precondition: Callable[[Tensor], Tensor] | None = None,
     name: str = "CG",
     on_step: Callable[[Tensor, Tensor, int], Tensor] | None = None,
+    done: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     """Conjugate gradients on ``(H + damping I) x = b`` from ``x`` with residual ``r``, each row
     its own system, preconditioned by ``precondition`` when given, until every relative
     residual ``|P^-1 r| / target`` is below ``tol`` (``P = I`` without one) or ``on_step``
     (called with ``x``, the residuals and the steps after each step) returns True for every
     row; returns ``x``, those residuals (recurred, not recomputed) and the steps (full-data
-    products). A row that is done takes no more products: only the others are multiplied.
+    products). A row that is done (``on_step``'s answer, or ``done`` from the start) takes no
+    more products: only the others are multiplied.
 
     Example:
         >>> from types import SimpleNamespace
@@ -87,6 +89,8 @@ def conjugate_gradients(
     p, rz = z, (r * z).sum(1)
     steps = 0
     finished = torch.zeros_like(rel, dtype=torch.bool)
+    if done is not None:
+        finished |= done.to(finished.device)
     while steps < max_steps:
         active = (rel > tol) & ~finished
         if not bool(active.any()):

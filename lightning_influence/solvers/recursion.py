@@ -22,7 +22,7 @@ from lightning_influence.solvers.base import (
 )
 from lightning_influence.solvers.lowrank import LowRankInverse
 from lightning_influence.solvers.preconditioner import Preconditioner
-from lightning_influence.solvers.refinement import all_data, product_dtype
+from lightning_influence.solvers.refinement import System, all_data, product_dtype
 from lightning_influence.solvers.stopping import Stopping
 
 if TYPE_CHECKING:
@@ -189,10 +189,8 @@ def preconditioned(
     # All the data: the system is deterministic, and conjugate gradients need neither a scale
     # nor momentum; most of their products in bfloat16 where that is fast (:mod:`.refinement`).
     dtype = product_dtype(lissa.product_dtype, curvature)
-    x, n, n_checks, precision = all_data(
-        curvature, damping, (x, r, rel), target, lissa.residual_limit, depth - steps, bar,
-        precondition, watch, residual, stop, dtype,
-    )  # fmt: skip
+    system = System(curvature, damping, target, precondition, residual, watch, stop, bar)
+    x, n, n_checks, precision = all_data(system, (x, r, rel), depth - steps, dtype)
     steps, cg_steps, checks = steps + n, cg_steps + n, checks + n_checks
     bar.close()
     stop.warn(lissa.budget_text())

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -46,7 +46,23 @@ MAX_PRODUCT_ERROR = 0.05
 MIN_GAIN = 0.7
 
 Residual = Callable[[Tensor], tuple[Tensor, Tensor]]
-Watch = Callable[[Tensor, Tensor, int], Any]  # bool, or a [rows] tensor of rows that are done
+Watch = Callable[[Tensor, Tensor, int], Tensor]  # iterate, residuals, steps -> rows done
+
+
+@dataclass(frozen=True)
+class System:
+    """The full-data system ``(H + damping I) x = v`` as the solve sees it: its products, the
+    preconditioner, the float32 residual at an iterate (and its size relative to ``target``),
+    the stopping rule (called through ``watch`` after each step) and the progress bar."""
+
+    curvature: CurvatureOperator
+    damping: float
+    target: Tensor
+    precondition: Callable[[Tensor], Tensor]
+    residual: Residual
+    watch: Watch
+    stop: Stopping
+    bar: tqdm
 
 
 def fast_bfloat16(device: torch.device) -> bool:
@@ -111,106 +127,77 @@ class Counts:
         return info
 
 
-def _rows_done(result: Any, like: Tensor) -> Tensor:
-    """A watch's answer as a ``[rows]`` boolean tensor (it may answer one bool for all)."""
-    if isinstance(result, Tensor):
-        return result.to(device=like.device, dtype=torch.bool).expand_as(like)
-    return torch.full_like(like, bool(result), dtype=torch.bool)
-
-
 def all_data(
-    curvature: CurvatureOperator,
-    damping: float,
-    state: tuple[Tensor, Tensor, Tensor],
-    target: Tensor,
-    tol: float,
-    max_steps: int,
-    bar: tqdm,
-    precondition: Callable[[Tensor], Tensor],
-    watch: Watch,
-    residual: Residual,
-    stop: Stopping,
-    dtype: torch.dtype | None,
+    system: System, state: tuple[Tensor, Tensor, Tensor], max_steps: int, dtype: torch.dtype | None
 ) -> tuple[Tensor, int, int, Diagnostics]:
     """Preconditioned conjugate gradients on all the data from ``state = (x, r, rel)`` (``r``
     the float32 residual at ``x``, ``rel`` its relative size ``|P^-1 r| / target``), at most
-    ``max_steps`` products, ``watch`` called after each step with the iterate, its relative
-    residuals and the steps; inner products in ``dtype`` where given (see the module), else in
-    the curvature's precision. Returns ``x``, the steps, the full residual checks and the
-    counts' diagnostics."""
+    ``max_steps`` products, until the stopping rule ends the solve; inner products in ``dtype``
+    where given (see the module), else in the curvature's precision. Returns ``x``, the steps,
+    the full residual checks and the counts' diagnostics."""
     counts = Counts()
     x, r, rel = state
     steps = checks = 0
+    stop = system.stop
     if dtype is not None:
-        x, r, rel, steps, checks = _refined(
-            curvature, damping, (x, r, rel), target, max_steps, bar, precondition, watch,
-            residual, stop, dtype, counts,
-        )  # fmt: skip
+        x, r, rel, steps, checks = _refined(system, (x, r, rel), max_steps, dtype, counts)
     while not stop.done and steps < max_steps:
 
-        def on_step(x: Tensor, rel: Tensor, k: int, done: int = steps) -> Any:
-            return watch(x, rel, done + k)
+        def on_step(x: Tensor, rel: Tensor, k: int, done: int = steps) -> Tensor:
+            return system.watch(x, rel, done + k)
 
         x, cg_rel, n = conjugate_gradients(
-            curvature, damping, x, r, target, tol, max_steps - steps, bar, precondition, "LiSSA",
-            on_step,
+            system.curvature, system.damping, x, r, system.target, stop.residual_tol,
+            max_steps - steps, system.bar, system.precondition, "LiSSA", on_step, stop.settled,
         )  # fmt: skip
         steps += n
         counts.full += n
-        check_finite(x, "LiSSA", damping, None)
-        r, rel = residual(x)
+        check_finite(x, "LiSSA", system.damping, None)
+        r, rel = system.residual(x)
         checks += 1
         counts.full += 1
-        stop.reopen(rel, tol)  # where the recurred residual was below and the true one is not
-        if n == 0 or stop.residual > 2 * max(float(cg_rel.max()), tol):
+        stop.reopen(rel, stop.residual_tol)  # where the recurred residual was below, not the true
+        if n == 0 or stop.residual > 2 * max(float(cg_rel.max()), stop.residual_tol):
             break  # no progress, or rounding holds the true residual above the recurred one
     return x, steps, checks, counts.diagnostics(dtype)
 
 
 def _refined(
-    curvature: CurvatureOperator,
-    damping: float,
+    system: System,
     state: tuple[Tensor, Tensor, Tensor],
-    target: Tensor,
     max_steps: int,
-    bar: tqdm,
-    precondition: Callable[[Tensor], Tensor],
-    watch: Watch,
-    residual: Residual,
-    stop: Stopping,
     dtype: torch.dtype,
     counts: Counts,
 ) -> tuple[Tensor, Tensor, Tensor, int, int]:
     """The refinement loop: inner solves in ``dtype`` and float32 updates, until the stopping
     rule ends the solve, ``max_steps`` are taken or the lower precision stops gaining (then
     ``counts.fell_back``). Returns ``x``, ``r``, ``rel``, the steps and the checks."""
-    device_type = curvature.device.type
+    curvature, damping, stop = system.curvature, system.damping, system.stop
 
     def low(v: Tensor) -> Tensor:
-        with torch.autocast(device_type, dtype=dtype):
+        with torch.autocast(curvature.device.type, dtype=dtype):
             return curvature.matvec(v).to(v.dtype)
 
     x, r, rel = state
     steps = checks = 0
     if not stop.done and max_steps > 0:
-        counts.error = _rounding(curvature, damping, precondition(r), precondition, dtype)
+        counts.error = _rounding(
+            curvature, damping, system.precondition(r), system.precondition, dtype
+        )
         counts.fell_back = not counts.error <= MAX_PRODUCT_ERROR
     while not stop.done and steps < max_steps and not counts.fell_back:
 
         def on_step(d: Tensor, est: Tensor, k: int, x: Tensor = x, rel: Tensor = rel,
-                    done: int = steps) -> Any:  # fmt: skip
-            return watch(x + d, est * rel, done + k)
+                    done: int = steps) -> Tensor:  # fmt: skip
+            return system.watch(x + d, est * rel, done + k)
 
-        d, n = _inner(
-            low, damping, r, rel * target, precondition, on_step,
-            max_steps - steps, bar, counts,
-        )  # fmt: skip
+        d, n = _inner(system, low, r, rel * system.target, on_step, max_steps - steps, counts)
         steps += n
         if counts.fell_back:
             break
         new_x = x + d
         check_finite(new_x, "LiSSA", damping, None)
-        new_r, new_rel = residual(new_x)
+        new_r, new_rel = system.residual(new_x)
         checks += 1
         counts.full += 1
         counts.refinements += 1
@@ -226,19 +213,18 @@ def _refined(
 
 
 def _inner(
+    system: System,
     low: Callable[[Tensor], Tensor],
-    damping: float,
     r: Tensor,
     start: Tensor,
-    precondition: Callable[[Tensor], Tensor],
     watch: Watch,
     max_steps: int,
-    bar: tqdm,
     counts: Counts,
 ) -> tuple[Tensor, int]:
     """One inner solve of ``(H + damping I) d = r`` from ``d = 0`` with ``low`` products;
     ``start`` is ``|P^-1 r|`` per row. ``watch`` gets ``d``, the residual's bound relative to
     ``start`` and the steps. Returns ``d`` and the steps."""
+    damping, precondition = system.damping, system.precondition
     d = torch.zeros_like(r)
     s = r.clone()
     z = precondition(s)
@@ -248,7 +234,9 @@ def _inner(
     # The rounding's bound: the products' errors, each about `error` times its preconditioned
     # size, add up like a random walk over the steps.
     rounding = torch.zeros_like(recurred)
-    done = torch.zeros_like(recurred, dtype=torch.bool)
+    settled = system.stop.settled  # rows already done take no products
+    done = torch.zeros_like(recurred, dtype=torch.bool) if settled is None else settled.clone()
+    done = done.to(recurred.device)
     steps = 0
     while steps < max_steps:
         active = (
@@ -270,8 +258,8 @@ def _inner(
         del ap
         recurred = z.norm(dim=1) / scale
         steps += 1
-        bar.update()
-        done |= _rows_done(watch(d, recurred + rounding.sqrt(), steps), recurred)
+        system.bar.update()
+        done |= watch(d, recurred + rounding.sqrt(), steps).to(done.device)
     return d, steps
 
 
