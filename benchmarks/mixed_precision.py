@@ -34,28 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import agreement, table
-from mlp_epochs import influence
+from mlp_epochs import influence, reference_scores, trained
 
 import lightning_influence as li
 
 REFERENCE = li.LiSSA(probe_examples=0, residual_tol=1e-4, product_dtype="float32")
-
-
-def trained(hidden: int, n_train: int) -> tuple[Any, float, float]:
-    """The MLP after one SGD epoch as ``mlp_epochs.py`` trains it, and one epoch's wall and CPU
-    seconds (best of three at learning rate 0)."""
-    from lissa import LARGE_DAMPING
-    from synthetic import SyntheticClassification, sgd_epoch, wide_mlp
-    from torch.utils.data import DataLoader
-
-    model = wide_mlp(hidden)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=LARGE_DAMPING)
-    loader = DataLoader(SyntheticClassification(n_train, seed=0), batch_size=64, shuffle=True,
-                        generator=torch.Generator().manual_seed(0))  # fmt: skip
-    sgd_epoch(model, loader, opt)
-    timings = [sgd_epoch(model, loader, torch.optim.SGD(model.parameters(), lr=0.0))
-               for _ in range(3)]  # fmt: skip  # lr 0: timing only
-    return model.eval(), min(t[0] for t in timings), min(t[1] for t in timings)
 
 
 def size(args: argparse.Namespace, n_train: int) -> list[dict[str, Any]]:
@@ -85,18 +68,12 @@ def size(args: argparse.Namespace, n_train: int) -> list[dict[str, Any]]:
                      "product_error": d.get("bfloat16_product_error"),
                      "relative_residual": d["relative_residual"]})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
-    cached = Path(args.cache or "") / f"mixed_precision_{args.hidden}_{n_train}_{args.n_val}.pt"
-    if args.no_reference:
-        ref = None
-    elif args.cache and cached.exists():
-        ref = torch.load(cached)
-    else:
-        result, wall, _ = influence(model, train, val, REFERENCE)
-        ref = result.scores.double()
-        print(f"reference {wall:.1f} s, {result.diagnostics['solver_steps']:.0f} steps", flush=True)
-        if args.cache:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(ref, cached)
+    cached = (
+        Path(args.cache) / f"mixed_precision_{args.hidden}_{n_train}_{args.n_val}.pt"
+        if args.cache
+        else None
+    )
+    ref = None if args.no_reference else reference_scores(model, train, val, REFERENCE, cached)
     for row in rows if ref is not None else []:
         a = agreement(ref, scores[row["product_dtype"]])
         row.update(pearson=round(a["pearson"], 4), spearman=round(a["spearman"], 4))

@@ -46,6 +46,38 @@ def influence(model: Any, train: Any, val: Any, solver: li.Solver) -> tuple[Any,
     return result, wall, cpu
 
 
+def trained(hidden: int, n_train: int) -> tuple[Any, float, float]:
+    """The MLP after one SGD epoch, and one epoch's wall and CPU
+    seconds (best of three at learning rate 0)."""
+    from lissa import LARGE_DAMPING
+    from synthetic import SyntheticClassification, sgd_epoch, wide_mlp
+    from torch.utils.data import DataLoader
+
+    model = wide_mlp(hidden)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=LARGE_DAMPING)
+    loader = DataLoader(SyntheticClassification(n_train, seed=0), batch_size=64, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    sgd_epoch(model, loader, opt)
+    timings = [sgd_epoch(model, loader, torch.optim.SGD(model.parameters(), lr=0.0))
+               for _ in range(3)]  # fmt: skip  # lr 0: timing only
+    return model.eval(), min(t[0] for t in timings), min(t[1] for t in timings)
+
+
+def reference_scores(
+    model: Any, train: Any, val: Any, solver: li.Solver, cached: Path | None
+) -> torch.Tensor:
+    """The scores of a tight ``solver`` run, kept in ``cached`` (read from it when it exists)."""
+    if cached is not None and cached.exists():
+        return torch.load(cached)  # type: ignore[no-any-return]
+    result, wall, _ = influence(model, train, val, solver)
+    print(f"reference {wall:.1f} s, {result.diagnostics.get('solver_steps')} steps", flush=True)
+    scores = result.scores.double()
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(scores, cached)
+    return scores
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=2000)
@@ -57,18 +89,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     from lissa import LARGE_DAMPING
-    from synthetic import SyntheticClassification, sgd_epoch, stacked, wide_mlp
-    from torch.utils.data import DataLoader
+    from synthetic import stacked
 
-    model = wide_mlp(args.hidden)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=LARGE_DAMPING)
-    loader = DataLoader(SyntheticClassification(args.n_train, seed=0), batch_size=64,
-                        shuffle=True, generator=torch.Generator().manual_seed(0))  # fmt: skip
-    sgd_epoch(model, loader, opt)
-    timings = [sgd_epoch(model, loader, torch.optim.SGD(model.parameters(), lr=0.0))
-               for _ in range(3)]  # fmt: skip  # lr 0: timing only
-    epoch_s, epoch_cpu_s = min(t[0] for t in timings), min(t[1] for t in timings)
-    model.eval()
+    model, epoch_s, epoch_cpu_s = trained(args.hidden, args.n_train)
     train, val = stacked(args.n_train, seed=0), stacked(args.n_val, seed=1)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params:,} parameters, {args.n_train:,} points, {args.n_val} validation points; "
@@ -97,20 +120,13 @@ def main() -> None:
                          "epochs": round(out["wall_s"] / epoch_s),
                          "cpu_epochs": round(out["cpu_s"] / epoch_cpu_s)})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
-    cached = Path(args.cache or "") / f"mlp_epochs_{args.hidden}_{args.n_train}_{args.n_val}.pt"
-    if args.no_reference:
-        ref = None
-    elif args.cache and cached.exists():
-        ref = torch.load(cached)
-    else:
-        reference = li.LiSSA(probe_examples=0, residual_tol=1e-4)
-        result, wall, cpu = influence(model, train, val, reference)
-        ref = result.scores.double()
-        print(f"reference {wall:.1f} s, {result.diagnostics.get('solver_steps')} steps",
-              flush=True)  # fmt: skip
-        if args.cache:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(ref, cached)
+    cached = (
+        Path(args.cache) / f"mlp_epochs_{args.hidden}_{args.n_train}_{args.n_val}.pt"
+        if args.cache
+        else None
+    )
+    reference = li.LiSSA(probe_examples=0, residual_tol=1e-4)
+    ref = None if args.no_reference else reference_scores(model, train, val, reference, cached)
     for row in rows if ref is not None else []:
         a = agreement(ref, scores[row["method"]])
         row.update(pearson=round(a["pearson"], 4), spearman=round(a["spearman"], 4))
