@@ -1,4 +1,4 @@
-"""``LiSSA()`` with its full-data products in float32 and in bfloat16 inside iterative refinement.
+"""``LiSSA()`` with its full-data products in float32 and in bfloat16 with residual replacement.
 
 ``synthetic.py``'s ReLU MLP ``100 -> --hidden -> 10`` (``--hidden 2000``: 222k parameters) after
 one SGD epoch on each ``--n-train`` (as ``mlp_epochs.py`` trains it), ``--n-val`` validation
@@ -7,13 +7,13 @@ points, damping 1e-3, one intra-op thread, all in one process. For each size:
 1. one SGD epoch's time (best of three, learning rate 0: a timing only);
 2. ``compute_influence`` with ``LiSSA(product_dtype="float32")`` and with
    ``LiSSA(product_dtype="bfloat16")`` (the whole call): wall and CPU seconds, the seconds in
-   epochs, the steps, the full-data products in each precision, refinements;
+   epochs, the steps, the full-data products in each precision, residual replacements;
 3. the reference: ``LiSSA(probe_examples=0, residual_tol=1e-4, product_dtype="float32")``,
    kept under ``--cache`` to reuse; Pearson / Spearman of every training score against it.
 
 Prints a JSON line per run, a table per size and the ratio of bfloat16's time to float32's.
 bfloat16 pays where the CPU multiplies it natively (AVX512-BF16 or AMX; ``lscpu``): elsewhere
-autocast emulates it. Without refinement, the same bfloat16 products in plain conjugate
+autocast emulates it. Without residual replacement, the same bfloat16 products in plain conjugate
 gradients stall short of the answer (``layerwise_products.py --bf16``; ``tests/test_refinement``).
 
     OMP_NUM_THREADS=1 python benchmarks/mixed_precision.py --cache benchmarks/results/cache
@@ -63,7 +63,7 @@ def size(args: argparse.Namespace, n_train: int) -> list[dict[str, Any]]:
                      "cg_steps": d["conjugate_gradient_steps"],
                      "bfloat16_products": d.get("bfloat16_products", 0.0),
                      "float32_products": d.get("float32_products"),
-                     "refinements": d.get("refinements"),
+                     "replacements": d.get("residual_replacements"),
                      "fell_back": d.get("bfloat16_fell_back"),
                      "product_error": d.get("bfloat16_product_error"),
                      "relative_residual": d["relative_residual"]})  # fmt: skip

@@ -110,11 +110,11 @@ class LiSSA(Solver):
         max_block_memory: preconditioned: bytes the working copies of the validation block may
             take (about nine ``[rows, p]`` blocks); a larger block is solved in chunks of rows.
         product_dtype: preconditioned, float32 models: the precision of the full-data
-            conjugate-gradient products. ``"bfloat16"``: most in bfloat16 (float32 sums) inside
-            iterative refinement, whose residuals are float32, so the answer is float32's;
+            conjugate-gradient products. ``"bfloat16"``: most in bfloat16 (float32 sums), with
+            float32 residuals replacing the recurred ones, so the answer is float32's;
             about 2x faster per product where bfloat16 is native, with a fall-back to float32
             when bfloat16 products do not gain (diagnostics: ``bfloat16_products``,
-            ``float32_products``, ``refinements``, ``bfloat16_product_error``,
+            ``float32_products``, ``residual_replacements``, ``bfloat16_product_error``,
             ``bfloat16_fell_back``). ``"auto"``: bfloat16 on a CUDA device that supports it and
             on CPUs with AVX512-BF16 or AMX, else float32. float64 models stay float64.
 

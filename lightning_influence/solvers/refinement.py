@@ -4,16 +4,18 @@ A curvature product under ``torch.autocast(bfloat16)`` (float32 sums) costs abou
 on a CPU with AVX512-BF16 or AMX, and on GPUs with fast bfloat16, but each product is off by a few
 tenths of a percent; plain conjugate gradients on such products stall where the recurred residual
 parts from the true one, short of the answer (the 222k-parameter MLP: Pearson 0.988 against a
-float32 solve). Iterative refinement keeps float32's answer: the outer loop holds the iterate
-``x`` and its residual ``r = v - (H + damping I) x`` in float32 (one float32 product per update),
-and each inner solve runs preconditioned conjugate gradients on ``(H + damping I) d = r`` from
-``d = 0`` with bfloat16 products until its recurred residual falls to ``INNER_REDUCTION`` of
-``|P^-1 r|``, or until the products' rounding, accumulated over its steps, would outweigh what
-more steps gain; then ``x += d``. The stopping rule watches ``x + d`` after every inner step, with
-a residual that includes the rounding's bound, so it never stops on a residual bfloat16 cannot
-vouch for. One minibatch product in both precisions measures the rounding first: where it is
-large (autocast misbehaving), where an update fails to gain or an inner step meets a direction of
-non-positive curvature, the solve goes on in float32.
+float32 solve). Residual replacement keeps float32's answer (van der Vorst and Ye's reliable
+updating): the iterate ``x`` is float32, preconditioned conjugate gradients take bfloat16
+products, and a bound on how far the recurred residual may have drifted from the true one grows
+with each step (the products' measured error times each step's size, summed like a random walk).
+Once that bound reaches ``ROUNDING_SHARE`` of the recurred residual, one float32 product gives
+the true residual ``r = v - (H + damping I) x``, which replaces the recurred one, and the search
+direction is rebuilt from it; the Krylov space is kept, so the solve takes about float32's
+steps. The stopping rule watches ``x`` after every step, with a residual that includes the
+bound, so it never stops on a residual bfloat16 cannot vouch for. One minibatch product in both
+precisions measures the rounding first: where it is large (autocast misbehaving), where a
+replacement finds that the residual failed to gain or a step meets a direction of non-positive
+curvature, the solve goes on in float32.
 """
 
 from __future__ import annotations
@@ -34,15 +36,12 @@ from lightning_influence.solvers.stopping import Stopping
 __all__ = ["ProductDType", "all_data", "fast_bfloat16", "product_dtype"]
 
 ProductDType = Literal["auto", "bfloat16", "float32"]
-# An inner solve ends once its recurred residual is this share of the outer one.
-INNER_REDUCTION = 0.1
-# ... or once the rounding's bound is this share of its recurred residual (more steps would
-# mostly add rounding).
+# The float32 residual replaces the recurred one once the drift's bound is this share of it.
 ROUNDING_SHARE = 0.5
 # A bfloat16 product further than this from the float32 one (relative, preconditioned norm)
 # means autocast does not serve this model: float32 from the first step.
 MAX_PRODUCT_ERROR = 0.05
-# An outer update that leaves more than this share of the residual: float32 from then on.
+# A replacement that finds more than this share of the last true residual: float32 from then on.
 MIN_GAIN = 0.7
 
 Residual = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -107,7 +106,7 @@ class Counts:
 
     low: int = 0  # products in the lower precision
     full: int = 0  # float32 products (outer residuals, float32 steps)
-    refinements: int = 0  # outer updates ``x += d``
+    replacements: int = 0  # float32 residuals replacing recurred ones
     error: float = math.nan  # measured relative error of a low-precision product
     fell_back: bool = False  # the lower precision did not serve: float32 from then on
 
@@ -119,7 +118,7 @@ class Counts:
         }
         if dtype is not None:
             info.update(
-                refinements=float(self.refinements),
+                residual_replacements=float(self.replacements),
                 bfloat16_fell_back=float(self.fell_back),
             )
             if math.isfinite(self.error):
@@ -140,7 +139,7 @@ def all_data(
     steps = checks = 0
     stop = system.stop
     if dtype is not None:
-        x, r, rel, steps, checks = _refined(system, (x, r, rel), max_steps, dtype, counts)
+        x, r, rel, steps, checks = _lowered(system, (x, r, rel), max_steps, dtype, counts)
     while not stop.done and steps < max_steps:
 
         def on_step(x: Tensor, rel: Tensor, k: int, done: int = steps) -> Tensor:
@@ -162,17 +161,20 @@ def all_data(
     return x, steps, checks, counts.diagnostics(dtype)
 
 
-def _refined(
+def _lowered(
     system: System,
     state: tuple[Tensor, Tensor, Tensor],
     max_steps: int,
     dtype: torch.dtype,
     counts: Counts,
 ) -> tuple[Tensor, Tensor, Tensor, int, int]:
-    """The refinement loop: inner solves in ``dtype`` and float32 updates, until the stopping
-    rule ends the solve, ``max_steps`` are taken or the lower precision stops gaining (then
-    ``counts.fell_back``). Returns ``x``, ``r``, ``rel``, the steps and the checks."""
-    curvature, damping, stop = system.curvature, system.damping, system.stop
+    """Preconditioned conjugate gradients with ``dtype`` products and float32 residual
+    replacement, until the stopping rule ends the solve, ``max_steps`` are taken or the lower
+    precision stops gaining (then ``counts.fell_back``). Returns ``x``, its float32 residual
+    ``r`` and ``rel``, the steps and the checks."""
+    curvature, damping, stop, precondition = (
+        system.curvature, system.damping, system.stop, system.precondition
+    )  # fmt: skip
 
     def low(v: Tensor) -> Tensor:
         with torch.autocast(curvature.device.type, dtype=dtype):
@@ -180,87 +182,66 @@ def _refined(
 
     x, r, rel = state
     steps = checks = 0
-    if not stop.done and max_steps > 0:
-        counts.error = _rounding(
-            curvature, damping, system.precondition(r), system.precondition, dtype
-        )
-        counts.fell_back = not counts.error <= MAX_PRODUCT_ERROR
-    while not stop.done and steps < max_steps and not counts.fell_back:
-
-        def on_step(d: Tensor, est: Tensor, k: int, x: Tensor = x, rel: Tensor = rel,
-                    done: int = steps) -> Tensor:  # fmt: skip
-            return system.watch(x + d, est * rel, done + k)
-
-        d, n = _inner(system, low, r, rel * system.target, on_step, max_steps - steps, counts)
-        steps += n
-        if counts.fell_back:
-            break
-        new_x = x + d
-        check_finite(new_x, "LiSSA", damping, None)
-        new_r, new_rel = system.residual(new_x)
-        checks += 1
-        counts.full += 1
-        counts.refinements += 1
-        x, r = new_x, new_r
-        gained = float(new_rel.max()) <= MIN_GAIN * float(rel.max())
-        rel = new_rel
+    if stop.done or max_steps <= 0:
+        return x, r, rel, steps, checks
+    counts.error = _rounding(curvature, damping, precondition(r), precondition, dtype)
+    counts.fell_back = not counts.error <= MAX_PRODUCT_ERROR
+    scale = system.target.clamp_min(torch.finfo(r.dtype).tiny)
+    moved = True
+    while not stop.done and steps < max_steps and not counts.fell_back and moved:
+        moved, z = False, precondition(r)
+        p, rz, recurred = z, (r * z).sum(1), rel
+        replaced = rel  # the true residual at the last replacement
+        rounding = torch.zeros_like(rel)  # squared bound on |P^-1 (true - recurred)| / target
+        settled = stop.settled
+        done = torch.zeros_like(rel, dtype=torch.bool) if settled is None else settled.clone()
+        done = done.to(rel.device)
+        exact = True  # whether r is the float32 residual at x
+        while steps < max_steps and not bool(done.all()):
+            active = ~done
+            ap = torch.zeros_like(p)
+            ap[active] = low(p[active]).add_(p[active], alpha=damping)
+            counts.low += 1
+            curv = (p * ap).sum(1)
+            alpha = torch.where(active, rz / curv.where(active, torch.ones_like(curv)), 0.0)
+            if bool((curv[active] <= 0).any()) or not bool(torch.isfinite(alpha).all()):
+                counts.fell_back = True  # H + damping I is positive definite: the rounding is not
+                break
+            step = precondition(ap).norm(dim=1) * alpha.abs() / scale
+            rounding += (counts.error * step) ** 2
+            x, r, z, p_next, rz_next = advance(x, r, p, ap, alpha, rz, active, precondition)
+            del ap
+            recurred, exact = z.norm(dim=1) / scale, False
+            steps, moved = steps + 1, True
+            system.bar.update()
+            if bool((active & (rounding.sqrt() >= ROUNDING_SHARE * recurred)).any()):
+                # the recurrence has drifted: the float32 residual replaces it, the direction
+                # is rebuilt from it (van der Vorst and Ye's reliable updating)
+                check_finite(x, "LiSSA", damping, None)
+                r, rel = system.residual(x)
+                checks, exact = checks + 1, True
+                counts.full += 1
+                counts.replacements += 1
+                z = precondition(r)
+                rz_next = (r * z).sum(1)
+                beta = torch.where(active, rz_next / rz.clamp_min(torch.finfo(rz.dtype).tiny), 0.0)
+                p_next = z + beta[:, None] * p
+                gained = float(rel[active].max()) <= MIN_GAIN * float(replaced[active].max())
+                recurred, replaced = rel, rel
+                rounding.zero_()
+                if not gained:
+                    counts.fell_back = True  # rounding holds the steps back: float32 from here
+            p, rz = p_next, rz_next
+            done |= system.watch(x, recurred + rounding.sqrt(), steps).to(done.device)
+            if counts.fell_back:
+                break
+        if not exact:
+            check_finite(x, "LiSSA", damping, None)
+            r, rel = system.residual(x)
+            checks += 1
+            counts.full += 1
         stop.reopen(rel, stop.residual_tol)  # where the bound was below, the true one is not
-        if not gained and not stop.done:
-            counts.fell_back = True  # rounding holds the updates back: float32 from here
-        if n == 0 or counts.fell_back:
-            break
     return x, r, rel, steps, checks
-
-
-def _inner(
-    system: System,
-    low: Callable[[Tensor], Tensor],
-    r: Tensor,
-    start: Tensor,
-    watch: Watch,
-    max_steps: int,
-    counts: Counts,
-) -> tuple[Tensor, int]:
-    """One inner solve of ``(H + damping I) d = r`` from ``d = 0`` with ``low`` products;
-    ``start`` is ``|P^-1 r|`` per row. ``watch`` gets ``d``, the residual's bound relative to
-    ``start`` and the steps. Returns ``d`` and the steps."""
-    damping, precondition = system.damping, system.precondition
-    d = torch.zeros_like(r)
-    s = r.clone()
-    z = precondition(s)
-    scale = start.clamp_min(torch.finfo(r.dtype).tiny)
-    recurred = z.norm(dim=1) / scale
-    p, rz = z, (s * z).sum(1)
-    # The rounding's bound: the products' errors, each about `error` times its preconditioned
-    # size, add up like a random walk over the steps.
-    rounding = torch.zeros_like(recurred)
-    settled = system.stop.settled  # rows already done take no products
-    done = torch.zeros_like(recurred, dtype=torch.bool) if settled is None else settled.clone()
-    done = done.to(recurred.device)
-    steps = 0
-    while steps < max_steps:
-        active = (
-            ~done & (recurred > INNER_REDUCTION) & (rounding.sqrt() < ROUNDING_SHARE * recurred)
-        )
-        if not bool(active.any()):
-            break
-        ap = torch.zeros_like(p)
-        ap[active] = low(p[active]).add_(p[active], alpha=damping)
-        counts.low += 1
-        curv = (p * ap).sum(1)
-        alpha = torch.where(active, rz / curv.where(active, torch.ones_like(curv)), 0.0)
-        if bool((curv[active] <= 0).any()) or not bool(torch.isfinite(alpha).all()):
-            counts.fell_back = True  # H + damping I is positive definite: the rounding is not
-            return d, steps
-        step_size = precondition(ap).norm(dim=1) * alpha.abs() / scale
-        rounding += (counts.error * step_size) ** 2
-        d, s, z, p, rz = advance(d, s, p, ap, alpha, rz, active, precondition)
-        del ap
-        recurred = z.norm(dim=1) / scale
-        steps += 1
-        system.bar.update()
-        done |= watch(d, recurred + rounding.sqrt(), steps).to(done.device)
-    return d, steps
 
 
 def _rounding(
