@@ -318,11 +318,11 @@ def test_a_true_residual_above_the_recurred_one_reopens_its_row() -> None:
 
     stop = Stopping(tol=None, residual_tol=1e-3, probe=None)
     assert stop.check(torch.zeros(2, 3), torch.tensor([1e-4, 1e-4]), 1)  # recurred residuals
-    stop.reopen(torch.tensor([5e-3, 2e-4]), 1e-3)  # the true ones: the first row is not done
+    stop.reopen(torch.tensor([5e-3, 2e-4]))  # the true ones: the first row is not done
     assert not stop.done and stop.settled is not None and stop.settled.tolist() == [False, True]
     assert not stop.check(torch.zeros(2, 3), torch.tensor([2e-3, 2e-4]), 2)
     assert stop.check(torch.zeros(2, 3), torch.tensor([5e-4, 2e-4]), 3)
-    stop.reopen(torch.tensor([9e-4, 2e-4]), 1e-3)  # below: the stop stands
+    stop.reopen(torch.tensor([9e-4, 2e-4]))  # below: the stop stands
     assert stop.reason == "residual"
 
 

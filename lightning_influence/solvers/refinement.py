@@ -105,7 +105,8 @@ class Counts:
     """Full-data products of the conjugate-gradient phase, by precision, and what happened."""
 
     low: int = 0  # products in the lower precision
-    full: int = 0  # float32 products (outer residuals, float32 steps)
+    full: int = 0  # float32 products (true residuals, float32 steps)
+    checks: int = 0  # true residuals
     replacements: int = 0  # float32 residuals replacing recurred ones
     error: float = math.nan  # measured relative error of a low-precision product
     fell_back: bool = False  # the lower precision did not serve: float32 from then on
@@ -125,6 +126,13 @@ class Counts:
                 info["bfloat16_product_error"] = self.error
         return info
 
+    def residual(self, system: System, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The float32 residual at ``x`` and its relative size: one product, counted."""
+        check_finite(x, "LiSSA", system.damping, None)
+        self.full += 1
+        self.checks += 1
+        return system.residual(x)
+
 
 def all_data(
     system: System, state: tuple[Tensor, Tensor, Tensor], max_steps: int, dtype: torch.dtype | None
@@ -136,10 +144,10 @@ def all_data(
     the full residual checks and the counts' diagnostics."""
     counts = Counts()
     x, r, rel = state
-    steps = checks = 0
+    steps = 0
     stop = system.stop
     if dtype is not None:
-        x, r, rel, steps, checks = _lowered(system, (x, r, rel), max_steps, dtype, counts)
+        x, r, rel, steps = _lowered(system, (x, r, rel), max_steps, dtype, counts)
     while not stop.done and steps < max_steps:
 
         def on_step(x: Tensor, rel: Tensor, k: int, done: int = steps) -> Tensor:
@@ -151,14 +159,11 @@ def all_data(
         )  # fmt: skip
         steps += n
         counts.full += n
-        check_finite(x, "LiSSA", system.damping, None)
-        r, rel = system.residual(x)
-        checks += 1
-        counts.full += 1
-        stop.reopen(rel, stop.residual_tol)  # where the recurred residual was below, not the true
+        r, rel = counts.residual(system, x)
+        stop.reopen(rel)  # where the recurred residual was below, not the true
         if n == 0 or stop.residual > 2 * max(float(cg_rel.max()), stop.residual_tol):
             break  # no progress, or rounding holds the true residual above the recurred one
-    return x, steps, checks, counts.diagnostics(dtype)
+    return x, steps, counts.checks, counts.diagnostics(dtype)
 
 
 def _lowered(
@@ -167,11 +172,11 @@ def _lowered(
     max_steps: int,
     dtype: torch.dtype,
     counts: Counts,
-) -> tuple[Tensor, Tensor, Tensor, int, int]:
+) -> tuple[Tensor, Tensor, Tensor, int]:
     """Preconditioned conjugate gradients with ``dtype`` products and float32 residual
     replacement, until the stopping rule ends the solve, ``max_steps`` are taken or the lower
     precision stops gaining (then ``counts.fell_back``). Returns ``x``, its float32 residual
-    ``r`` and ``rel``, the steps and the checks."""
+    ``r`` and ``rel``, and the steps."""
     curvature, damping, stop, precondition = (
         system.curvature, system.damping, system.stop, system.precondition
     )  # fmt: skip
@@ -181,9 +186,9 @@ def _lowered(
             return curvature.matvec(v).to(v.dtype)
 
     x, r, rel = state
-    steps = checks = 0
+    steps = 0
     if stop.done or max_steps <= 0:
-        return x, r, rel, steps, checks
+        return x, r, rel, steps
     counts.error = _rounding(curvature, damping, precondition(r), precondition, dtype)
     counts.fell_back = not counts.error <= MAX_PRODUCT_ERROR
     scale = system.target.clamp_min(torch.finfo(r.dtype).tiny)
@@ -217,10 +222,8 @@ def _lowered(
             if bool((active & (rounding.sqrt() >= ROUNDING_SHARE * recurred)).any()):
                 # the recurrence has drifted: the float32 residual replaces it, the direction
                 # is rebuilt from it (van der Vorst and Ye's reliable updating)
-                check_finite(x, "LiSSA", damping, None)
-                r, rel = system.residual(x)
-                checks, exact = checks + 1, True
-                counts.full += 1
+                r, rel = counts.residual(system, x)
+                exact = True
                 counts.replacements += 1
                 z = precondition(r)
                 rz_next = (r * z).sum(1)
@@ -236,12 +239,9 @@ def _lowered(
             if counts.fell_back:
                 break
         if not exact:
-            check_finite(x, "LiSSA", damping, None)
-            r, rel = system.residual(x)
-            checks += 1
-            counts.full += 1
-        stop.reopen(rel, stop.residual_tol)  # where the bound was below, the true one is not
-    return x, r, rel, steps, checks
+            r, rel = counts.residual(system, x)
+        stop.reopen(rel)  # where the bound was below, the true one is not
+    return x, r, rel, steps
 
 
 def _rounding(

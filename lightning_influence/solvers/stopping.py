@@ -170,10 +170,11 @@ class Stopping:
                 self.reason = "budget"
         return self.done
 
-    def reopen(self, relative_residual: Tensor, tol: float) -> None:
+    def reopen(self, relative_residual: Tensor) -> None:
         """Take the true relative residuals measured after a stop on recurred ones: rows above
-        ``tol`` that had settled on their residual alone are no longer settled, and a stop on
-        the residual is taken back while any row is above."""
+        ``residual_tol`` that had settled on their residual alone are no longer settled, and a
+        stop on the residual is taken back while any row is above."""
+        tol = self.residual_tol
         residual = relative_residual.detach().cpu()
         self.residual = float(residual.max())
         if self.reason != "residual" or self.residual <= tol:
